@@ -1,0 +1,128 @@
+"""Masked reconstruction loss and the helpers that turn predictions back into images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.utils import ensure_tuple_rep
+
+from monai_mae.networks.patching import patchify, unpatchify
+
+__all__ = ["MaskedReconstructionLoss", "normalize_patches", "reconstruct_image", "masked_input"]
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch zero mean, unit variance (the MAE paper's norm-pix target).
+
+    Args:
+        patches: ``(B, N, K)``; statistics over the last axis.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+class MaskedReconstructionLoss(nn.Module):
+    """Mean squared error over the masked patches only.
+
+    Args:
+        patch_size: the network's per-axis patch size.
+        spatial_dims: 2 or 3. Defaults to 3.
+        norm_pix_loss: compare with per-patch normalised targets (MAE paper). Defaults to False.
+        eps: variance floor for ``norm_pix_loss``.
+
+    Called as ``loss((pred, mask), images)`` with ``pred (B, N, prod(P) * C)``, ``mask (B, N)``
+    (1 = masked) and ``images (B, C, *S)``; returns a scalar computed in float32.
+
+    Examples::
+
+        >>> loss_fn = MaskedReconstructionLoss(patch_size=16, spatial_dims=3)
+        >>> loss = loss_fn(net(images), images)
+    """
+
+    def __init__(
+        self, patch_size: Sequence[int] | int, spatial_dims: int = 3, norm_pix_loss: bool = False, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        self.patch_size = tuple(ensure_tuple_rep(patch_size, spatial_dims))
+        self.spatial_dims = spatial_dims
+        self.norm_pix_loss = norm_pix_loss
+        self.eps = eps
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, prod(P) * C)`` the patches the prediction is compared with."""
+        patches = patchify(images.float(), self.patch_size)
+        return normalize_patches(patches, self.eps) if self.norm_pix_loss else patches
+
+    def forward(self, outputs: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+            raise ValueError("MaskedReconstructionLoss expects outputs=(pred, mask) as returned by MAEViT.")
+        pred, mask = outputs
+        if images.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"images must have {self.spatial_dims} spatial dimensions, got shape {tuple(images.shape)}."
+            )
+        target = self.target(images)
+        if pred.shape != target.shape or mask.shape != target.shape[:2]:
+            raise ValueError(
+                f"pred {tuple(pred.shape)} / mask {tuple(mask.shape)} do not match the patchified images "
+                f"{tuple(target.shape)} (patch size {self.patch_size})."
+            )
+        per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+        mask = mask.float()
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def reconstruct_image(
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    images: torch.Tensor,
+    patch_size: Sequence[int] | int,
+    norm_pix_loss: bool = False,
+    paste_visible: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Turn predicted patches back into an image for display.
+
+    With ``norm_pix_loss`` the predictions are per-patch normalised; they are brought back to
+    intensities with the statistics of the *visible* patches (mean of their means and of their
+    standard deviations, per sample), so nothing hidden from the network is used.
+
+    Args:
+        pred: ``(B, N, prod(P) * C)``.
+        mask: ``(B, N)``, 1 = masked.
+        images: ``(B, C, *S)`` the input.
+        patch_size: per-axis patch size.
+        norm_pix_loss: whether ``pred`` is in the normalised space.
+        paste_visible: put the input's visible patches back, showing only masked ones predicted.
+        eps: variance floor.
+
+    Returns:
+        ``(B, C, *S)`` reconstruction.
+    """
+    patch = tuple(ensure_tuple_rep(patch_size, images.ndim - 2))
+    target = patchify(images.float(), patch)  # (B, N, K)
+    pred = pred.detach().float()
+    visible = (1.0 - mask.float()).unsqueeze(-1)  # (B, N, 1)
+    if norm_pix_loss:
+        n_visible = visible.sum(dim=1).clamp_min(1.0)  # (B, 1)
+        mean = (target.mean(-1, keepdim=True) * visible).sum(1) / n_visible  # (B, 1)
+        std = ((target.var(-1, keepdim=True, unbiased=False) + eps).sqrt() * visible).sum(1) / n_visible
+        pred = pred * std.unsqueeze(1) + mean.unsqueeze(1)
+    if paste_visible:
+        pred = torch.where(visible.bool(), target, pred)
+    return unpatchify(pred, patch, images.shape[2:], images.shape[1])
+
+
+def masked_input(
+    images: torch.Tensor, mask: torch.Tensor, patch_size: Sequence[int] | int, fill: float = 0.0
+) -> torch.Tensor:
+    """The input with its masked patches replaced by ``fill``: ``(B, C, *S)``."""
+    patch = tuple(ensure_tuple_rep(patch_size, images.ndim - 2))
+    patches = patchify(images, patch)
+    patches = torch.where(mask.bool().unsqueeze(-1), torch.full_like(patches, fill), patches)
+    return unpatchify(patches, patch, images.shape[2:], images.shape[1])

@@ -1,0 +1,435 @@
+"""``MAEViT``: a drop-in, faster replacement for MONAI's ``MaskedAutoEncoderViT`` (2D and 3D)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from einops.layers.torch import Rearrange
+from monai.networks.blocks.pos_embed_utils import build_fourier_position_embedding
+from monai.networks.blocks.transformerblock import TransformerBlock
+from monai.networks.layers import Conv
+from monai.utils import ensure_tuple_rep, look_up_option
+from torch.utils.checkpoint import checkpoint
+
+from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking
+from monai_mae.networks.patching import patch_grid, patch_pattern, patchify
+from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
+
+__all__ = ["MAEViT", "VisiblePatchEmbedding"]
+
+SUPPORTED_PROJ_TYPES = ("conv", "perceptron")
+SUPPORTED_POS_EMBED_TYPES = ("none", "learnable", "sincos", "fourier")
+SUPPORTED_DECODER_POS_EMBED_TYPES = ("none", "learnable", "sincos")
+
+
+def _make_pos_embed(kind: str, grid: Sequence[int], width: int) -> nn.Parameter:
+    """A ``(1, prod(grid), width)`` position table; fixed (no grad) for sin-cos and Fourier."""
+    if kind == "sincos":
+        return nn.Parameter(sincos_pos_embed(grid, width), requires_grad=False)
+    if kind == "fourier":
+        return build_fourier_position_embedding(list(grid), width, len(grid))
+    table = nn.Parameter(torch.zeros(1, math.prod(grid), width))
+    if kind == "learnable":
+        nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0)
+    return table
+
+
+def _pos_embed_for_grid(table: torch.Tensor, kind: str, built: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """The table for another patch grid: rebuilt for sin-cos, interpolated otherwise."""
+    if grid == built:
+        return table
+    if kind == "sincos":
+        return sincos_pos_embed(grid, table.shape[-1], device=table.device).to(table.dtype)
+    return interpolate_pos_embed(table, built, grid)
+
+
+class VisiblePatchEmbedding(nn.Module):
+    """Patch projection and position embedding applied to the visible tokens only.
+
+    Holds the same parameters, under the same names, as MONAI's ``PatchEmbeddingBlock``
+    (``patch_embeddings.*``, ``position_embeddings``), so weights move freely between this module,
+    MONAI's ``MaskedAutoEncoderViT``, ``ViT`` and ``UNETR``. The conv kernel is applied as a
+    matrix product on patchified tokens, which gives the conv's result on the chosen patches
+    without touching the others.
+
+    Args:
+        in_channels: input channels ``C``.
+        img_size: the spatial size the position table is built for.
+        patch_size: per-axis patch size ``P``.
+        hidden_size: token width.
+        proj_type: ``"conv"`` or ``"perceptron"`` (same parameters as MONAI's).
+        pos_embed_type: ``"none"``, ``"learnable"``, ``"sincos"`` or ``"fourier"``.
+        dropout_rate: dropout after adding the position embedding.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        img_size: Sequence[int],
+        patch_size: Sequence[int],
+        hidden_size: int,
+        proj_type: str = "conv",
+        pos_embed_type: str = "sincos",
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        self.proj_type = look_up_option(proj_type, SUPPORTED_PROJ_TYPES)
+        self.pos_embed_type = look_up_option(pos_embed_type, SUPPORTED_POS_EMBED_TYPES)
+        self.patch_size = tuple(patch_size)
+        self.grid_size = patch_grid(img_size, patch_size, name="img_size")
+        self.n_patches = math.prod(self.grid_size)
+        self.patch_dim = in_channels * math.prod(self.patch_size)
+        self.patch_embeddings: nn.Module
+        if self.proj_type == "conv":
+            self.patch_embeddings = Conv[Conv.CONV, spatial_dims](
+                in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+            )
+        else:
+            image_pattern, token_pattern = patch_pattern(spatial_dims)
+            sizes = {f"p{i + 1}": p for i, p in enumerate(self.patch_size)}
+            self.patch_embeddings = nn.Sequential(
+                Rearrange(f"{image_pattern} -> {token_pattern}", **sizes), nn.Linear(self.patch_dim, hidden_size)
+            )
+        self.position_embeddings = _make_pos_embed(self.pos_embed_type, self.grid_size, hidden_size)
+        self.dropout = nn.Dropout(dropout_rate)
+        layer = self.patch_embeddings if self.proj_type == "conv" else self.patch_embeddings[1]
+        with torch.no_grad():  # initialise the projection like a linear layer (MAE paper)
+            nn.init.xavier_uniform_(layer.weight.view(hidden_size, -1))
+            nn.init.zeros_(layer.bias)
+
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection as a linear map on tokens: ``weight (D, prod(P) * C)``, ``bias (D,)``."""
+        if self.proj_type == "conv":
+            conv = self.patch_embeddings
+            return rearrange(conv.weight, "o c ... -> o (... c)"), conv.bias  # token layout: channel last
+        linear = self.patch_embeddings[1]
+        return linear.weight, linear.bias
+
+    def pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """``(1, prod(grid), D)`` position table for ``grid``."""
+        return _pos_embed_for_grid(self.position_embeddings, self.pos_embed_type, self.grid_size, grid)
+
+    def forward(self, patches: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Embed the kept patches.
+
+        Args:
+            patches: ``(B, N_keep, prod(P) * C)`` visible patches, in grid order.
+            keep: ``(B, N)`` bool keep-mask they were selected with.
+            grid: the input's patch grid (``prod(grid) == N``).
+
+        Returns:
+            ``(B, N_keep, D)`` embedded tokens.
+        """
+        weight, bias = self.projection()
+        tokens = F.linear(patches, weight, bias)  # (B, N_keep, D)
+        pos = self.pos_embed(grid).expand(keep.shape[0], -1, -1)[keep]  # (B * N_keep, D)
+        return self.dropout(tokens + pos.view_as(tokens))
+
+
+class MAEViT(nn.Module):
+    """Masked autoencoder with a ViT encoder, based on He et al., "Masked Autoencoders Are Scalable
+    Vision Learners" <https://arxiv.org/abs/2111.06377>.
+
+    Takes every argument of ``monai.networks.nets.MaskedAutoEncoderViT`` with the same meaning and
+    default and returns the same ``(pred, mask)``, and loads its ``state_dict``. Differences:
+    the mask is drawn on the input's device; only the visible patches are projected and encoded;
+    attention uses fused ``scaled_dot_product_attention`` unless ``save_attn`` is set; sin-cos
+    tables exist for any width; inputs of another size than ``img_size`` are accepted (position
+    tables rebuilt or interpolated); bad inputs give a ``ValueError``. Encoder weights are named as
+    in MONAI's ``ViT`` (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``).
+
+    Args:
+        in_channels: input channels.
+        img_size: spatial size the position tables are built for.
+        patch_size: per-axis patch size (anisotropic sizes such as ``(16, 16, 8)`` work).
+        hidden_size: encoder width. Defaults to 768.
+        mlp_dim: encoder MLP width. Defaults to 512 (MONAI's default; the paper uses ``4 * hidden_size``).
+        num_layers: encoder blocks. Defaults to 12.
+        num_heads: encoder heads. Defaults to 12.
+        masking_ratio: fraction of patches masked in training, in (0, 1). Defaults to 0.75.
+        decoder_hidden_size: decoder width. Defaults to 384.
+        decoder_mlp_dim: decoder MLP width. Defaults to 512.
+        decoder_num_layers: decoder blocks. Defaults to 4.
+        decoder_num_heads: decoder heads. Defaults to 12.
+        proj_type: ``"conv"`` or ``"perceptron"``. Defaults to ``"conv"``.
+        pos_embed_type: encoder position embedding, ``"none"``, ``"learnable"``, ``"sincos"`` or
+            ``"fourier"``. Defaults to ``"sincos"``.
+        decoder_pos_embed_type: ``"none"``, ``"learnable"`` or ``"sincos"``. Defaults to ``"sincos"``.
+        dropout_rate: dropout in [0, 1]. Defaults to 0.
+        spatial_dims: 2 or 3. Defaults to 3.
+        qkv_bias: bias on the qkv projection. Defaults to False.
+        save_attn: keep each block's attention matrix in ``blocks[i].attn.att_mat``. Defaults to False.
+        use_flash_attention: keyword-only. Fused SDPA attention; ``None`` (default) uses it whenever
+            ``save_attn`` is False and ``dropout_rate`` is 0 (MONAI's fused path applies attention
+            dropout in eval mode too, so it is not used with dropout).
+        activation_checkpointing: keyword-only. Recompute block activations in the backward pass to
+            save memory on large volumes. Defaults to False.
+
+    Raises:
+        ValueError: for any inconsistent argument (the message names it).
+
+    Examples::
+
+        # 3D CT, 96^3 crops, ViT-B encoder
+        >>> net = MAEViT(in_channels=1, img_size=(96, 96, 96), patch_size=(16, 16, 16))
+        >>> pred, mask = net(torch.randn(2, 1, 96, 96, 96))  # pred (2, 216, 4096), mask (2, 216)
+        # anisotropic patches
+        >>> net = MAEViT(1, (128, 128, 64), (16, 16, 8), hidden_size=384, num_heads=6)
+        # 2D, 3 channels
+        >>> net = MAEViT(3, (224, 224), 16, spatial_dims=2, masking_ratio=0.5)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        img_size: Sequence[int] | int,
+        patch_size: Sequence[int] | int,
+        hidden_size: int = 768,
+        mlp_dim: int = 512,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        masking_ratio: float = 0.75,
+        decoder_hidden_size: int = 384,
+        decoder_mlp_dim: int = 512,
+        decoder_num_layers: int = 4,
+        decoder_num_heads: int = 12,
+        proj_type: str = "conv",
+        pos_embed_type: str = "sincos",
+        decoder_pos_embed_type: str = "sincos",
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
+        qkv_bias: bool = False,
+        save_attn: bool = False,
+        *,
+        use_flash_attention: bool | None = None,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
+        if not 0.0 <= dropout_rate <= 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}.")
+        if not 0.0 < masking_ratio < 1.0:
+            raise ValueError(f"masking_ratio must be in (0, 1), got {masking_ratio}.")
+        for name, width, heads in (
+            ("hidden_size", hidden_size, num_heads),
+            ("decoder_hidden_size", decoder_hidden_size, decoder_num_heads),
+        ):
+            if width % heads != 0:
+                raise ValueError(f"{name}={width} must be divisible by the number of heads ({heads}).")
+        self.img_size = tuple(ensure_tuple_rep(img_size, spatial_dims))
+        self.patch_size = tuple(ensure_tuple_rep(patch_size, spatial_dims))
+        for axis, (size, patch) in enumerate(zip(self.img_size, self.patch_size)):
+            if patch > size or size % patch != 0:
+                raise ValueError(
+                    f"img_size {self.img_size} must be divisible by patch_size {self.patch_size} "
+                    f"(axis {axis}: {size} vs {patch})."
+                )
+        self.decoder_pos_embed_type = look_up_option(decoder_pos_embed_type, SUPPORTED_DECODER_POS_EMBED_TYPES)
+        if use_flash_attention and save_attn:
+            raise ValueError("use_flash_attention=True cannot be combined with save_attn=True.")
+        if use_flash_attention and dropout_rate > 0:
+            raise ValueError(
+                "use_flash_attention=True needs dropout_rate=0: MONAI's fused attention path drops attention "
+                "weights in eval mode too."
+            )
+        if use_flash_attention is None:
+            use_flash_attention = not save_attn and dropout_rate == 0.0
+
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.masking_ratio = masking_ratio
+        self.hidden_size = hidden_size
+        self.decoder_hidden_size = decoder_hidden_size
+        self.activation_checkpointing = activation_checkpointing
+
+        # encoder: names as in MONAI's ViT
+        self.patch_embedding = VisiblePatchEmbedding(
+            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate, spatial_dims
+        )
+        self.grid_size = self.patch_embedding.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, save_attn, use_flash_attention=use_flash_attention
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(hidden_size)
+
+        # decoder
+        self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
+        self.mask_tokens = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
+        self.decoder_pos_embedding = _make_pos_embed(self.decoder_pos_embed_type, self.grid_size, decoder_hidden_size)
+        self.decoder_blocks = nn.ModuleList(
+            TransformerBlock(
+                decoder_hidden_size,
+                decoder_mlp_dim,
+                decoder_num_heads,
+                dropout_rate,
+                qkv_bias,
+                save_attn,
+                use_flash_attention=use_flash_attention,
+            )
+            for _ in range(decoder_num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_hidden_size)
+        self.decoder_pred = nn.Linear(decoder_hidden_size, self.patch_embedding.patch_dim)
+
+        self._init_weights()
+        self.register_load_state_dict_pre_hook(_load_monai_layout)
+
+    def _init_weights(self) -> None:
+        for module in [*self.blocks, *self.decoder_blocks, self.decoder_embed, self.decoder_pred]:
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.xavier_uniform_(sub.weight)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_tokens, std=0.02)
+
+    # ------------------------------------------------------------------ stages
+    def check_input(self, x: torch.Tensor) -> tuple[int, ...]:
+        """Validate ``x`` of shape ``(B, C, *S)`` and return its patch grid ``S // P``.
+
+        Raises:
+            ValueError: wrong number of dimensions, wrong channel count, or a spatial size that the
+                patch size does not divide.
+        """
+        if not isinstance(x, torch.Tensor) or x.ndim != self.spatial_dims + 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            axes = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, H, W, D)"
+            raise ValueError(f"MAEViT({self.spatial_dims}D) expects input {axes}, got {shape}.")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"MAEViT expects {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}).")
+        return patch_grid(x.shape[2:], self.patch_size, name="input")
+
+    def mask(
+        self,
+        patches: torch.Tensor,
+        masking_ratio: float,
+        weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> MaskingResult:
+        """Choose the visible patches: from a given ``mask`` (B, N; 1 = masked) or at random."""
+        if mask is not None:
+            return mask_from_keep(patches, mask.to(patches.device) < 0.5)
+        return random_masking(patches, masking_ratio, weights=weights, generator=generator)
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_encoder_tokens(self, masking: MaskingResult, grid: tuple[int, ...]) -> torch.Tensor:
+        """Encode visible patches.
+
+        Args:
+            masking: the :class:`MaskingResult` of the patchified input.
+            grid: the input's patch grid.
+
+        Returns:
+            ``(B, 1 + N_keep, hidden_size)``, class token first, after the final norm.
+        """
+        tokens = self.patch_embedding(masking.visible, masking.keep, grid)  # (B, N_keep, D)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        x = self._run_blocks(self.blocks, torch.cat([cls, tokens], dim=1))  # (B, 1 + N_keep, D)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Reconstruct every patch from the encoded visible ones.
+
+        Args:
+            latent: ``(B, 1 + N_keep, hidden_size)`` from the encoder.
+            keep: ``(B, N)`` bool keep-mask.
+            grid: the input's patch grid.
+
+        Returns:
+            ``(B, N, prod(P) * C)`` predicted patches in the token layout of ``patchify``.
+        """
+        x = self.decoder_embed(latent)  # (B, 1 + N_keep, Dd)
+        batch, n_tokens = keep.shape
+        full = self.mask_tokens.to(x.dtype).expand(batch, n_tokens, -1).clone()  # (B, N, Dd)
+        full[keep] = x[:, 1:].reshape(-1, x.shape[-1])  # visible tokens back in place
+        pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)
+        full = full + pos
+        x = self._run_blocks(self.decoder_blocks, torch.cat([x[:, :1], full], dim=1))  # (B, 1 + N, Dd)
+        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+
+    def forward_encoder(
+        self, x: torch.Tensor, masking_ratio: float = 0.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Encoder features for downstream use.
+
+        Args:
+            x: ``(B, C, *S)``.
+            masking_ratio: fraction to mask first; 0 (default) encodes every patch.
+            generator: optional generator for the mask.
+
+        Returns:
+            ``(B, 1 + N_keep, hidden_size)``: class token, then the visible tokens in grid order
+            (all ``N`` tokens when ``masking_ratio`` is 0).
+        """
+        grid = self.check_input(x)
+        masking = self.mask(patchify(x, self.patch_size), masking_ratio, generator=generator)
+        return self.forward_encoder_tokens(masking, grid)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        masking_ratio: float | None = None,
+        *,
+        mask_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask, encode the visible patches, decode all of them.
+
+        Args:
+            x: ``(B, C, H, W)`` or ``(B, C, H, W, D)``.
+            masking_ratio: overrides the constructor's ratio for this call.
+            mask_weights: optional ``(B, N)`` keep-weights for the multinomial draw
+                (see :func:`~monai_mae.networks.masking.content_aware_weights`).
+            generator: optional ``torch.Generator`` on ``x``'s device, for reproducible masks.
+            mask: optional ``(B, N)`` mask to use instead of drawing one (1 = masked; the same count
+                per sample), e.g. from :class:`~monai_mae.networks.masking.MaskGenerator`.
+
+        Returns:
+            ``pred (B, N, prod(P) * C)`` and ``mask (B, N)`` with 1 = masked.
+        """
+        grid = self.check_input(x)
+        ratio = self.masking_ratio if masking_ratio is None else masking_ratio
+        patches = patchify(x, self.patch_size)  # (B, N, prod(P) * C)
+        masking = self.mask(patches, ratio, weights=mask_weights, generator=generator, mask=mask)
+        latent = self.forward_encoder_tokens(masking, grid)  # (B, 1 + N_keep, D)
+        pred = self.forward_decoder(latent, masking.keep, grid)  # (B, N, prod(P) * C)
+        return pred, masking.mask
+
+
+def _load_monai_layout(module: MAEViT, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: accept checkpoints of MONAI's ``MaskedAutoEncoderViT``.
+
+    MONAI keeps the final norms inside the block lists (``blocks.{L}.*``, ``decoder_blocks.{L}.*``);
+    older MONAI versions also saved unused ``cross_attn`` weights. Keys are renamed in place.
+    """
+    for blocks, norm in (("blocks", "norm"), ("decoder_blocks", "decoder_norm")):
+        old = f"{prefix}{blocks}.{len(getattr(module, blocks))}."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[f"{prefix}{norm}.{key[len(old):]}"] = state_dict.pop(key)
+        stale = f"{prefix}{blocks}."
+        for key in [k for k in state_dict if k.startswith(stale) and ".cross_attn." in k]:
+            del state_dict[key]

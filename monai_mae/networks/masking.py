@@ -1,0 +1,321 @@
+"""Random patch masking: ``torch.multinomial`` picks the visible set, a boolean keep-mask selects it.
+
+Conventions (as in MONAI and the MAE paper): ``mask`` is 1 for masked patches and 0 for visible
+ones; ``keep`` is its boolean complement. Everything is computed on the tokens' device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from monai.utils import ensure_tuple_rep
+
+from monai_mae.networks.patching import patch_grid, patchify
+
+__all__ = [
+    "MaskingResult",
+    "random_masking",
+    "num_visible",
+    "mask_from_keep",
+    "patch_foreground_fraction",
+    "content_aware_weights",
+    "mae_patchify_and_mask",
+    "restore_patches",
+    "MaskGenerator",
+]
+
+
+class MaskingResult(NamedTuple):
+    """What :func:`random_masking` returns (``N_keep = int(N * (1 - mask_ratio))``).
+
+    Attributes:
+        visible: ``(B, N_keep, D)`` the visible tokens, in their original order.
+        keep: ``(B, N)`` bool, True where the token is visible.
+        mask: ``(B, N)`` float, 1 where the token is masked.
+        visible_indices: ``(B, N_keep)`` ascending indices of the visible tokens.
+        masked_indices: ``(B, N - N_keep)`` ascending indices of the masked tokens.
+    """
+
+    visible: torch.Tensor
+    keep: torch.Tensor
+    mask: torch.Tensor
+    visible_indices: torch.Tensor
+    masked_indices: torch.Tensor
+
+
+def num_visible(num_tokens: int, mask_ratio: float) -> int:
+    """``int(N * (1 - mask_ratio))`` after checking the ratio, as MONAI counts it.
+
+    Raises:
+        ValueError: for a ratio outside ``[0, 1)`` or one that leaves no visible token.
+    """
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+    n_keep = int(num_tokens * (1 - mask_ratio))
+    if n_keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible token out of {num_tokens}.")
+    return n_keep
+
+
+def mask_from_keep(tokens: torch.Tensor, keep: torch.Tensor) -> MaskingResult:
+    """Build a :class:`MaskingResult` from a given boolean keep-mask.
+
+    Args:
+        tokens: ``(B, N, D)``.
+        keep: ``(B, N)`` bool, True = visible; every row must keep the same number of tokens.
+
+    Raises:
+        ValueError: when ``keep`` does not match ``tokens`` or rows keep different numbers of tokens.
+    """
+    batch, n_tokens, width = tokens.shape
+    if keep.shape != (batch, n_tokens):
+        raise ValueError(f"keep mask of shape {tuple(keep.shape)} does not match tokens (B, N) = {(batch, n_tokens)}.")
+    keep = keep.to(device=tokens.device, dtype=torch.bool)
+    counts = keep.sum(dim=1)
+    n_keep = int(counts[0])
+    if bool((counts != n_keep).any()):
+        raise ValueError(f"every sample must keep the same number of tokens, got counts {counts.tolist()}.")
+    index = torch.arange(n_tokens, device=tokens.device).expand(batch, n_tokens)
+    return MaskingResult(
+        visible=tokens[keep].view(batch, n_keep, width),  # boolean indexing keeps the original order
+        keep=keep,
+        mask=(~keep).to(tokens.dtype if tokens.is_floating_point() else torch.float32),
+        visible_indices=index[keep].view(batch, n_keep),
+        masked_indices=index[~keep].view(batch, n_tokens - n_keep),
+    )
+
+
+def random_masking(
+    tokens: torch.Tensor,
+    mask_ratio: float,
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> MaskingResult:
+    """Mask a random subset of tokens per sample.
+
+    The visible set is drawn with ``torch.multinomial`` without replacement (uniformly, or in
+    proportion to ``weights``) on the tokens' device, so no host round trip happens on a GPU.
+
+    Args:
+        tokens: ``(B, N, D)``.
+        mask_ratio: fraction of tokens to mask, in ``[0, 1)``; ``N_keep = int(N * (1 - mask_ratio))``.
+        weights: optional ``(B, N)`` non-negative relative probabilities of a token being *kept
+            visible* (see :func:`content_aware_weights`). Each row needs at least ``N_keep``
+            positive entries.
+        generator: optional ``torch.Generator`` on the tokens' device, for reproducible masks.
+
+    Returns:
+        a :class:`MaskingResult`.
+
+    Raises:
+        ValueError: bad ``tokens`` shape, ``mask_ratio`` or ``weights``.
+
+    Examples::
+
+        >>> r = random_masking(torch.randn(2, 16, 8), 0.75)
+        >>> r.visible.shape, r.mask.sum(1).tolist()
+        (torch.Size([2, 4, 8]), [12.0, 12.0])
+    """
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}.")
+    batch, n_tokens, _ = tokens.shape
+    n_keep = num_visible(n_tokens, mask_ratio)
+    if weights is None:
+        if n_keep == n_tokens:
+            return mask_from_keep(tokens, torch.ones(batch, n_tokens, dtype=torch.bool, device=tokens.device))
+        weights = torch.ones(batch, n_tokens, device=tokens.device)
+    else:
+        if weights.shape != (batch, n_tokens):
+            raise ValueError(f"weights must be (B, N) = {(batch, n_tokens)}, got {tuple(weights.shape)}.")
+        weights = weights.to(device=tokens.device, dtype=torch.float32)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("weights must be finite and non-negative.")
+        positive = (weights > 0).sum(dim=1)
+        if bool((positive < n_keep).any()):
+            raise ValueError(
+                f"each row of weights needs at least N_keep = {n_keep} positive entries, got {positive.min().item()}."
+            )
+    chosen = torch.multinomial(weights, n_keep, replacement=False, generator=generator)  # (B, N_keep)
+    keep = torch.zeros(batch, n_tokens, dtype=torch.bool, device=tokens.device).scatter_(1, chosen, True)
+    return mask_from_keep(tokens, keep)
+
+
+def patch_foreground_fraction(
+    images: torch.Tensor, patch_size: Sequence[int] | int, threshold: float = 0.0
+) -> torch.Tensor:
+    """Fraction of voxels above ``threshold`` in each patch (any channel counts).
+
+    Args:
+        images: ``(B, C, *S)``.
+        patch_size: per-axis patch size.
+        threshold: intensity above which a voxel is foreground (e.g. 0.05 after a CT window scaled to [0, 1]).
+
+    Returns:
+        ``(B, N)`` float in ``[0, 1]``.
+    """
+    foreground = (images > threshold).any(dim=1, keepdim=True).float()  # (B, 1, *S)
+    return patchify(foreground, patch_size).mean(dim=-1)
+
+
+def content_aware_weights(
+    images: torch.Tensor, patch_size: Sequence[int] | int, threshold: float = 0.05, strength: float = 4.0
+) -> torch.Tensor:
+    """Keep-weights for :func:`random_masking` that steer the masks onto tissue rather than air.
+
+    ``w = 1 + strength * (1 - foreground_fraction)``: an all-air patch is ``1 + strength`` times as
+    likely to stay visible as an all-tissue one, so the masked set, where the loss is computed, holds
+    more anatomy. ``strength=0`` gives uniform masking.
+
+    Args:
+        images: ``(B, C, *S)``.
+        patch_size: per-axis patch size.
+        threshold: foreground intensity threshold, see :func:`patch_foreground_fraction`.
+        strength: how strongly air is kept visible; must be >= 0.
+
+    Returns:
+        ``(B, N)`` positive weights.
+
+    Raises:
+        ValueError: for a negative ``strength``.
+    """
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0, got {strength}.")
+    return 1.0 + strength * (1.0 - patch_foreground_fraction(images, patch_size, threshold))
+
+
+def mae_patchify_and_mask(
+    images: torch.Tensor,
+    patch_size: Sequence[int] | int = 16,
+    mask_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patchify and mask in one call.
+
+    Args:
+        images: ``(B, C, H, W)`` or ``(B, C, H, W, D)``.
+        patch_size: per-axis patch size. Defaults to 16.
+        mask_ratio: fraction masked. Defaults to 0.75.
+        generator: optional generator for reproducible masks.
+
+    Returns:
+        ``(visible_patches (B, N_keep, prod(P) * C), masked_indices (B, N - N_keep), permutation (B, N))``;
+        ``permutation[:, :N_keep]`` are the indices of ``visible_patches`` in order, the rest are
+        ``masked_indices``; :func:`restore_patches` puts every patch back.
+
+    Examples::
+
+        >>> v, m, p = mae_patchify_and_mask(torch.randn(10, 3, 224, 224), 16, 0.75)
+        >>> v.shape, m.shape, p.shape
+        (torch.Size([10, 49, 768]), torch.Size([10, 147]), torch.Size([10, 196]))
+    """
+    result = random_masking(patchify(images, patch_size), mask_ratio, generator=generator)
+    permutation = torch.cat([result.visible_indices, result.masked_indices], dim=1)  # (B, N)
+    return result.visible, result.masked_indices, permutation
+
+
+def restore_patches(
+    visible_patches: torch.Tensor, permutation: torch.Tensor, masked_patches: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Put patches back in grid order: the inverse of the gather in :func:`mae_patchify_and_mask`.
+
+    Args:
+        visible_patches: ``(B, N_keep, D)``.
+        permutation: ``(B, N)``, visible indices first.
+        masked_patches: optional ``(B, N - N_keep, D)`` values for the masked slots (e.g. predictions);
+            zeros when omitted.
+
+    Returns:
+        ``(B, N, D)`` patches in grid order.
+    """
+    batch, n_keep, width = visible_patches.shape
+    n_tokens = permutation.shape[1]
+    if masked_patches is None:
+        masked_patches = visible_patches.new_zeros(batch, n_tokens - n_keep, width)
+    ordered = torch.cat([visible_patches, masked_patches], dim=1)  # (B, N, D) in permutation order
+    index = permutation.unsqueeze(-1).expand(-1, -1, width)
+    return torch.empty_like(ordered).scatter_(1, index, ordered)
+
+
+class MaskGenerator:
+    """SimMIM-style random masks on a coarser grid than the model's patches, in 2D and 3D.
+
+    A mask patch covers ``mask_patch_size // model_patch_size`` model patches per axis; a fixed
+    number ``ceil(G * mask_ratio)`` of the ``G`` coarse cells is masked per sample. With
+    ``tube_axis`` (3D only) one 2D mask is drawn and repeated along that axis (tube masking).
+
+    Args:
+        input_size: image spatial size ``S``.
+        mask_patch_size: coarse mask cell, a multiple of ``model_patch_size`` on every axis.
+        model_patch_size: the network's patch size ``P``.
+        mask_ratio: fraction of coarse cells masked, in ``[0, 1)``.
+        spatial_dims: 2 or 3.
+        tube_axis: ``None`` or the spatial axis (0, 1 or 2) along which a 3D mask is constant.
+
+    Raises:
+        ValueError: sizes that do not divide, a bad ratio, a bad ``tube_axis``.
+
+    Examples::
+
+        >>> gen = MaskGenerator(96, 32, 16, 0.75, spatial_dims=3)
+        >>> tokens, voxels = gen(batch_size=2)
+        >>> tokens.shape, voxels.shape
+        (torch.Size([2, 216]), torch.Size([2, 96, 96, 96]))
+    """
+
+    def __init__(
+        self,
+        input_size: Sequence[int] | int,
+        mask_patch_size: Sequence[int] | int,
+        model_patch_size: Sequence[int] | int,
+        mask_ratio: float = 0.6,
+        spatial_dims: int = 3,
+        tube_axis: int | None = None,
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if not 0.0 <= float(mask_ratio) < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+        if tube_axis is not None and (spatial_dims != 3 or tube_axis not in (0, 1, 2)):
+            raise ValueError(f"tube_axis must be None or 0, 1, 2 for 3D masks, got {tube_axis} with {spatial_dims}D.")
+        self.input_size = tuple(ensure_tuple_rep(input_size, spatial_dims))
+        self.mask_patch_size = tuple(ensure_tuple_rep(mask_patch_size, spatial_dims))
+        self.model_patch_size = tuple(ensure_tuple_rep(model_patch_size, spatial_dims))
+        self.coarse_grid = patch_grid(self.input_size, self.mask_patch_size, name="input_size")
+        self.scale = patch_grid(self.mask_patch_size, self.model_patch_size, name="mask_patch_size")
+        self.token_grid = patch_grid(self.input_size, self.model_patch_size, name="input_size")
+        self.mask_ratio = float(mask_ratio)
+        self.spatial_dims = spatial_dims
+        self.tube_axis = tube_axis
+
+    def __call__(
+        self, batch_size: int = 1, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` masks.
+
+        Returns:
+            ``(token_mask (B, N), voxel_mask (B, *S))``, both float with 1 = masked; ``N = prod(S // P)``
+            in the row-major token order of :func:`~monai_mae.networks.patching.patchify`.
+        """
+        drawn = list(self.coarse_grid)
+        if self.tube_axis is not None:
+            drawn[self.tube_axis] = 1
+        n_cells = math.prod(drawn)
+        n_masked = math.ceil(n_cells * self.mask_ratio)
+        weights = torch.ones(batch_size, n_cells, device=device)
+        mask = torch.zeros(batch_size, n_cells, device=device)
+        if n_masked > 0:
+            chosen = torch.multinomial(weights, n_masked, replacement=False, generator=generator)
+            mask.scatter_(1, chosen, 1.0)
+        coarse = mask.view(batch_size, *drawn)
+        if self.tube_axis is not None:
+            coarse = coarse.expand(batch_size, *self.coarse_grid)
+        tokens = coarse
+        for axis, factor in enumerate(self.scale):
+            tokens = tokens.repeat_interleave(factor, dim=axis + 1)  # (B, *token_grid)
+        voxels = tokens
+        for axis, factor in enumerate(self.model_patch_size):
+            voxels = voxels.repeat_interleave(factor, dim=axis + 1)  # (B, *S)
+        return tokens.reshape(batch_size, -1), voxels.contiguous()

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monai_mae import MaskedReconstructionLoss, masked_input, patchify, reconstruct_image, unpatchify
+from monai_mae.losses import normalize_patches
+
+
+def _mask(b, n, masked):
+    mask = torch.zeros(b, n)
+    mask[:, masked] = 1.0
+    return mask
+
+
+def test_value_is_mse_over_masked_patches_only():
+    images = torch.randn(2, 1, 16, 16, 16)
+    target = patchify(images, 8)
+    pred = torch.randn_like(target)
+    mask = _mask(2, 8, [0, 3, 5])
+    expected = ((pred - target) ** 2).mean(-1)[:, [0, 3, 5]].mean()
+    loss_fn = MaskedReconstructionLoss(8, spatial_dims=3)
+    assert loss_fn((pred, mask), images).item() == pytest.approx(expected.item(), rel=1e-6)
+    changed = pred.clone()
+    changed[:, [1, 2, 4, 6, 7]] += 100.0  # visible patches do not count
+    assert loss_fn((changed, mask), images).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss_fn((target, mask), images).item() == 0.0
+
+
+def test_norm_pix_target():
+    images = torch.rand(2, 2, 16, 16) * 5 + 3
+    loss_fn = MaskedReconstructionLoss((4, 8), spatial_dims=2, norm_pix_loss=True)
+    target = loss_fn.target(images)
+    torch.testing.assert_close(target.mean(-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(target.var(-1, unbiased=False), torch.ones(2, 8), atol=1e-3, rtol=0)
+    assert loss_fn((target, torch.ones(2, 8)), images).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_shape_errors():
+    loss_fn = MaskedReconstructionLoss(8)
+    with pytest.raises(ValueError, match="do not match"):
+        loss_fn((torch.zeros(1, 8, 100), torch.zeros(1, 8)), torch.zeros(1, 1, 16, 16, 16))
+    with pytest.raises(ValueError, match="3 spatial dimensions"):
+        loss_fn((torch.zeros(1, 4, 64), torch.zeros(1, 4)), torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"outputs=\(pred, mask\)"):
+        loss_fn(torch.zeros(1, 8, 512), torch.zeros(1, 1, 16, 16, 16))
+
+
+def test_reconstruct_image_round_trip_and_paste():
+    images = torch.randn(2, 1, 16, 16, 16)
+    target = patchify(images, 8)
+    mask = _mask(2, 8, [1, 2])
+    assert torch.equal(reconstruct_image(target, mask, images, 8), images)
+    garbage = torch.full_like(target, 7.0)
+    pasted = patchify(reconstruct_image(garbage, mask, images, 8, paste_visible=True), 8)
+    assert torch.equal(pasted[:, [0, 3, 4, 5, 6, 7]], target[:, [0, 3, 4, 5, 6, 7]])
+    assert bool((pasted[:, [1, 2]] == 7.0).all())
+
+
+def test_reconstruct_image_undoes_norm_pix_with_visible_statistics():
+    images = torch.randn(1, 1, 8, 8) * 3 + 10  # every patch has about mean 10, std 3
+    pred = normalize_patches(patchify(images, 4))
+    out = reconstruct_image(pred, _mask(1, 4, [0]), images, 4, norm_pix_loss=True)
+    assert out.shape == images.shape
+    assert out.mean().item() == pytest.approx(images.mean().item(), abs=1.0)
+    assert out.std().item() == pytest.approx(images.std().item(), rel=0.3)
+
+
+def test_masked_input():
+    images = torch.ones(1, 2, 8, 8)
+    out = masked_input(images, _mask(1, 4, [3]), 4)
+    expected = torch.ones(1, 4, 32)
+    expected[:, 3] = 0
+    assert torch.equal(out, unpatchify(expected, 4, (8, 8), 2))
