@@ -1,0 +1,430 @@
+"""Synthetic CT-like phantoms and a Decathlon-style dataset writer.
+
+The phantoms give every bundle and test a dataset that needs no download: an air background, an
+elliptic body with a fat layer, and several organ-like ellipsoids with their own Hounsfield
+values, low-frequency texture, gaussian noise and a smooth bias field. Everything is generated
+in voxel space with vectorised numpy and is fully determined by the seed.
+
+Run ``python -m monai_mae.data.synthetic OUT_DIR --num 8`` to write a dataset from the shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["ORGAN_TYPES", "ensure_dataset", "main", "make_phantom", "write_synthetic_dataset"]
+
+logger = logging.getLogger(__name__)
+
+#: Organ-like tissue classes cycled through by :func:`make_phantom`, as
+#: ``(name, mean HU, spread of the mean between phantoms, texture amplitude in HU)``.
+ORGAN_TYPES: tuple[tuple[str, float, float, float], ...] = (
+    ("liver", 70.0, 8.0, 8.0),
+    ("kidney", 45.0, 5.0, 5.0),
+    ("bone", 550.0, 120.0, 60.0),
+    ("lung", -800.0, 40.0, 40.0),
+    ("spleen", 55.0, 5.0, 5.0),
+)
+
+_AIR_HU = -1000.0
+_FAT_HU = -100.0
+_SOFT_TISSUE_HU = 20.0
+_MIN_SHAPE = 8
+_MAX_PLACEMENT_TRIES = 300
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """Return ``shape`` as a tuple of three ints, or raise a ValueError naming it."""
+    try:
+        dims = tuple(int(s) for s in shape)
+    except TypeError as err:
+        raise ValueError(f"shape must be a sequence of 3 ints, got {shape!r}.") from err
+    if len(dims) != 3 or any(d < _MIN_SHAPE for d in dims):
+        raise ValueError(f"shape must be 3 ints, each >= {_MIN_SHAPE}, got {shape!r}.")
+    return dims  # type: ignore[return-value]
+
+
+def _check_num_organs(num_organs: int) -> None:
+    """Raise a ValueError naming ``num_organs`` unless it is an int in 0..255."""
+    if not isinstance(num_organs, (int, np.integer)) or isinstance(num_organs, bool) or not 0 <= num_organs <= 255:
+        raise ValueError(f"num_organs must be an int in 0..255, got {num_organs!r}.")
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], grid: int) -> np.ndarray:
+    """A zero-mean, unit-std random field that varies over about ``grid`` cells per axis.
+
+    Gaussian-weighted interpolation of a coarse random grid, one separable matrix per axis.
+
+    Args:
+        rng: random generator.
+        shape: output shape (X, Y, Z).
+        grid: number of coarse cells per axis (larger = finer texture).
+
+    Returns:
+        float32 array of ``shape``.
+    """
+    coarse = rng.standard_normal((grid + 1,) * 3)
+    field = coarse
+    for axis, size in enumerate(shape):
+        pos = (np.arange(size) + 0.5) / size * grid  # voxel centres in coarse-grid units
+        weights = np.exp(-0.5 * ((pos[:, None] - np.arange(grid + 1)[None, :]) / 0.6) ** 2)
+        weights /= weights.sum(axis=1, keepdims=True)
+        field = np.moveaxis(np.tensordot(weights, np.moveaxis(field, axis, 0), axes=(1, 0)), 0, axis)
+    field -= field.mean()
+    std = field.std()
+    return (field / std if std > 0 else field).astype(np.float32)
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3x3 rotation matrix (QR of a gaussian matrix, sign-fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))[None, :]
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _ellipsoid_in_box(
+    centre: np.ndarray, radii: np.ndarray, rotation: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+    """Rasterise a rotated ellipsoid inside its bounding box.
+
+    Args:
+        centre: (3,) centre in voxels.
+        radii: (3,) semi-axes in voxels, along the columns of ``rotation``.
+        rotation: (3, 3) rotation whose columns are the ellipsoid axes.
+        shape: volume shape.
+
+    Returns:
+        ``(box, mask)`` with ``mask`` the boolean ellipsoid on ``volume[box]``, or None when the
+        bounding box leaves the volume.
+    """
+    half = np.sqrt(((rotation * radii[None, :]) ** 2).sum(axis=1))  # bounding half-extent per axis
+    lo = np.floor(centre - half).astype(int)
+    hi = np.ceil(centre + half).astype(int) + 1
+    if np.any(lo < 0) or np.any(hi > np.asarray(shape)):
+        return None
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    axes = [np.arange(a, b, dtype=np.float32) - c for a, b, c in zip(lo, hi, centre)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (bx, by, bz, 3)
+    local = grid @ rotation.astype(np.float32)  # coordinates along the ellipsoid axes
+    mask = ((local / radii.astype(np.float32)) ** 2).sum(axis=-1) <= 1.0
+    return box, mask  # type: ignore[return-value]
+
+
+def make_phantom(
+    shape: Sequence[int] = (96, 96, 64), seed: int = 0, num_organs: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate one CT-like phantom and its organ labels, deterministically from ``seed``.
+
+    Axes are (x, y, z) in voxels: the body is an elliptic cylinder along z with a fat layer
+    (about -100 HU) around soft tissue (about 20 HU); air (-1000 HU) fills the rest. Organ ``k``
+    (1..num_organs) is a randomly placed, sized and rotated ellipsoid strictly inside the soft
+    tissue and not overlapping the other organs; its tissue cycles through :data:`ORGAN_TYPES`
+    (liver, kidney, bone, lung, spleen). Low-frequency texture, gaussian noise (sd 10 HU) and a
+    smooth multiplicative and additive bias field are added; values are clipped to
+    [-1024, 3071] HU.
+
+    Args:
+        shape: volume shape (X, Y, Z), each at least 8. Defaults to ``(96, 96, 64)``.
+        seed: seed of ``numpy.random.default_rng``; the same seed gives identical arrays.
+            Defaults to 0.
+        num_organs: number of organs, 0 to 255. Defaults to 4.
+
+    Returns:
+        ``(image, label)``: float32 image in Hounsfield units and uint8 label volume (0 =
+        background, ``k`` = organ ``k``), both of ``shape``.
+
+    Raises:
+        ValueError: when ``shape`` is not 3 ints >= 8, ``num_organs`` is outside 0..255, or the
+            organs do not fit into the body (use fewer organs or a larger shape).
+
+    Examples::
+
+        >>> image, label = make_phantom((32, 32, 24), seed=1, num_organs=3)
+        >>> image.shape, image.dtype, sorted(np.unique(label).tolist())
+        ((32, 32, 24), dtype('float32'), [0, 1, 2, 3])
+    """
+    dims = _check_shape(shape)
+    _check_num_organs(num_organs)
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = dims
+    x = np.arange(nx, dtype=np.float32)[:, None, None]
+    y = np.arange(ny, dtype=np.float32)[None, :, None]
+    z = np.arange(nz, dtype=np.float32)[None, None, :]
+
+    # body: elliptic cylinder along z whose semi-axes vary slowly with z
+    cx, cy = (nx - 1) / 2 + rng.uniform(-0.03, 0.03) * nx, (ny - 1) / 2 + rng.uniform(-0.03, 0.03) * ny
+    ax, ay = rng.uniform(0.38, 0.42) * nx, rng.uniform(0.32, 0.38) * ny
+    phase, freq = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.5)
+    z_scale = 1.0 + 0.04 * np.sin(2 * np.pi * freq * z / nz + phase)  # (1, 1, Z)
+    radius = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2) / z_scale  # 1 on the skin
+    fat_fraction = rng.uniform(0.08, 0.12)
+    body = radius <= 1.0
+    inner = radius <= 1.0 - fat_fraction
+
+    image = np.full(dims, _AIR_HU, dtype=np.float32)
+    image[body] = _FAT_HU
+    tissue_texture = _smooth_field(rng, dims, grid=6)
+    image[inner] = (_SOFT_TISSUE_HU + 6.0 * tissue_texture)[inner]
+
+    # organs: rejection sampling of non-overlapping ellipsoids inside the soft tissue
+    label = np.zeros(dims, dtype=np.uint8)
+    inner_ax, inner_ay = ax * (1.0 - fat_fraction) * 0.96, ay * (1.0 - fat_fraction) * 0.96
+    crowding = (4.0 / max(num_organs, 4)) ** (1.0 / 3.0)
+    organ_texture = _smooth_field(rng, dims, grid=8) if num_organs else None
+    for k in range(1, num_organs + 1):
+        _, mean_hu, spread, texture_amp = ORGAN_TYPES[(k - 1) % len(ORGAN_TYPES)]
+        for attempt in range(_MAX_PLACEMENT_TRIES):
+            shrink = crowding * 0.993**attempt
+            radii = np.array(
+                [
+                    rng.uniform(0.22, 0.38) * inner_ax * shrink,
+                    rng.uniform(0.22, 0.38) * inner_ay * shrink,
+                    rng.uniform(0.15, 0.30) * nz * shrink,
+                ]
+            )
+            radii = np.maximum(radii, 1.5)
+            rotation = _random_rotation(rng)
+            centre = np.array(
+                [
+                    cx + rng.uniform(-1, 1) * inner_ax * 0.6,
+                    cy + rng.uniform(-1, 1) * inner_ay * 0.6,
+                    rng.uniform(0.2, 0.8) * (nz - 1),
+                ]
+            )
+            placed = _ellipsoid_in_box(centre, radii, rotation, dims)
+            if placed is None:
+                continue
+            box, mask = placed
+            if mask.sum() < 8 or not inner[box][mask].all() or label[box][mask].any():
+                continue
+            label[box][mask] = k
+            organ_hu = mean_hu + rng.uniform(-1.0, 1.0) * spread
+            texture = organ_texture[box][mask] * texture_amp  # type: ignore[index]
+            image[box][mask] = organ_hu + texture
+            break
+        else:
+            raise ValueError(
+                f"could not place organ {k} of {num_organs} inside a body of shape {dims}; "
+                "use fewer organs or a larger shape."
+            )
+
+    # smooth bias (multiplicative on attenuation relative to air, plus additive), then noise
+    multiplicative = 1.0 + 0.015 * _smooth_field(rng, dims, grid=2)
+    additive = 5.0 * _smooth_field(rng, dims, grid=2)
+    image = (image - _AIR_HU) * multiplicative + _AIR_HU + additive
+    image += 10.0 * rng.standard_normal(dims, dtype=np.float32)
+    np.clip(image, -1024.0, 3071.0, out=image)
+    return image.astype(np.float32, copy=False), label
+
+
+def _ras_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """A RAS+ affine with ``spacing`` on the diagonal and the volume centred on the origin."""
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -(np.asarray(shape, dtype=float) - 1.0) / 2.0 * np.asarray(spacing, dtype=float)
+    return affine
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write ``array`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_zooms(tuple(float(s) for s in np.abs(np.diag(affine)[:3])))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the .nii.gz suffix nibabel needs
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_synthetic_dataset(
+    out_dir: str | os.PathLike[str],
+    num: int = 8,
+    num_validation: int = 2,
+    shape: Sequence[int] = (96, 96, 64),
+    spacing: Sequence[float] = (1.5, 1.5, 2.0),
+    seed: int = 0,
+    num_organs: int = 4,
+    with_labels: bool = True,
+) -> Path:
+    """Write ``num`` phantoms as NIfTI files and a Medical Segmentation Decathlon datalist.
+
+    Layout: ``imagesTr/phantom_XXX.nii.gz`` (int16 Hounsfield units, like scanner CT),
+    ``labelsTr/phantom_XXX.nii.gz`` (uint8) and ``datalist.json`` with paths relative to
+    ``out_dir``. The first ``num - num_validation`` cases go to ``"training"``, the rest to
+    ``"validation"``. Each volume carries a RAS affine with ``spacing`` on the diagonal and the
+    volume centred on the world origin (so the origin is non-zero). Every file is written to a
+    temporary name and moved into place, and ``datalist.json`` is written last, so a folder
+    without ``datalist.json`` is incomplete and a folder with it is complete.
+
+    Args:
+        out_dir: output folder, created if needed.
+        num: number of cases, >= 1. Defaults to 8.
+        num_validation: cases kept for validation, 0..num. Defaults to 2.
+        shape: volume shape (X, Y, Z). Defaults to ``(96, 96, 64)``.
+        spacing: voxel size in mm (x, y, z), positive. Defaults to ``(1.5, 1.5, 2.0)``.
+        seed: dataset seed; case ``i`` uses an independent seed derived from it. Defaults to 0.
+        num_organs: organs per phantom. Defaults to 4.
+        with_labels: write ``labelsTr`` and ``"label"`` entries. Defaults to True.
+
+    Returns:
+        Path of the written ``datalist.json``.
+
+    Raises:
+        ValueError: for a bad ``num``, ``num_validation``, ``shape``, ``spacing`` or ``num_organs``.
+
+    Examples::
+
+        >>> path = write_synthetic_dataset("/tmp/phantoms", num=4, num_validation=1, shape=(32, 32, 24))
+        >>> json.loads(path.read_text())["training"][0]
+        {'image': 'imagesTr/phantom_000.nii.gz', 'label': 'labelsTr/phantom_000.nii.gz'}
+    """
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}.")
+    if not isinstance(num_validation, (int, np.integer)) or not 0 <= num_validation <= num:
+        raise ValueError(f"num_validation must be an int in 0..num ({num}), got {num_validation!r}.")
+    dims = _check_shape(shape)
+    _check_num_organs(num_organs)
+    spacing_t = tuple(float(s) for s in spacing)
+    if len(spacing_t) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing_t):
+        raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing!r}.")
+
+    out = Path(out_dir)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    if with_labels:
+        (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    affine = _ras_affine(dims, spacing_t)
+    case_seeds = np.random.SeedSequence(seed).generate_state(num)
+    entries: list[dict[str, str]] = []
+    for i, case_seed in enumerate(case_seeds):
+        image, label = make_phantom(dims, seed=int(case_seed), num_organs=num_organs)
+        name = f"phantom_{i:03d}.nii.gz"
+        _save_nifti(np.round(image).astype(np.int16), affine, out / "imagesTr" / name)
+        entry = {"image": f"imagesTr/{name}"}
+        if with_labels:
+            _save_nifti(label, affine, out / "labelsTr" / name)
+            entry["label"] = f"labelsTr/{name}"
+        entries.append(entry)
+
+    num_training = num - num_validation
+    datalist = {
+        "name": "monai-mae synthetic CT phantoms",
+        "description": (
+            f"{num} synthetic CT-like phantoms (shape {list(dims)}, spacing {list(spacing_t)} mm, "
+            f"seed {seed}, {num_organs} organs) written by monai_mae.data.synthetic"
+        ),
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", **{str(k): f"organ_{k}" for k in range(1, num_organs + 1)}},
+        "numTraining": num_training,
+        "training": entries[:num_training],
+        "validation": entries[num_training:],
+    }
+    datalist_path = out / "datalist.json"
+    _write_json_atomic(datalist, datalist_path)
+    return datalist_path
+
+
+def ensure_dataset(dataset_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Return ``dataset_dir/datalist.json``, writing the synthetic default there first if absent.
+
+    This is what the bundles call: an existing datalist is never touched or rewritten.
+
+    Args:
+        dataset_dir: dataset folder.
+        kwargs: keyword arguments of :func:`write_synthetic_dataset` (``num``, ``shape``, ...),
+            used only when the dataset is generated.
+
+    Returns:
+        Path of ``datalist.json``.
+
+    Raises:
+        ValueError: from :func:`write_synthetic_dataset` for bad ``kwargs``.
+
+    Examples::
+
+        >>> datalist = ensure_dataset("./data/synthetic", num=4, shape=(64, 64, 48))
+    """
+    datalist_path = Path(dataset_dir) / "datalist.json"
+    if datalist_path.is_file():
+        return datalist_path
+    logger.info("%s not found: generating the synthetic phantom dataset in %s", datalist_path, dataset_dir)
+    return write_synthetic_dataset(dataset_dir, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m monai_mae.data.synthetic OUT_DIR --num N``.
+
+    Args:
+        argv: arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        Exit status 0.
+
+    Raises:
+        SystemExit: on bad arguments (argparse).
+
+    Examples::
+
+        python -m monai_mae.data.synthetic ./data/synthetic --num 8 --num-validation 2 --shape 96 96 64
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_mae.data.synthetic", description="Write synthetic CT-like phantoms and datalist.json."
+    )
+    parser.add_argument("out_dir", help="output folder")
+    parser.add_argument("--num", type=int, default=8, help="number of cases (default 8)")
+    parser.add_argument("--num-validation", type=int, default=2, help="cases kept for validation (default 2)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("SX", "SY", "SZ"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-organs", type=int, default=4)
+    parser.add_argument("--no-labels", action="store_true", help="write images only")
+    args = parser.parse_args(argv)
+    try:
+        path = write_synthetic_dataset(
+            args.out_dir,
+            num=args.num,
+            num_validation=args.num_validation,
+            shape=args.shape,
+            spacing=args.spacing,
+            seed=args.seed,
+            num_organs=args.num_organs,
+            with_labels=not args.no_labels,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {args.num} synthetic cases to {Path(args.out_dir)}; datalist: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""CT and MRI preprocessing presets for MAE pretraining and fine-tuning, built from MONAI transforms.
+
+One factory, :func:`get_pretrain_transforms`, serves 3D crops and 2D slices, training and
+validation, images only (pretraining) and image + label (fine-tuning). The data presets in
+``configs/data_<modality>.json`` are plain dicts of its keyword arguments, read with
+:func:`load_data_preset`; :func:`get_dataset` picks MONAI's plain, cached or persistent dataset.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+from monai.utils import ensure_tuple_rep, look_up_option
+
+__all__ = ["CACHE_MODES", "MODALITIES", "get_dataset", "get_pretrain_transforms", "load_data_preset"]
+
+#: Supported values of ``modality``.
+MODALITIES = ("ct", "mri")
+#: Supported values of ``cache`` in :func:`get_dataset`.
+CACHE_MODES = ("none", "cache", "persistent")
+_LABEL_KEY = "label"
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: MONAI deprecates the implicit default
+_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _normalise_roi(roi_size: Sequence[int] | int, spatial_dims: int) -> tuple[int, ...]:
+    """Check ``spatial_dims`` and return ``roi_size`` as ``spatial_dims`` positive ints."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    if isinstance(roi_size, (int, np.integer)):
+        roi = tuple(int(s) for s in ensure_tuple_rep(int(roi_size), spatial_dims))
+    else:
+        roi = tuple(int(s) for s in roi_size)
+        if len(roi) != spatial_dims:
+            raise ValueError(
+                f"roi_size {roi} has {len(roi)} entries but spatial_dims={spatial_dims}; "
+                f"expected {spatial_dims} sizes (or one int)."
+            )
+    if any(s < 1 for s in roi):
+        raise ValueError(f"roi_size must be positive, got {roi_size!r}.")
+    return roi
+
+
+def get_pretrain_transforms(
+    modality: str = "ct",
+    roi_size: Sequence[int] | int = (96, 96, 96),
+    spatial_dims: int = 3,
+    pixdim: Sequence[float] | float | None = (1.5, 1.5, 2.0),
+    a_min: float = -175.0,
+    a_max: float = 250.0,
+    num_samples: int = 2,
+    train: bool = True,
+    keys: Sequence[str] = ("image",),
+    with_label: bool = False,
+    flip_prob: float = 0.1,
+) -> Compose:
+    """Preprocessing and augmentation for MAE pretraining (and UNETR fine-tuning) of CT or MRI.
+
+    Volumes are always read as 3D. The chain, all MONAI dictionary transforms:
+
+    1. ``LoadImaged`` (channel first) -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)``
+       (bilinear for images, nearest for the label).
+    2. Intensity and foreground: ``ct``: ``ScaleIntensityRanged(a_min, a_max -> 0, 1, clip)``
+       then ``CropForegroundd`` on image > 0 (above ``a_min``); ``mri``: ``CropForegroundd`` on
+       the raw image > 0, then ``NormalizeIntensityd(nonzero, channel_wise)`` (cropping first,
+       because normalised tissue below the mean is negative and would be cut away).
+    3. ``SpatialPadd`` to the crop size, so a volume smaller than ``roi_size`` is padded, not an error.
+    4. Crops. Train: ``RandSpatialCropSamplesd`` (``num_samples`` crops of fixed size), or with
+       ``with_label`` ``RandCropByPosNegLabeld`` (half the crops centred on organs), then
+       ``RandFlipd`` on each spatial axis with ``flip_prob``. Validation: ``CenterSpatialCropd``.
+    5. 2D (``spatial_dims=2``): crops are ``(roi_h, roi_w, 1)`` axial slabs, squeezed with
+       ``SqueezeDimd(dim=-1)`` so batches are (B, C, H, W); validation takes the centre slice.
+    6. ``EnsureTyped``.
+
+    Outputs per item: train, a list of ``num_samples`` dicts with ``image`` (C, *roi_size)
+    (and ``label`` (1, *roi_size), integer-valued floats); validation, one such dict.
+
+    Args:
+        modality: ``"ct"`` or ``"mri"``. Defaults to ``"ct"``.
+        roi_size: crop size, ``spatial_dims`` ints or one int for all axes. Defaults to ``(96, 96, 96)``.
+        spatial_dims: 3 for volume crops, 2 for axial slices. Defaults to 3.
+        pixdim: target voxel size in mm (x, y, z), or None to keep the native spacing.
+            Defaults to ``(1.5, 1.5, 2.0)``.
+        a_min: CT window lower bound in HU (maps to 0; ignored for MRI). Defaults to -175.0.
+        a_max: CT window upper bound in HU (maps to 1; ignored for MRI). Defaults to 250.0.
+        num_samples: random crops per volume when training. Defaults to 2.
+        train: random crops and flips if True, a deterministic centre crop if False. Defaults to True.
+        keys: image keys of the data dicts (several keys = several co-registered images).
+            Defaults to ``("image",)``.
+        with_label: also load ``"label"``, resample it with nearest and crop it identically.
+            Defaults to False.
+        flip_prob: probability of flipping along each spatial axis when training. Defaults to 0.1.
+
+    Returns:
+        A ``monai.transforms.Compose``.
+
+    Raises:
+        ValueError: for an unknown ``modality`` (lists the choices), ``spatial_dims`` not 2 or 3,
+            a ``roi_size`` whose length is not ``spatial_dims``, ``a_min >= a_max`` for CT,
+            ``num_samples < 1``, ``flip_prob`` outside [0, 1], empty ``keys`` or ``"label"`` in ``keys``.
+
+    Examples::
+
+        >>> # 3D CT pretraining: two 96^3 crops per volume
+        >>> t = get_pretrain_transforms("ct", roi_size=(96, 96, 96), num_samples=2)
+        >>> [s["image"].shape for s in t({"image": "ct.nii.gz"})]
+        [torch.Size([1, 96, 96, 96]), torch.Size([1, 96, 96, 96])]
+        >>> # 2D MRI slices for validation
+        >>> t = get_pretrain_transforms("mri", roi_size=(128, 128), spatial_dims=2, pixdim=None, train=False)
+        >>> t({"image": "t1.nii.gz"})["image"].shape
+        torch.Size([1, 128, 128])
+    """
+    try:
+        modality = look_up_option(modality.lower() if isinstance(modality, str) else modality, MODALITIES)
+    except ValueError as err:
+        raise ValueError(f"modality={modality!r} is not supported: {err}") from err
+    roi = _normalise_roi(roi_size, spatial_dims)
+    if modality == "ct" and not float(a_min) < float(a_max):
+        raise ValueError(f"a_min ({a_min}) must be below a_max ({a_max}) for the CT window.")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
+    if not 0.0 <= float(flip_prob) <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
+    image_keys = tuple(keys) if not isinstance(keys, str) else (keys,)
+    if not image_keys:
+        raise ValueError("keys must name at least one image key, got an empty sequence.")
+    if _LABEL_KEY in image_keys:
+        raise ValueError(f"keys={image_keys} contains {_LABEL_KEY!r}; pass with_label=True to load the label.")
+    all_keys = image_keys + ((_LABEL_KEY,) if with_label else ())
+    crop = roi if spatial_dims == 3 else (*roi, 1)  # 2D: (h, w, 1) slabs of the 3D volume
+
+    xforms: list[MapTransform] = [
+        LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True),
+        Orientationd(keys=all_keys, axcodes="RAS", labels=_RAS_LABELS),
+    ]
+    if pixdim is not None:
+        modes = ("bilinear",) * len(image_keys) + (("nearest",) if with_label else ())
+        xforms.append(Spacingd(keys=all_keys, pixdim=pixdim, mode=modes))
+    foreground = CropForegroundd(keys=all_keys, source_key=image_keys[0], allow_smaller=True)
+    if modality == "ct":
+        xforms += [ScaleIntensityRanged(keys=image_keys, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)]
+        xforms += [foreground]
+    else:
+        xforms += [foreground, NormalizeIntensityd(keys=image_keys, nonzero=True, channel_wise=True)]
+    xforms.append(SpatialPadd(keys=all_keys, spatial_size=crop))
+
+    if train:
+        if with_label:
+            xforms.append(
+                RandCropByPosNegLabeld(
+                    keys=all_keys,
+                    label_key=_LABEL_KEY,
+                    spatial_size=crop,
+                    pos=1.0,
+                    neg=1.0,
+                    num_samples=num_samples,
+                    image_key=image_keys[0],
+                    image_threshold=0.0,
+                )
+            )
+        else:
+            xforms.append(
+                RandSpatialCropSamplesd(keys=all_keys, roi_size=crop, num_samples=num_samples, random_size=False)
+            )
+    else:
+        xforms.append(CenterSpatialCropd(keys=all_keys, roi_size=crop))
+    if spatial_dims == 2:
+        xforms.append(SqueezeDimd(keys=all_keys, dim=-1))
+    if train and flip_prob > 0:
+        xforms += [RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
+    xforms.append(EnsureTyped(keys=all_keys))
+    return Compose(xforms)
+
+
+def get_dataset(
+    data: Sequence[dict],
+    transform: Callable | Sequence[Callable],
+    cache: str = "none",
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> Dataset:
+    """Wrap a datalist in MONAI's plain, in-memory cached or on-disk cached dataset.
+
+    The cached variants store the output of the transforms up to the first random one
+    (load, orient, resample, intensity, crop-foreground, pad), so random crops stay random.
+    ``"persistent"`` keeps MONAI's default ``track_meta=False``: its items are plain tensors
+    without the affine (reading ``MetaTensor`` back would need unsafe ``weights_only=False``).
+
+    Args:
+        data: datalist entries, e.g. from :func:`monai_mae.data.load_datalist`.
+        transform: transforms, e.g. from :func:`get_pretrain_transforms`.
+        cache: ``"none"`` -> ``Dataset``, ``"cache"`` -> ``CacheDataset`` (in memory),
+            ``"persistent"`` -> ``PersistentDataset`` (on disk in ``cache_dir``). Defaults to ``"none"``.
+        cache_dir: folder for ``"persistent"`` (created if needed); required there. Defaults to None.
+        cache_rate: fraction of items cached by ``"cache"``. Defaults to 1.0.
+        num_workers: threads filling the ``"cache"`` cache at construction (0 -> 1 thread);
+            unrelated to the DataLoader's workers. Defaults to 0.
+
+    Returns:
+        A ``monai.data.Dataset`` (or its ``CacheDataset`` / ``PersistentDataset`` subclass).
+
+    Raises:
+        ValueError: for an unknown ``cache`` (lists the choices), ``"persistent"`` without
+            ``cache_dir``, or ``cache_rate`` outside (0, 1].
+
+    Examples::
+
+        >>> items = load_datalist("./data/synthetic")
+        >>> ds = get_dataset(items, get_pretrain_transforms("ct"), cache="persistent", cache_dir="./cache")
+    """
+    try:
+        mode = look_up_option(cache, CACHE_MODES)
+    except ValueError as err:
+        raise ValueError(f"cache={cache!r} is not supported: {err}") from err
+    if mode == "none":
+        return Dataset(data=data, transform=transform)
+    if mode == "cache":
+        if not 0.0 < float(cache_rate) <= 1.0:
+            raise ValueError(f"cache_rate must be in (0, 1], got {cache_rate!r}.")
+        return CacheDataset(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers)
+    if cache_dir is None:
+        raise ValueError("cache='persistent' needs cache_dir (a folder for the cached items), got None.")
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir)
+
+
+def _preset_file(name_or_path: str | os.PathLike[str]) -> Path:
+    """Find the JSON file of a preset name (``ct``, ``data_ct``) or path."""
+    text = os.fspath(name_or_path)
+    path = Path(text)
+    if path.suffix == ".json" or os.sep in text or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"data preset file {path} not found.")
+        return path
+    for candidate in (_CONFIG_DIR / f"{text}.json", _CONFIG_DIR / f"data_{text}.json"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in _CONFIG_DIR.glob("data_*.json")) if _CONFIG_DIR.is_dir() else []
+    raise ValueError(
+        f"unknown data preset {text!r}: no {_CONFIG_DIR / (text + '.json')} or "
+        f"{_CONFIG_DIR / ('data_' + text + '.json')}; available presets: {available} (or pass a path to a JSON file)."
+    )
+
+
+def load_data_preset(name_or_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
+    """Read a data preset: a JSON dict of keyword arguments of :func:`get_pretrain_transforms`.
+
+    A name is looked up in the repository's ``configs/`` folder as ``<name>.json`` and then
+    ``data_<name>.json`` (so ``"ct"`` and ``"data_ct"`` both find ``configs/data_ct.json``);
+    anything ending in ``.json`` or containing a path separator is read as a path.
+
+    Args:
+        name_or_path: preset name (``"ct"``, ``"mri"``, ``"data_ct"``) or path to a JSON file.
+        overrides: keyword arguments replacing or adding preset entries (e.g. ``roi_size``,
+            ``spatial_dims``, ``train``), checked like the file's keys.
+
+    Returns:
+        The keyword arguments as a dict (JSON lists stay lists).
+
+    Raises:
+        FileNotFoundError: when a path is given and does not exist.
+        ValueError: for an unknown name (lists the available presets), malformed JSON (file,
+            line and column), a JSON value that is not an object, or keys that
+            :func:`get_pretrain_transforms` does not take (lists the accepted ones).
+
+    Examples::
+
+        >>> kwargs = load_data_preset("ct", roi_size=(64, 64, 64))
+        >>> kwargs["a_min"], kwargs["a_max"]
+        (-175.0, 250.0)
+        >>> train_transforms = get_pretrain_transforms(**kwargs, train=True)
+    """
+    path = _preset_file(name_or_path)
+    try:
+        preset = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
+    if not isinstance(preset, dict):
+        raise ValueError(
+            f"{path}: a data preset must be a JSON object of keyword arguments, got {type(preset).__name__}."
+        )
+    accepted = set(inspect.signature(get_pretrain_transforms).parameters)
+    for source, entries in ((str(path), preset), ("overrides", overrides)):
+        unknown = sorted(set(entries) - accepted)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown keys {unknown} for get_pretrain_transforms; accepted: {sorted(accepted)}."
+            )
+    return {**preset, **overrides}
