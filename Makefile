@@ -22,8 +22,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Short MAE pretraining on CPU with the synthetic phantoms (generated on first run), then
+# reconstruction of the validation volumes as NIfTI. Pictures: outputs/mae_pretrain_demo/reconstructions/
+DEMO_OUT  ?= outputs/mae_pretrain_demo
+DEMO_DATA ?= data/synthetic
 demo: install
-	$(BIN)/python -m monai_mae.demo
+	$(BIN)/python -m monai.bundle run --config_file "['bundles/mae_pretrain/configs/train.json','configs/demo_pretrain_cpu.json']" \
+		--bundle_root bundles/mae_pretrain --meta_file bundles/mae_pretrain/configs/metadata.json \
+		--logging_file bundles/mae_pretrain/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(DEMO_OUT)
+	$(BIN)/python -m monai.bundle run --config_file "['bundles/mae_pretrain/configs/inference.json','configs/demo_pretrain_cpu.json']" \
+		--bundle_root bundles/mae_pretrain --meta_file bundles/mae_pretrain/configs/metadata.json \
+		--logging_file bundles/mae_pretrain/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(DEMO_OUT)
+	@echo "Reconstruction pictures: $(DEMO_OUT)/reconstructions/ (latest.png); volumes: $(DEMO_OUT)/reconstructions_nifti/"
 
 bench: install
 	$(BIN)/python benchmarks/bench_vs_monai.py

@@ -5,11 +5,13 @@ from __future__ import annotations
 from monai_mae.losses import MaskedReconstructionLoss, masked_input, reconstruct_image
 from monai_mae.networks import (
     MAE_PRESETS,
+    MAEReconstructor,
     MAEViT,
     MaskGenerator,
     MaskingResult,
     content_aware_weights,
     get_preset,
+    load_mae_encoder,
     mae_patchify_and_mask,
     mae_vit,
     patchify,
@@ -21,7 +23,7 @@ from monai_mae.networks import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "MAEViT", "MaskGenerator", "MaskingResult", "MaskedReconstructionLoss", "MAE_PRESETS", "content_aware_weights",
-    "get_preset", "mae_patchify_and_mask", "mae_vit", "masked_input", "patchify", "random_masking",
+    "MAEViT", "MAEReconstructor", "MaskGenerator", "MaskingResult", "MaskedReconstructionLoss", "MAE_PRESETS", "content_aware_weights",
+    "get_preset", "load_mae_encoder", "mae_patchify_and_mask", "mae_vit", "masked_input", "patchify", "random_masking",
     "reconstruct_image", "restore_patches", "unpatchify", "__version__",
 ]  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monai_mae.networks.mae import MAEViT, VisiblePatchEmbedding
+from monai_mae.networks.mae import MAEReconstructor, MAEViT, VisiblePatchEmbedding
 from monai_mae.networks.masking import (
     MaskGenerator,
     MaskingResult,
@@ -14,10 +14,12 @@ from monai_mae.networks.masking import (
 )
 from monai_mae.networks.patching import patchify, unpatchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
+from monai_mae.networks.transfer import TransferReport, extract_encoder_state_dict, load_mae_encoder
 from monai_mae.networks.presets import MAE_PRESETS, get_preset, mae_vit, mae_vit_base, mae_vit_large, mae_vit_small, mae_vit_tiny
 
 __all__ = [
-    "MAEViT", "VisiblePatchEmbedding", "MaskGenerator", "MaskingResult", "content_aware_weights",
+    "MAEViT", "MAEReconstructor", "VisiblePatchEmbedding", "TransferReport", "extract_encoder_state_dict",
+    "load_mae_encoder", "MaskGenerator", "MaskingResult", "content_aware_weights",
     "mae_patchify_and_mask", "patch_foreground_fraction", "random_masking", "restore_patches", "patchify",
     "unpatchify", "interpolate_pos_embed", "sincos_pos_embed", "MAE_PRESETS", "get_preset", "mae_vit",
     "mae_vit_base", "mae_vit_large", "mae_vit_small", "mae_vit_tiny",

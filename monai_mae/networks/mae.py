@@ -20,7 +20,7 @@ from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_mas
 from monai_mae.networks.patching import patch_grid, patch_pattern, patchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 
-__all__ = ["MAEViT", "VisiblePatchEmbedding"]
+__all__ = ["MAEViT", "MAEReconstructor", "VisiblePatchEmbedding"]
 
 SUPPORTED_PROJ_TYPES = ("conv", "perceptron")
 SUPPORTED_POS_EMBED_TYPES = ("none", "learnable", "sincos", "fourier")
@@ -433,3 +433,43 @@ def _load_monai_layout(module: MAEViT, state_dict: dict, prefix: str, *args) -> 
         stale = f"{prefix}{blocks}."
         for key in [k for k in state_dict if k.startswith(stale) and ".cross_attn." in k]:
             del state_dict[key]
+
+
+class MAEReconstructor(nn.Module):
+    """Image-to-image view of an :class:`MAEViT`, for sliding-window inference and bundle checks.
+
+    ``forward(x)`` masks ``x`` with a generator re-seeded with ``seed`` on every call (so the same
+    window always gets the same mask), reconstructs it and returns an image of ``x``'s shape.
+
+    Args:
+        mae: the trained network.
+        seed: mask seed. Defaults to 0.
+        masking_ratio: ratio for reconstruction; ``None`` uses the network's.
+        norm_pix_loss: whether the network was trained on normalised patches.
+        paste_visible: return visible patches from the input and only masked ones predicted. Defaults to True.
+    """
+
+    def __init__(
+        self,
+        mae: MAEViT,
+        seed: int = 0,
+        masking_ratio: float | None = None,
+        norm_pix_loss: bool = False,
+        paste_visible: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mae = mae
+        self.seed = seed
+        self.masking_ratio = masking_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.paste_visible = paste_visible
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *S)`` -> ``(B, C, *S)`` reconstruction."""
+        from monai_mae.losses import reconstruct_image  # the loss module imports the networks
+
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        pred, mask = self.mae(x, self.masking_ratio, generator=generator)
+        return reconstruct_image(
+            pred, mask, x, self.mae.patch_size, norm_pix_loss=self.norm_pix_loss, paste_visible=self.paste_visible
+        ).to(x.dtype)
