@@ -83,3 +83,18 @@ def test_verify_net_in_out():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
+
+
+def test_2d_slices_train_and_reconstruct(dataset, tmp_path):
+    overrides = write_overrides(
+        tmp_path / "tiny2d.json",
+        **{**TINY_RUN, "spatial_dims": 2, "roi_size": [32, 32], "patch_size": [8, 8], "max_epochs": 1},
+    )
+    out = tmp_path / "out"
+    run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert state["patch_embedding.patch_embeddings.weight"].shape == (48, 1, 8, 8)
+    run_bundle("mae_pretrain", "inference.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    source = nib.load(dataset / "imagesTr" / "phantom_003.nii.gz")
+    recon = nib.load(out / "reconstructions_nifti" / "phantom_003_recon.nii.gz")
+    assert recon.shape == source.shape and np.allclose(recon.affine, source.affine)
