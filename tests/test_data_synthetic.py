@@ -195,7 +195,7 @@ def test_ensure_dataset_completes_a_half_written_folder(tmp_path):
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
-        [sys.executable, "-m", "monai_mae.data.synthetic", *args], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "monai_mae.data.synthetic", *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import CacheDataset, Dataset, PersistentDataset
+import torch
+from monai.config import KeysCollection
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -36,7 +39,16 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep, look_up_option
 
-__all__ = ["CACHE_MODES", "MODALITIES", "get_dataset", "get_pretrain_transforms", "load_data_preset"]
+__all__ = [
+    "CACHE_MODES",
+    "MODALITIES",
+    "ReplaceNonFinited",
+    "get_dataset",
+    "get_pretrain_transforms",
+    "load_data_preset",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Supported values of ``modality``.
 MODALITIES = ("ct", "mri")
@@ -65,6 +77,49 @@ def _normalise_roi(roi_size: Sequence[int] | int, spatial_dims: int) -> tuple[in
     return roi
 
 
+class ReplaceNonFinited(MapTransform):
+    """Replace NaN and +/-Inf voxels by ``value``, logging a warning that names the file.
+
+    Put it right after ``LoadImaged`` (before resampling spreads a NaN over its neighbours). The
+    warning quotes ``meta["filename_or_obj"]`` of a ``MetaTensor`` (else the key) and the count.
+    Finite data passes through unchanged (the same object).
+
+    Args:
+        keys: keys of the images to clean.
+        value: the replacement, e.g. the CT window minimum ``a_min`` (HU) or 0 for MRI. Defaults to 0.
+        allow_missing_keys: don't raise for a missing key. Defaults to False.
+
+    Raises:
+        ValueError: when ``value`` is not finite.
+
+    Examples::
+
+        >>> t = Compose([LoadImaged("image", ensure_channel_first=True), ReplaceNonFinited("image", value=-175.0)])
+    """
+
+    def __init__(self, keys: KeysCollection, value: float = 0.0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not np.isfinite(value):
+            raise ValueError(f"value must be finite, got {value!r}.")
+        self.value = float(value)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            bad = ~torch.isfinite(img) if isinstance(img, torch.Tensor) else ~np.isfinite(img)
+            count = int(bad.sum())
+            if count == 0:
+                continue
+            source = img.meta.get("filename_or_obj", key) if isinstance(img, MetaTensor) else key
+            total = bad.numel() if isinstance(bad, torch.Tensor) else bad.size
+            logger.warning(f"{source}: {count} NaN/Inf voxel(s) of {total} in {key!r} replaced by {self.value:g}.")
+            d[key] = (
+                img.masked_fill(bad, self.value) if isinstance(img, torch.Tensor) else np.where(bad, self.value, img)
+            )
+        return d
+
+
 def get_pretrain_transforms(
     modality: str = "ct",
     roi_size: Sequence[int] | int = (96, 96, 96),
@@ -77,13 +132,16 @@ def get_pretrain_transforms(
     keys: Sequence[str] = ("image",),
     with_label: bool = False,
     flip_prob: float = 0.1,
+    replace_nonfinite: bool = True,
 ) -> Compose:
     """Preprocessing and augmentation for MAE pretraining (and UNETR fine-tuning) of CT or MRI.
 
     Volumes are always read as 3D. The chain, all MONAI dictionary transforms:
 
-    1. ``LoadImaged`` (channel first) -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)``
-       (bilinear for images, nearest for the label).
+    1. ``LoadImaged`` (channel first; a 4D file's 4th axis becomes the channels, so a singleton
+       4th axis gives one channel) -> :class:`ReplaceNonFinited` (NaN/Inf image voxels -> ``a_min``
+       for CT, the bottom of the window; 0 for MRI, i.e. background; a warning names the file)
+       -> ``Orientationd("RAS")`` -> ``Spacingd(pixdim)`` (bilinear for images, nearest for the label).
     2. Intensity and foreground: ``ct``: ``ScaleIntensityRanged(a_min, a_max -> 0, 1, clip)``
        then ``CropForegroundd`` on image > 0 (above ``a_min``); ``mri``: ``CropForegroundd`` on
        the raw image > 0, then ``NormalizeIntensityd(nonzero, channel_wise)`` (cropping first,
@@ -114,9 +172,13 @@ def get_pretrain_transforms(
         with_label: also load ``"label"``, resample it with nearest and crop it identically.
             Defaults to False.
         flip_prob: probability of flipping along each spatial axis when training. Defaults to 0.1.
+        replace_nonfinite: replace NaN/Inf image voxels as in step 1; False leaves them (a NaN then
+            reaches the loss, where :class:`~monai_mae.engines.NonFiniteLossGuard` stops training).
+            Defaults to True.
 
     Returns:
-        A ``monai.transforms.Compose``.
+        A ``monai.transforms.Compose``. A constant ("empty") volume yields constant crops; the
+        masked loss on them is finite (also with ``norm_pix_loss``).
 
     Raises:
         ValueError: for an unknown ``modality`` (lists the choices), ``spatial_dims`` not 2 or 3,
@@ -155,8 +217,10 @@ def get_pretrain_transforms(
 
     xforms: list[MapTransform] = [
         LoadImaged(keys=all_keys, ensure_channel_first=True, image_only=True),
-        Orientationd(keys=all_keys, axcodes="RAS", labels=_RAS_LABELS),
     ]
+    if replace_nonfinite:
+        xforms.append(ReplaceNonFinited(keys=image_keys, value=float(a_min) if modality == "ct" else 0.0))
+    xforms.append(Orientationd(keys=all_keys, axcodes="RAS", labels=_RAS_LABELS))
     if pixdim is not None:
         modes = ("bilinear",) * len(image_keys) + (("nearest",) if with_label else ())
         xforms.append(Spacingd(keys=all_keys, pixdim=pixdim, mode=modes))

@@ -30,6 +30,7 @@ from monai_mae.losses import masked_input, reconstruct_image
 
 __all__ = [
     "atomic_save",
+    "rank_zero_summary_writer",
     "unwrap",
     "list_checkpoints",
     "EpochCheckpointer",
@@ -45,12 +46,44 @@ __all__ = [
 ]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+# the temporary file of Ignite's atomic DiskSaver (NamedTemporaryFile defaults), left behind by a kill mid-write
+_IGNITE_TMP_PATTERN = re.compile(r"^tmp[a-z0-9_]{8}$")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+class _NullSummaryWriter:
+    """Stands in for a ``SummaryWriter`` on ranks that must not write: every method does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def rank_zero_summary_writer(log_dir: str | os.PathLike, **kwargs: Any) -> Any:
+    """A TensorBoard ``SummaryWriter`` on rank 0 (or without ``torch.distributed``), a no-op stand-in elsewhere.
+
+    A ``SummaryWriter`` creates its event file when it is built, and MONAI's
+    ``TensorBoardStatsHandler`` builds its own (under ``./runs``) when given none, so in a
+    multi-process run the other ranks get an object with the same methods that writes nothing.
+    Call it after ``init_process_group``.
+
+    Args:
+        log_dir: the TensorBoard folder.
+        kwargs: more ``SummaryWriter`` arguments.
+    """
+    if not _is_main_process():
+        return _NullSummaryWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), **kwargs)
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -102,6 +135,13 @@ class EpochCheckpointer:
     writes. Writing goes through a temporary file and a rename (Ignite's atomic ``DiskSaver``), so a
     crash mid-write leaves the previous checkpoint intact.
 
+    After a restart (e.g. a resume by :class:`AutoResume`), the first save also takes over the
+    folder: checkpoints of earlier epochs are counted against ``n_saved`` (the oldest beyond it are
+    deleted, as the interrupted run would have done), temporary files of a write cut short by a kill
+    are deleted, and checkpoints of *later* epochs than the one being saved (left by another run in
+    the same folder) are kept but reported with a warning, because :class:`AutoResume` would pick
+    them after a crash.
+
     Args:
         save_dir: folder for the checkpoints.
         save_dict: objects with ``state_dict``; a wrapped network is saved unwrapped.
@@ -124,9 +164,45 @@ class EpochCheckpointer:
             filename_pattern="checkpoint_epoch={score}.pt",
             n_saved=n_saved,
         )
+        self.n_saved = n_saved
+        self._adopted = False
+        self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.checkpoint)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        stale: list[Path] = []
+        if not self._adopted:
+            stale = self._adopt_folder(int(engine.state.epoch))
+            self._adopted = True
+        self.checkpoint(engine)
+        for path in stale:  # only once the new checkpoint is on disk
+            path.unlink(missing_ok=True)
+            self.logger.info(f"EpochCheckpointer: removed {path} (beyond n_saved={self.n_saved}).")
+
+    def _adopt_folder(self, epoch: int) -> list[Path]:
+        """Before the first save at ``epoch``: count the checkpoints already in the folder (see the class
+        doc), delete leftover temporary files, and return the old checkpoints beyond ``n_saved`` (rank 0)."""
+        found = list_checkpoints(self.save_dir)
+        later = [path.name for e, path in found if e > epoch]
+        if later:
+            self.logger.warning(
+                f"EpochCheckpointer: {self.save_dir} holds checkpoints of later epochs than {epoch} ({later}), "
+                "from another run; AutoResume would resume from them after a crash. Remove them or use another "
+                "output_dir."
+            )
+        earlier = sorted((e, path) for e, path in found if e < epoch)
+        room = self.n_saved - 1  # one place is for the checkpoint about to be written
+        keep, drop = (earlier[len(earlier) - room :] if room else []), earlier[: len(earlier) - room]
+        self.checkpoint.load_state_dict({"_saved": [(e, path.name) for e, path in keep]})
+        if not _is_main_process() or not self.save_dir.is_dir():
+            return []
+        for path in self.save_dir.iterdir():
+            if _IGNITE_TMP_PATTERN.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                self.logger.warning(f"EpochCheckpointer: removed {path}, the temporary file of a cut-short write.")
+        return [path for _, path in drop]
 
 
 class AutoResume:
@@ -260,7 +336,10 @@ class NonFiniteLossGuard:
     """Stop training on a NaN/Inf loss *before* the backward pass, so no weight is corrupted.
 
     Raises :class:`NonFiniteLossError` naming the epoch and iteration and, when a checkpoint folder
-    is given, the last good checkpoint there, from which the same command resumes.
+    is given, the last good checkpoint there, from which the same command resumes. In a
+    ``torch.distributed`` run the ranks agree first (one all-reduce of a flag per rank and
+    iteration), so every rank stops at the same iteration instead of the healthy ones waiting in
+    the gradient all-reduce for the one that stopped; the message names the ranks that saw it.
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike | None = None, loss_key: str = CommonKeys.LOSS) -> None:
@@ -272,12 +351,23 @@ class NonFiniteLossGuard:
 
     def __call__(self, engine: Engine) -> None:
         loss = engine.state.output[self.loss_key]
-        if bool(torch.isfinite(loss.detach()).all()):
+        finite = torch.isfinite(loss.detach()).all()
+        ranks = ""
+        if _distributed() and torch.distributed.get_world_size() > 1:
+            flags = torch.zeros(torch.distributed.get_world_size(), device=loss.device)
+            flags[torch.distributed.get_rank()] = (~finite).float()
+            torch.distributed.all_reduce(flags)
+            bad = [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
+            if not bad:
+                return
+            ranks = f" on rank(s) {bad}"
+        elif bool(finite):
             return
-        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}{ranks}"
         last = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir is not None else []
         keep = f" The last good checkpoint is {last[0][1]}; run the same command to resume from it." if last else ""
-        raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at {where}; training stopped.{keep}")
+        value = f"{loss.item()}" + (" on this rank" if ranks else "")
+        raise NonFiniteLossError(f"non-finite training loss ({value}) at {where}; training stopped.{keep}")
 
 
 class GradientClipping:

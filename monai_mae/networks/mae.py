@@ -82,6 +82,7 @@ class VisiblePatchEmbedding(nn.Module):
         super().__init__()
         self.proj_type = look_up_option(proj_type, SUPPORTED_PROJ_TYPES)
         self.pos_embed_type = look_up_option(pos_embed_type, SUPPORTED_POS_EMBED_TYPES)
+        self.in_channels = in_channels
         self.patch_size = tuple(patch_size)
         self.grid_size = patch_grid(img_size, patch_size, name="img_size")
         self.n_patches = math.prod(self.grid_size)
@@ -104,13 +105,15 @@ class VisiblePatchEmbedding(nn.Module):
             nn.init.xavier_uniform_(layer.weight.view(hidden_size, -1))
             nn.init.zeros_(layer.bias)
 
-    def projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projection as a linear map on tokens: ``weight (D, prod(P) * C)``, ``bias (D,)``."""
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        """Apply the projection to patches ``(B, M, prod(P) * C)`` in token layout: ``(B, M, D)``."""
         if self.proj_type == "conv":
             conv = self.patch_embeddings
-            return rearrange(conv.weight, "o c ... -> o (... c)"), conv.bias  # token layout: channel last
-        linear = self.patch_embeddings[1]
-        return linear.weight, linear.bias
+            # reorder the (few) visible patches to the kernel's channel-first layout rather than permuting the
+            # kernel: the weight's gradient then keeps the parameter's own strides (what DDP buckets expect)
+            channel_first = rearrange(patches, "b m (p c) -> b m (c p)", c=self.in_channels)
+            return F.linear(channel_first, conv.weight.view(conv.out_channels, -1), conv.bias)
+        return self.patch_embeddings[1](patches)
 
     def pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
         """``(1, prod(grid), D)`` position table for ``grid``."""
@@ -127,8 +130,7 @@ class VisiblePatchEmbedding(nn.Module):
         Returns:
             ``(B, N_keep, D)`` embedded tokens.
         """
-        weight, bias = self.projection()
-        tokens = F.linear(patches, weight, bias)  # (B, N_keep, D)
+        tokens = self.project(patches)  # (B, N_keep, D)
         pos = self.pos_embed(grid).expand(keep.shape[0], -1, -1)[keep]  # (B * N_keep, D)
         return self.dropout(tokens + pos.view_as(tokens))
 
@@ -285,6 +287,10 @@ class MAEViT(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_hidden_size)
         self.decoder_pred = nn.Linear(decoder_hidden_size, self.patch_embedding.patch_dim)
 
+        # MONAI's TransformerBlock always builds a cross-attention norm; without cross-attention it is never
+        # used, so freeze it (kept in the state dict for MONAI compatibility; DDP then needs no unused-parameter scan)
+        for block in [*self.blocks, *self.decoder_blocks]:
+            block.norm_cross_attn.requires_grad_(False)
         self._init_weights()
         self.register_load_state_dict_pre_hook(_load_monai_layout)
 

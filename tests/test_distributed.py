@@ -1,0 +1,120 @@
+"""Multi-process training on CPU (gloo): the mae_pretrain bundle's multi_gpu_train.json under torchrun.
+
+One 2-process run of one tiny bundle covers: disjoint data per rank, identical replicas, the lr
+scaled by the world size, rank-0-only writing and logging, the datalist checked in shards (each
+file read by one rank) with a bad file skipped, and the NaN guard stopping every rank together.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from bundle_utils import REPO, TINY_NETWORK, write_overrides
+from ignite.engine import Engine
+
+from monai_mae.data import load_datalist, write_synthetic_dataset
+from monai_mae.engines import NonFiniteLossError, NonFiniteLossGuard
+
+TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=1, num_samples=2, num_workers=0,
+                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, skip_bad_files=True,
+                **TINY_NETWORK)  # fmt: skip
+
+# Test-only additions, layered last: every rank records the files of each batch it trained on and,
+# after training, probes the NaN guard and dumps the files, its weights and its optimizer's base lr.
+RECORDER = {
+    "seen": "$[]",
+    "guard": "$__import__('test_distributed').nan_guard_probe()",  # no '@' here: MONAI parses "import" lines
+    "run": [
+        "$[handler.attach(@train#trainer) for handler in @train#state_handlers]",
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED, (lambda seen: lambda engine: "
+        "seen.extend((engine.state.epoch, f) for f in engine.state.batch['image'].meta['filename_or_obj']))(@seen))",
+        "$@train#trainer.run()",
+        "$torch.save({'seen': @seen, 'state': monai_mae.engines.unwrap(@network).state_dict(), "
+        "'lr': @optimizer.defaults['lr'], 'world': torch.distributed.get_world_size(), "
+        "'guard': @guard}, "
+        "os.path.join(@output_dir, 'rank%d.pt' % torch.distributed.get_rank()))",
+    ],
+}
+
+
+def nan_guard_probe() -> list[str | None]:
+    """Run on every rank after training: the guard on two iterations, where only rank 1's second loss is NaN."""
+    engine = Engine(lambda e, b: None)
+    engine.state.epoch, engine.state.iteration = 2, 7
+    guard, messages = NonFiniteLossGuard(), []
+    for losses in ((1.0, 2.0), (1.0, float("nan"))):
+        engine.state.output = {"loss": torch.tensor(losses[dist.get_rank()])}
+        try:
+            guard(engine)
+            messages.append(None)
+        except NonFiniteLossError as err:
+            messages.append(str(err))
+    return messages
+
+
+def test_two_process_gloo_run_of_the_bundle(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num=6, num_validation=1, shape=(40, 40, 32), spacing=(1.5, 1.5, 2.0), seed=3)
+    items = load_datalist(data, "training")
+    bad, nan_file = Path(items[3]["image"]), Path(items[4]["image"])
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 32, 3), np.int16), np.diag([1.5, 1.5, 2.0, 1.0])), bad)
+    volume = nib.load(nan_file)
+    values = volume.get_fdata().astype(np.float32)
+    values[:2, :2, :2] = np.nan
+    nib.save(nib.Nifti1Image(values, volume.affine), nan_file)
+
+    out = tmp_path / "out"
+    tiny = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
+    recorder = write_overrides(tmp_path / "recorder.json", **RECORDER)
+    configs = REPO / "bundles" / "mae_pretrain" / "configs"
+    layers = (configs / "train.json", configs / "multi_gpu_train.json", tiny, recorder)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "monai.bundle", "run",
+        "--config_file", str([str(f) for f in layers]),
+        "--bundle_root", str(REPO / "bundles" / "mae_pretrain"), "--meta_file", str(configs / "metadata.json"),
+        "--logging_file", str(configs / "logging.conf"),
+        "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    # the datalist was checked in shards: rank 0 read entries 0, 2, 4 (the NaN file, warned about once),
+    # rank 1 entries 1, 3 (the 3-channel file), and both ranks dropped entry 3
+    assert log.count(f"{nan_file}: 8 NaN and 0 Inf voxels") == 1
+    assert log.count(f"skipping datalist entry 3 (skip_bad_files): datalist entry 3 ['image']: {bad}") == 2
+    # disjoint shards: per epoch the two ranks trained on different volumes, together on the 4 good ones
+    training = {item["image"] for item in items} - {str(bad)}
+    for epoch in (1, 2):
+        files = [{f for e, f in r["seen"] if e == epoch} for r in ranks]
+        assert files[0] and files[1] and not files[0] & files[1], files
+        assert files[0] | files[1] == training
+    # DDP kept the replicas identical, and rank 0's final model.pt is that model
+    final = torch.load(out / "models" / "model.pt", weights_only=True)
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+        assert torch.equal(value, final[key]), key
+    # lr scaled by the world size (scaled_lr(lr, 1, world_size=2, base_batch=1))
+    assert ranks[0]["lr"] == pytest.approx(2 * TINY_RUN["lr"])
+    # a NaN on rank 1 alone stops both ranks at the same iteration
+    for rank in ranks:
+        assert rank["guard"][0] is None
+        assert "at epoch 2, iteration 7 on rank(s) [1]; training stopped." in rank["guard"][1]
+    # rank-0-only writing and logging
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert not (tmp_path / "runs").exists()  # no stray SummaryWriter on rank 1
+    assert log.count("Epoch: 1/2, Iter: 1/2 -- train_loss") == 1  # StatsHandler on rank 0 only
+    assert log.count("Metrics -- val_loss") == 2  # one per validation, rank 0 only

@@ -1,0 +1,127 @@
+"""The GPU fast path (bf16 autocast, torch.compile, fused AdamW, the benchmark), exercised on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from bundle_utils import REPO, TINY_NETWORK
+from monai.bundle import ConfigParser
+
+from monai_mae import MAEViT, MaskedReconstructionLoss
+from monai_mae.data import write_synthetic_dataset
+from monai_mae.engines import build_optimizer
+
+TINY = dict(hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4, decoder_hidden_size=24, decoder_mlp_dim=48,
+            decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+CONFIGS = REPO / "bundles" / "mae_pretrain" / "configs"
+
+
+def _generator(seed: int = 3) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    net = MAEViT(1, 16, 8, **TINY)
+    loss_fn = MaskedReconstructionLoss(8)
+    optimizer = build_optimizer(net, lr=1e-3)
+    images = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        reference = loss_fn(net(images, generator=_generator()), images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, mask = net(images, generator=_generator())
+        loss = loss_fn((pred, mask), images)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(reference.item(), rel=0.05)
+    loss.backward()
+    optimizer.step()
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+
+
+def test_fused_adamw_step_matches_the_default_one():
+    torch.manual_seed(0)
+    nets = [MAEViT(1, 16, 8, **TINY) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    images = torch.rand(2, 1, 16, 16, 16)
+    for net, fused in zip(nets, (False, True)):
+        optimizer = build_optimizer(net, lr=1e-3, fused=fused)
+        assert bool(optimizer.defaults["fused"]) is fused
+        MaskedReconstructionLoss(8)(net(images, generator=_generator()), images).backward()
+        optimizer.step()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+_HAS_CXX = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
+
+
+@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+def test_torch_compile_matches_eager():
+    # inductor compiles C++ kernels with g++: ~15 s with a warm cache (/tmp/torchinductor_$USER), up to ~1 min cold
+    torch._dynamo.reset()
+    net = MAEViT(1, 16, 8, **TINY).eval()
+    images = torch.rand(2, 1, 16, 16, 16)
+    compiled = torch.compile(net)
+    try:
+        with torch.no_grad():
+            pred, mask = net(images, generator=_generator())
+            pred_c, mask_c = compiled(images, generator=_generator())
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(mask, mask_c)
+    torch.testing.assert_close(pred_c, pred, rtol=1e-3, atol=1e-4)
+
+
+def test_train_config_wires_compile_amp_and_optimizer(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num=2, num_validation=1, shape=(24, 24, 16), num_organs=1)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"bundle_root": str(REPO / "bundles" / "mae_pretrain"), "dataset_dir": str(data),
+                   "output_dir": str(tmp_path / "out"), "roi_size": [16, 16, 16], "patch_size": [8, 8, 8],
+                   "num_workers": 0, "compile": True, **TINY_NETWORK})  # fmt: skip
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.compile and isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.network._orig_mod is parser.get_parsed_content("network")
+    assert trainer.amp is torch.cuda.is_available()
+    assert parser.get_parsed_content("amp_dtype") in (torch.bfloat16, torch.float16)
+    fused = bool(parser.get_parsed_content("optimizer").defaults["fused"])
+    assert fused is torch.cuda.is_available()  # fused AdamW when the parameters are on CUDA
+    assert parser.get_parsed_content("train#dataloader").pin_memory is torch.cuda.is_available()
+    parser.get_parsed_content("tb_writer").close()
+    torch._dynamo.reset()
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
+
+
+def test_bench_gpu_cpu_smoke():
+    result = _bench("--cpu-smoke", "--peak-tflops", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | 32^3 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["monai_mae", "monai"]
+    assert "| bf16 autocast |" in rows[0] and all("%" in row for row in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a CUDA device")
+def test_bench_gpu_without_cuda_says_so(capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclass looks its module up there
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--encoders", "vit-b", "--sizes", "96"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "no CUDA device is available" in message and "--cpu-smoke" in message
