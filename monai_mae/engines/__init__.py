@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from monai_mae.engines.finetune import (
+    FreezeEncoder,
+    encoder_parameters,
+    layerwise_lr_groups,
+    load_pretrained,
+    save_metrics_json,
+)
 from monai_mae.engines.handlers import (
     AutoResume,
     BestModelSaver,
@@ -14,6 +21,7 @@ from monai_mae.engines.handlers import (
     ReconstructionSaver,
     atomic_save,
     list_checkpoints,
+    rank_zero_summary_writer,
     reconstruction_panel,
     unwrap,
 )
@@ -21,7 +29,8 @@ from monai_mae.engines.optim import build_optimizer, param_groups, scaled_lr
 from monai_mae.engines.prepare_batch import MAEPrepareBatch
 
 __all__ = [
-    "AutoResume", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
+    "AutoResume", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
     "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "atomic_save", "build_optimizer",
-    "list_checkpoints", "param_groups", "reconstruction_panel", "scaled_lr", "unwrap",
+    "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
+    "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
 ]  # fmt: skip

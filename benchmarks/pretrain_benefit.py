@@ -1,0 +1,581 @@
+"""Does MAE self-pretraining help UNETR segmentation when labels are scarce?
+
+On the synthetic CT phantoms of :mod:`monai_mae.data.synthetic`:
+
+1. pretrain an MAE (:class:`monai_mae.MAEViT`, 12 encoder layers, patch 16, qkv bias) on a pool of
+   unlabeled phantoms with MONAI's ``SupervisedTrainer`` and the package's
+   ``MAEPrepareBatch`` / ``MaskedReconstructionLoss`` / ``build_optimizer`` (once, seed 0);
+2. for each number of labeled training volumes ``n`` and each seed, draw the same ``n`` volumes
+   for both arms and fine-tune MONAI's ``UNETR`` with the same step budget
+   (``DiceCELoss``, AdamW, warm-up + cosine schedule):
+
+   * *scratch*: random initialisation, one learning rate for every layer;
+   * *MAE-pretrained*: encoder loaded with :func:`monai_mae.engines.finetune.load_pretrained`,
+     layer-wise learning-rate decay (:func:`~monai_mae.engines.finetune.layerwise_lr_groups`);
+
+3. evaluate the final weights (no model selection) on held-out labeled phantoms that neither
+   pretraining nor fine-tuning saw: sliding-window inference (overlap 0.5), Dice of the 4 organs.
+
+Prints a markdown table (mean +- sample std over seeds, and the mean paired difference) and writes
+``{out_dir}/pretrain_benefit.{md,json,png}`` (the PNG is drawn with Pillow). Generated data and the
+pretrained MAE are kept in ``{work_dir}`` and reused by a later run with the same settings.
+
+Presets (``--preset``; any size flag overrides the preset):
+
+* ``cpu`` (default): about 1 to 1.5 hours on a (shared) 2-core CPU: 64x64x48 phantoms at
+  2.25 x 2.25 x 2.67 mm (the default field of view at coarser voxels), 48^3 crops, ViT width 192 /
+  MLP 768 / 4 heads / 12 layers, UNETR feature size 4; MAE on 24 unlabeled phantoms (200 epochs);
+  150 fine-tuning steps with 2, 4 and 8 labeled phantoms over 3 seeds; 6 held-out phantoms.
+  One torch thread by default on CPU: on a machine shared with other jobs, two OpenMP threads
+  spin-wait on each other and ran 4x slower than one in our measurements.
+* ``gpu``: the published setting's sizes: ViT-B (768 / 3072 / 12 heads), feature size 16, 96^3
+  crops of 128x128x96 phantoms at 1.5 x 1.5 x 2 mm, hundreds of pretraining epochs on 64 unlabeled
+  phantoms, 2 / 4 / 8 / 16 labeled phantoms over 5 seeds, bf16 autocast on CUDA.
+* ``quick`` (``--quick``): a smoke run of every code path in under 2 minutes (tiny sizes, 1 seed).
+
+Examples::
+
+    python benchmarks/pretrain_benefit.py --quick
+    nohup python benchmarks/pretrain_benefit.py > /tmp/pretrain_benefit.log 2>&1 &
+    python benchmarks/pretrain_benefit.py --preset gpu --device cuda
+    python benchmarks/pretrain_benefit.py --labeled-sizes 2 8 --seeds 0 1 2 3 4 --finetune-steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import LrScheduleHandler, MeanDice, from_engine
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNETR
+from monai.optimizers import WarmupCosineSchedule
+from monai.transforms import AsDiscreted, Compose, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityRanged
+from monai.utils import set_determinism
+from PIL import Image, ImageDraw, ImageFont
+
+from monai_mae import MAEViT, MaskedReconstructionLoss
+from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
+from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer
+from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
+
+__all__ = [
+    "BenefitConfig",
+    "PRESETS",
+    "prepare_data",
+    "pretrain_mae",
+    "finetune_unetr",
+    "evaluate_dice",
+    "summarise",
+    "format_markdown",
+    "draw_chart",
+    "main",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("scratch", "pretrained")
+ARM_LABELS = {"scratch": "UNETR from scratch", "pretrained": "UNETR, MAE-pretrained encoder"}
+NUM_CLASSES = 5  # background + the 4 organs of the phantoms
+CT_WINDOW = (-175.0, 250.0)
+PATCH = 16  # UNETR's fixed patch size
+logger = logging.getLogger("pretrain_benefit")
+
+
+@dataclass(frozen=True)
+class BenefitConfig:
+    """Every setting of one benchmark run.
+
+    Attributes:
+        phantom_shape, phantom_spacing: size (voxels) and voxel size (mm) of the generated phantoms;
+            the transforms keep this native spacing.
+        num_unlabeled: phantoms for MAE pretraining (their labels are never read).
+        num_labeled_pool: labeled phantoms the fine-tuning subsets are drawn from.
+        num_test: held-out labeled phantoms for the Dice evaluation.
+        roi: cubic crop side (a multiple of 16: UNETR's patch size).
+        hidden_size, mlp_dim, num_heads: ViT encoder (12 layers, as UNETR fixes).
+        feature_size: UNETR's convolutional feature size.
+        decoder_hidden_size, decoder_mlp_dim, decoder_num_layers, decoder_num_heads: MAE decoder.
+        masking_ratio, norm_pix_loss: MAE objective.
+        pretrain_epochs, pretrain_batch, pretrain_samples, pretrain_lr, pretrain_warmup_epochs: MAE
+            training (batch = volumes per step; samples = crops per volume).
+        finetune_steps: optimizer steps per fine-tune (the same budget for both arms and every ``n``).
+        finetune_batch, finetune_samples: volumes per step and crops per volume.
+        finetune_lr, layer_decay, warmup_fraction, freeze_encoder_epochs: fine-tuning optimizer
+            (``layer_decay`` applies to the pretrained arm only; scratch uses 1.0).
+        labeled_sizes, seeds: the grid of fine-tunes.
+        sw_batch_size: sliding-window batch at evaluation.
+    """
+
+    phantom_shape: tuple[int, int, int] = (64, 64, 48)
+    phantom_spacing: tuple[float, float, float] = (2.25, 2.25, 2.67)
+    num_unlabeled: int = 24
+    num_labeled_pool: int = 8
+    num_test: int = 6
+    roi: int = 48
+    hidden_size: int = 192
+    mlp_dim: int = 768
+    num_heads: int = 4
+    feature_size: int = 4
+    decoder_hidden_size: int = 128
+    decoder_mlp_dim: int = 512
+    decoder_num_layers: int = 2
+    decoder_num_heads: int = 4
+    masking_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    pretrain_epochs: int = 200
+    pretrain_batch: int = 4
+    pretrain_samples: int = 2
+    pretrain_lr: float = 1.5e-3
+    pretrain_warmup_epochs: int = 10
+    finetune_steps: int = 150
+    finetune_batch: int = 1
+    finetune_samples: int = 2
+    finetune_lr: float = 1e-3
+    layer_decay: float = 0.75
+    warmup_fraction: float = 0.1
+    freeze_encoder_epochs: int = 0
+    labeled_sizes: tuple[int, ...] = (2, 4, 8)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sw_batch_size: int = 2
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent setting."""
+        if self.roi % PATCH:
+            raise ValueError(f"roi must be a multiple of UNETR's patch size {PATCH}, got {self.roi}.")
+        if max(self.labeled_sizes) > self.num_labeled_pool:
+            raise ValueError(
+                f"labeled_sizes {self.labeled_sizes} ask for more volumes than num_labeled_pool={self.num_labeled_pool}."
+            )
+        if min(self.labeled_sizes) < 1 or not self.seeds:
+            raise ValueError(f"labeled_sizes must be >= 1 and seeds non-empty, got {self.labeled_sizes}, {self.seeds}.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
+
+    def pretrain_key(self) -> str:
+        """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
+        names = ("phantom_shape", "phantom_spacing", "num_unlabeled", "roi", "hidden_size", "mlp_dim", "num_heads",
+                 "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads", "masking_ratio",
+                 "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
+                 "pretrain_warmup_epochs")  # fmt: skip
+        text = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+PRESETS: dict[str, BenefitConfig] = {
+    "cpu": BenefitConfig(),
+    "gpu": BenefitConfig(
+        phantom_shape=(128, 128, 96), phantom_spacing=(1.5, 1.5, 2.0), num_unlabeled=64, num_labeled_pool=16,
+        num_test=8, roi=96, hidden_size=768, mlp_dim=3072, num_heads=12, feature_size=16, decoder_hidden_size=512,
+        decoder_mlp_dim=2048, decoder_num_layers=8, decoder_num_heads=16, pretrain_epochs=400, pretrain_batch=4,
+        pretrain_samples=2, pretrain_lr=1.5e-4, pretrain_warmup_epochs=40, finetune_steps=3000,
+        finetune_batch=1, finetune_samples=4, finetune_lr=3e-4, labeled_sizes=(2, 4, 8, 16), seeds=(0, 1, 2, 3, 4),
+        sw_batch_size=4,
+    ),  # fmt: skip
+    "quick": BenefitConfig(
+        phantom_shape=(40, 40, 32), phantom_spacing=(1.5, 1.5, 2.0), num_unlabeled=3, num_labeled_pool=2, num_test=1,
+        roi=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=4, decoder_hidden_size=32, decoder_mlp_dim=64,
+        decoder_num_layers=1, decoder_num_heads=4, pretrain_epochs=2, pretrain_batch=2, pretrain_samples=1,
+        pretrain_warmup_epochs=1, finetune_steps=2, finetune_samples=1, labeled_sizes=(2,), seeds=(0,),
+    ),  # fmt: skip
+}
+
+
+# ------------------------------------------------------------------------------------------ data
+def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """Generate (once) and load the unlabeled pool, the labeled pool and the held-out test set.
+
+    The three sets come from different seeds, so no phantom is in two of them.
+
+    Returns:
+        ``(unlabeled, labeled_pool, test)`` datalist entries (absolute paths; ``unlabeled`` without labels).
+    """
+    tag = "x".join(map(str, cfg.phantom_shape)) + "_" + "x".join(f"{s:g}" for s in cfg.phantom_spacing)
+    geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing)
+    unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}"
+    labeled_dir = work_dir / f"data_{tag}" / f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
+    ensure_dataset(unlabeled_dir, num=cfg.num_unlabeled, num_validation=0, seed=1000, with_labels=False, **geometry)
+    ensure_dataset(labeled_dir, num=cfg.num_labeled_pool + cfg.num_test, num_validation=cfg.num_test, seed=2000, **geometry)
+    unlabeled = load_datalist(unlabeled_dir, "training")
+    return unlabeled, load_datalist(labeled_dir, "training", require_label=True), load_datalist(labeled_dir, "validation", require_label=True)
+
+
+def _train_transforms(cfg: BenefitConfig, num_samples: int, with_label: bool) -> Compose:
+    return get_pretrain_transforms(
+        "ct", roi_size=cfg.roi, pixdim=None, a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], num_samples=num_samples,
+        with_label=with_label, flip_prob=0.1, train=True,
+    )  # fmt: skip
+
+
+def _eval_transforms() -> Compose:
+    """Whole volumes at native spacing, CT window: the ``unetr_finetune`` bundle's validation chain."""
+    keys = ["image", "label"]
+    return Compose([
+        LoadImaged(keys, ensure_channel_first=True, image_only=True),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        ScaleIntensityRanged("image", a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
+        EnsureTyped(keys),
+    ])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ training
+def _fused(device: torch.device) -> bool:
+    """Fused AdamW: on CUDA, and on CPU too with torch >= 2.4 (about 10x faster than the per-tensor loop there)."""
+    return device.type == "cuda" or tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
+def _quiet_engine_logs() -> None:
+    for name in ("ignite.engine.engine.SupervisedTrainer", "ignite.engine.engine.SupervisedEvaluator"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def pretrain_mae(cfg: BenefitConfig, unlabeled: list[dict], work_dir: Path, device: torch.device, amp: bool) -> tuple[Path, dict]:
+    """Train an MAE on ``unlabeled`` (or reuse one trained with the same settings); return its weights file and log."""
+    path = work_dir / f"mae_{cfg.pretrain_key()}" / "model.pt"
+    info_path = path.with_name("pretrain.json")
+    if path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        logger.info(f"reusing the pretrained MAE {path} ({info['steps']} steps, {info['seconds']:.0f} s when trained)")
+        return path, {**info, "reused": True}
+    set_determinism(seed=0)
+    mae = MAEViT(
+        1, cfg.roi, PATCH, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=12, num_heads=cfg.num_heads,
+        masking_ratio=cfg.masking_ratio, decoder_hidden_size=cfg.decoder_hidden_size, decoder_mlp_dim=cfg.decoder_mlp_dim,
+        decoder_num_layers=cfg.decoder_num_layers, decoder_num_heads=cfg.decoder_num_heads, qkv_bias=True,
+    ).to(device)  # fmt: skip
+    dataset = get_dataset(unlabeled, _train_transforms(cfg, cfg.pretrain_samples, with_label=False), cache="cache")
+    loader = DataLoader(dataset, batch_size=cfg.pretrain_batch, shuffle=True, num_workers=0, drop_last=True)
+    optimizer = build_optimizer(mae, lr=cfg.pretrain_lr, weight_decay=0.05, fused=_fused(device))
+    steps = cfg.pretrain_epochs * len(loader)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.pretrain_warmup_epochs * len(loader), t_total=steps)
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=cfg.pretrain_epochs, train_data_loader=loader, network=mae, optimizer=optimizer,
+        loss_function=MaskedReconstructionLoss(PATCH, norm_pix_loss=cfg.norm_pix_loss), prepare_batch=MAEPrepareBatch(),
+        inferer=SimpleInferer(), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False,
+        train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), NonFiniteLossGuard(),
+                        GradientClipping(3.0)],
+    )  # fmt: skip
+    losses: list[float] = []
+    epoch_losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"].detach())))
+
+    def log_epoch(engine: Any) -> None:
+        epoch_losses.append(statistics.fmean(losses[-len(loader) :]))
+        if engine.state.epoch % max(1, cfg.pretrain_epochs // 12) == 0 or engine.state.epoch == cfg.pretrain_epochs:
+            logger.info(f"  MAE epoch {engine.state.epoch}/{cfg.pretrain_epochs}: loss {epoch_losses[-1]:.5f} "
+                        f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, log_epoch)
+    logger.info(f"pretraining the MAE: {len(unlabeled)} unlabeled phantoms, {cfg.pretrain_epochs} epochs x {len(loader)} steps "
+                f"(batch {cfg.pretrain_batch} volumes x {cfg.pretrain_samples} crops of {cfg.roi}^3)")  # fmt: skip
+    start = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    atomic_save(mae.state_dict(), path)
+    info = {"steps": steps, "seconds": seconds, "first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1],
+            "epoch_losses": epoch_losses, "settings_key": cfg.pretrain_key()}  # fmt: skip
+    info_path.write_text(json.dumps(info, indent=1))
+    logger.info(f"MAE pretrained in {seconds / 60:.1f} min: loss {epoch_losses[0]:.5f} -> {epoch_losses[-1]:.5f}; saved {path}")
+    return path, {**info, "reused": False}
+
+
+def finetune_unetr(
+    cfg: BenefitConfig, train_items: list[dict], seed: int, ckpt: Path | None, device: torch.device, amp: bool
+) -> tuple[UNETR, dict]:
+    """Fine-tune a UNETR on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from ``ckpt`` or scratch."""
+    set_determinism(seed=seed)
+    net = UNETR(
+        1, NUM_CLASSES, (cfg.roi,) * 3, feature_size=cfg.feature_size, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
+        num_heads=cfg.num_heads, qkv_bias=True,
+    )  # fmt: skip
+    load_pretrained(net, ckpt if ckpt is not None else "")
+    net = net.to(device)
+    dataset = get_dataset(train_items, _train_transforms(cfg, cfg.finetune_samples, with_label=True), cache="cache")
+    loader = DataLoader(dataset, batch_size=min(cfg.finetune_batch, len(train_items)), shuffle=True, num_workers=0)
+    epochs = max(1, math.ceil(cfg.finetune_steps / len(loader)))
+    steps = epochs * len(loader)
+    layer_decay = cfg.layer_decay if ckpt is not None else 1.0
+    optimizer = build_optimizer(layerwise_lr_groups(net, cfg.finetune_lr, 0.05, layer_decay), lr=cfg.finetune_lr,
+                                betas=(0.9, 0.999), fused=_fused(device))  # fmt: skip
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=int(cfg.warmup_fraction * steps), t_total=steps)
+    handlers = [LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), NonFiniteLossGuard()]
+    if ckpt is not None and cfg.freeze_encoder_epochs:
+        handlers.append(FreezeEncoder(net, cfg.freeze_encoder_epochs))
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=epochs, train_data_loader=loader, network=net, optimizer=optimizer,
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True), inferer=SimpleInferer(), amp=amp,
+        amp_kwargs={"dtype": torch.bfloat16}, decollate=False, train_handlers=handlers,
+    )  # fmt: skip
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"].detach())))
+
+    def log_progress(engine: Any) -> None:
+        recent = statistics.fmean(losses[-max(1, steps // 10) :])
+        logger.info(f"    step {engine.state.iteration}/{steps}: loss {recent:.3f} ({time.perf_counter() - start:.0f} s)")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, steps // 4)), log_progress)
+    start = time.perf_counter()
+    trainer.run()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return net, {"steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start, "first_loss": losses[0],
+                 "final_loss": statistics.fmean(tail)}  # fmt: skip
+
+
+def evaluate_dice(cfg: BenefitConfig, net: UNETR, test_items: list[dict], device: torch.device, amp: bool) -> dict:
+    """Sliding-window Dice of the final weights on the held-out phantoms: mean over organs, and per organ."""
+    loader = DataLoader(get_dataset(test_items, _eval_transforms(), cache="none"), batch_size=1, num_workers=0)
+    names = [f"organ_{i}" for i in range(1, NUM_CLASSES)]
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=loader, network=net, amp=amp, amp_kwargs={"dtype": torch.bfloat16},
+        inferer=SlidingWindowInferer(cfg.roi, sw_batch_size=cfg.sw_batch_size, overlap=0.5, mode="gaussian"),
+        postprocessing=AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=NUM_CLASSES),
+        key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        additional_metrics={"per_class": MeanDice(include_background=False, reduction="mean_batch", return_with_label=names,
+                                                  output_transform=from_engine(["pred", "label"]))},
+    )  # fmt: skip
+    evaluator.run()
+    metrics = evaluator.state.metrics
+    return {"dice": float(metrics["dice"]), "per_class": {n: float(metrics[n]) for n in names}}
+
+
+# ------------------------------------------------------------------------------------------ report
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict], cfg: BenefitConfig) -> list[dict]:
+    """One row per labeled size: mean and sample std of the Dice of each arm, and of the paired difference."""
+    rows = []
+    for n in cfg.labeled_sizes:
+        by_arm = {arm: {r["seed"]: r["dice"] for r in runs if r["n_labeled"] == n and r["arm"] == arm} for arm in ARMS}
+        seeds = sorted(set(by_arm["scratch"]) & set(by_arm["pretrained"]))
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"n_labeled": n, "seeds": seeds}
+        for arm in ARMS:
+            row[arm] = dict(zip(("mean", "std"), _mean_std([by_arm[arm][s] for s in seeds])))
+        diffs = [by_arm["pretrained"][s] - by_arm["scratch"][s] for s in seeds]
+        row["difference"] = dict(zip(("mean", "std"), _mean_std(diffs)))
+        row["pretrained_better"] = sum(d > 0 for d in diffs)
+        per_class = {}
+        for arm in ARMS:
+            organ_runs = [r["per_class"] for r in runs if r["n_labeled"] == n and r["arm"] == arm and r["seed"] in seeds]
+            per_class[arm] = {k: statistics.fmean(r[k] for r in organ_runs) for k in organ_runs[0]}
+        row["per_class_mean"] = per_class
+        rows.append(row)
+    return rows
+
+
+def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: dict) -> str:
+    """The result tables and the settings as markdown."""
+    lines = [
+        "## MAE pretraining benefit for UNETR (synthetic CT phantoms)",
+        "",
+        f"Mean Dice of the 4 organs on {cfg.num_test} held-out phantoms (sliding window, final weights), "
+        f"mean +- sample std over seeds {list(cfg.seeds)}; the same labeled subset per seed for both arms.",
+        "",
+        "| labeled volumes | from scratch | MAE-pretrained | difference (paired) | pretrained better |",
+        "| ---: | :---: | :---: | :---: | :---: |",
+    ]
+    for row in rows:
+        s, p, d = row["scratch"], row["pretrained"], row["difference"]
+        lines.append(f"| {row['n_labeled']} | {s['mean']:.3f} +- {s['std']:.3f} | {p['mean']:.3f} +- {p['std']:.3f} | "
+                     f"{d['mean']:+.3f} +- {d['std']:.3f} | {row['pretrained_better']}/{len(row['seeds'])} |")  # fmt: skip
+    organs = list(rows[0]["per_class_mean"]["scratch"]) if rows else []
+    if organs:
+        lines += ["", "Per-organ Dice (mean over seeds), scratch / pretrained:", "",
+                  "| labeled volumes | " + " | ".join(organs) + " |", "| ---: |" + " :---: |" * len(organs)]  # fmt: skip
+        for row in rows:
+            pc = row["per_class_mean"]
+            cells = [f"{pc['scratch'][o]:.3f} / {pc['pretrained'][o]:.3f}" for o in organs]
+            lines.append(f"| {row['n_labeled']} | " + " | ".join(cells) + " |")
+    reused = " (reused from an earlier run)" if pretrain.get("reused") else ""
+    lines += [
+        "",
+        "Settings: "
+        f"phantoms {'x'.join(map(str, cfg.phantom_shape))} at {'x'.join(f'{s:g}' for s in cfg.phantom_spacing)} mm; "
+        f"{cfg.roi}^3 crops; ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, 12 layers, patch 16; "
+        f"UNETR feature size {cfg.feature_size}. MAE: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
+        f"({pretrain['steps']} steps, {pretrain['seconds'] / 60:.1f} min{reused}), masking {cfg.masking_ratio}, "
+        f"loss {pretrain['first_epoch_loss']:.4f} -> {pretrain['last_epoch_loss']:.4f}. "
+        f"Fine-tuning: about {cfg.finetune_steps} AdamW steps of {cfg.finetune_batch} volume(s) x {cfg.finetune_samples} crops, "
+        f"lr {cfg.finetune_lr:g}, warm-up {cfg.warmup_fraction:.0%} + cosine, DiceCE; layer decay {cfg.layer_decay:g} "
+        f"for the pretrained arm (1.0 from scratch); frozen-encoder epochs {cfg.freeze_encoder_epochs}.",
+        "",
+        f"Run: `{env['command']}` on {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
+        f"{env['threads']} threads, {env['total_minutes']:.0f} min in all.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def draw_chart(rows: list[dict], path: Path, title: str) -> Path:
+    """A line chart of mean Dice (+- std error bars) against the number of labeled volumes, one line per arm."""
+    width, height = 900, 560
+    left, right, top, bottom = 90, 40, 70, 90
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(18), _font(15)
+    colours = {"scratch": (200, 70, 50), "pretrained": (40, 100, 190)}
+    lows = [r[a]["mean"] - r[a]["std"] for r in rows for a in ARMS]
+    highs = [r[a]["mean"] + r[a]["std"] for r in rows for a in ARMS]
+    y_min = max(0.0, math.floor((min(lows) - 0.02) * 10) / 10) if rows else 0.0
+    y_max = min(1.0, math.ceil((max(highs) + 0.02) * 10) / 10) if rows else 1.0
+    if y_max - y_min < 0.1:
+        y_min, y_max = max(0.0, y_max - 0.1), max(y_max, 0.1)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def y_px(value: float) -> float:
+        return top + plot_h * (1.0 - (value - y_min) / (y_max - y_min))
+
+    def x_px(index: int) -> float:
+        return left + plot_w * (index + 0.5) / max(len(rows), 1)
+
+    draw.text((width / 2, 25), title, fill="black", font=font, anchor="mm")
+    ticks = 5
+    for t in range(ticks + 1):
+        value = y_min + (y_max - y_min) * t / ticks
+        y = y_px(value)
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((left - 8, y), f"{value:.2f}", fill="black", font=small, anchor="rm")
+    draw.line([(left, top), (left, top + plot_h), (width - right, top + plot_h)], fill="black", width=2)
+    for i, row in enumerate(rows):
+        draw.text((x_px(i), top + plot_h + 12), str(row["n_labeled"]), fill="black", font=small, anchor="mt")
+    draw.text((left + plot_w / 2, height - 35), "labeled training volumes", fill="black", font=font, anchor="mm")
+    draw.text((20, top + plot_h / 2), "Dice", fill="black", font=font, anchor="lm")
+    for k, arm in enumerate(ARMS):
+        shift = (k - 0.5) * 10  # keep the error bars of the two arms apart
+        points = [(x_px(i) + shift, y_px(r[arm]["mean"])) for i, r in enumerate(rows)]
+        if len(points) > 1:
+            draw.line(points, fill=colours[arm], width=3)
+        for (x, y), row in zip(points, rows):
+            lo, hi = y_px(row[arm]["mean"] - row[arm]["std"]), y_px(row[arm]["mean"] + row[arm]["std"])
+            draw.line([(x, lo), (x, hi)], fill=colours[arm], width=2)
+            draw.line([(x - 6, lo), (x + 6, lo)], fill=colours[arm], width=2)
+            draw.line([(x - 6, hi), (x + 6, hi)], fill=colours[arm], width=2)
+            draw.ellipse([(x - 6, y - 6), (x + 6, y + 6)], fill=colours[arm])
+        ly = top + 12 + 24 * k
+        draw.line([(left + 20, ly), (left + 50, ly)], fill=colours[arm], width=3)
+        draw.ellipse([(left + 30, ly - 5), (left + 40, ly + 5)], fill=colours[arm])
+        draw.text((left + 60, ly), ARM_LABELS[arm], fill="black", font=small, anchor="lm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, see above)")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the .md/.json/.png go")
+    parser.add_argument("--work-dir", type=Path, default=None, help="generated data and MAE weights (default: OUT_DIR/pretrain_benefit_work)")
+    for name in ("labeled_sizes", "seeds"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="+", default=None)
+    ints = ("num_unlabeled", "num_labeled_pool", "num_test", "roi", "hidden_size", "mlp_dim", "num_heads", "feature_size",
+            "pretrain_epochs", "pretrain_batch", "pretrain_samples", "finetune_steps", "finetune_batch",
+            "finetune_samples", "freeze_encoder_epochs", "sw_batch_size")  # fmt: skip
+    for name in ints:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "masking_ratio"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
+    parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> BenefitConfig:
+    """The preset with every given flag applied."""
+    cfg = PRESETS["quick" if args.quick else args.preset]
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
+    for name in ("labeled_sizes", "seeds"):
+        if name in changes:
+            changes[name] = tuple(changes[name])
+    cfg = dataclasses.replace(cfg, **changes)
+    cfg.check()
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    warnings.filterwarnings("ignore", message="torch.meshgrid")
+    _quiet_engine_logs()
+    cfg = build_config(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    amp = args.amp if args.amp is not None else device.type == "cuda"
+    work_dir = args.work_dir or args.out_dir / "pretrain_benefit_work"
+    name = "pretrain_benefit_quick" if args.quick else "pretrain_benefit"
+    t0 = time.perf_counter()
+
+    unlabeled, pool, test = prepare_data(cfg, work_dir)
+    logger.info(f"data: {len(unlabeled)} unlabeled, {len(pool)} labeled (pool), {len(test)} held-out test phantoms in {work_dir}")
+    ckpt, pretrain = pretrain_mae(cfg, unlabeled, work_dir, device, amp)
+
+    runs: list[dict] = []
+    total = len(cfg.labeled_sizes) * len(cfg.seeds) * len(ARMS)
+    for n in cfg.labeled_sizes:
+        for seed in cfg.seeds:
+            subset = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
+            for arm in ARMS:
+                net, info = finetune_unetr(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
+                result = evaluate_dice(cfg, net, test, device, amp)
+                runs.append({"arm": arm, "n_labeled": n, "seed": seed, "train_cases": [Path(s["image"]).name for s in subset],
+                             **result, **info})  # fmt: skip
+                logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {result['dice']:.3f} "
+                            f"(per organ {', '.join(f'{v:.2f}' for v in result['per_class'].values())}); "
+                            f"{info['steps']} steps in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")  # fmt: skip
+                del net
+
+    rows = summarise(runs, cfg)
+    env = {
+        "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/pretrain_benefit.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)" if device.type == "cpu"
+        else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "amp": amp, "total_minutes": (time.perf_counter() - t0) / 60,
+    }  # fmt: skip
+    markdown = format_markdown(rows, cfg, env, pretrain)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{name}.md").write_text(markdown)
+    report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
+    (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+    draw_chart(rows, args.out_dir / f"{name}.png", f"UNETR Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")
+    print(markdown, flush=True)
+    logger.info(f"wrote {args.out_dir / name}.md, .json and .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
