@@ -18,7 +18,8 @@ On the synthetic CT phantoms of :mod:`monai_mae.data.synthetic`:
 
 Prints a markdown table (mean +- sample std over seeds, and the mean paired difference) and writes
 ``{out_dir}/pretrain_benefit.{md,json,png}`` (the PNG is drawn with Pillow). Generated data and the
-pretrained MAE are kept in ``{work_dir}`` and reused by a later run with the same settings.
+pretrained MAE are kept in ``{work_dir}`` and reused by a later run with the same settings; so is
+every finished fine-tune (``runs_<settings>.jsonl``), so an interrupted run continues where it stopped.
 
 Presets (``--preset``; any size flag overrides the preset):
 
@@ -26,8 +27,8 @@ Presets (``--preset``; any size flag overrides the preset):
   2.25 x 2.25 x 2.67 mm (the default field of view at coarser voxels), 48^3 crops, ViT width 192 /
   MLP 768 / 4 heads / 12 layers, UNETR feature size 4; MAE on 24 unlabeled phantoms (200 epochs);
   150 fine-tuning steps with 2, 4 and 8 labeled phantoms over 3 seeds; 6 held-out phantoms.
-  One torch thread by default on CPU: on a machine shared with other jobs, two OpenMP threads
-  spin-wait on each other and ran 4x slower than one in our measurements.
+  The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set): on a machine shared with other jobs,
+  two spin-waiting OpenMP threads ran 4x slower than one in our measurements.
 * ``gpu``: the published setting's sizes: ViT-B (768 / 3072 / 12 heads), feature size 16, 96^3
   crops of 128x128x96 phantoms at 1.5 x 1.5 x 2 mm, hundreds of pretraining epochs on 64 unlabeled
   phantoms, 2 / 4 / 8 / 16 labeled phantoms over 5 seeds, bf16 autocast on CUDA.
@@ -61,7 +62,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import monai
+# Before torch loads OpenMP: on a CPU shared with other jobs, OpenMP threads spinning while they wait
+# for a descheduled sibling made the training steps several times slower; passive waiting avoids it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import monai  # noqa: E402
 import numpy as np
 import torch
 from ignite.engine import Events
@@ -222,10 +227,13 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
 
 
 def _train_transforms(cfg: BenefitConfig, num_samples: int, with_label: bool) -> Compose:
-    return get_pretrain_transforms(
+    """The package's training transforms, ending in plain tensors (``MetaTensor`` costs ~25% per CPU step)."""
+    chain = get_pretrain_transforms(
         "ct", roi_size=cfg.roi, pixdim=None, a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], num_samples=num_samples,
         with_label=with_label, flip_prob=0.1, train=True,
     )  # fmt: skip
+    keys = ["image", "label"] if with_label else ["image"]
+    return Compose([*chain.transforms, EnsureTyped(keys, track_meta=False)])  # flat, so CacheDataset still caches
 
 
 def _eval_transforms() -> Compose:
@@ -235,7 +243,7 @@ def _eval_transforms() -> Compose:
         LoadImaged(keys, ensure_channel_first=True, image_only=True),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         ScaleIntensityRanged("image", a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
-        EnsureTyped(keys),
+        EnsureTyped(keys, track_meta=False),
     ])  # fmt: skip
 
 
@@ -250,11 +258,13 @@ def _quiet_engine_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def pretrain_mae(cfg: BenefitConfig, unlabeled: list[dict], work_dir: Path, device: torch.device, amp: bool) -> tuple[Path, dict]:
-    """Train an MAE on ``unlabeled`` (or reuse one trained with the same settings); return its weights file and log."""
+def pretrain_mae(
+    cfg: BenefitConfig, unlabeled: list[dict], work_dir: Path, device: torch.device, amp: bool, reuse: bool = True
+) -> tuple[Path, dict]:
+    """Train an MAE on ``unlabeled`` (or, with ``reuse``, take one trained with the same settings); return its file and log."""
     path = work_dir / f"mae_{cfg.pretrain_key()}" / "model.pt"
     info_path = path.with_name("pretrain.json")
-    if path.is_file() and info_path.is_file():
+    if reuse and path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
         logger.info(f"reusing the pretrained MAE {path} ({info['steps']} steps, {info['seconds']:.0f} s when trained)")
         return path, {**info, "reused": True}
@@ -495,9 +505,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
+    parser.add_argument("--fresh", action="store_true", help="retrain the MAE and every fine-tune (implied by --quick)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, see above)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the .md/.json/.png go")
     parser.add_argument("--work-dir", type=Path, default=None, help="generated data and MAE weights (default: OUT_DIR/pretrain_benefit_work)")
     for name in ("labeled_sizes", "seeds"):
@@ -511,6 +522,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
     return parser.parse_args(argv)
+
+
+def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool) -> str:
+    """Hash of everything that determines one fine-tune's result except which (n, seed) it is."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("labeled_sizes", "seeds")}
+    text = json.dumps({**settings, "device": device.type, "amp": amp}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _load_done(path: Path) -> dict[tuple[str, int, int], dict]:
+    """Finished fine-tunes of an earlier, interrupted run with the same settings (a torn last line is skipped)."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                run = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[(run["arm"], run["n_labeled"], run["seed"])] = run
+    return done
 
 
 def build_config(args: argparse.Namespace) -> BenefitConfig:
@@ -532,8 +563,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _quiet_engine_logs()
     cfg = build_config(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     work_dir = args.work_dir or args.out_dir / "pretrain_benefit_work"
     name = "pretrain_benefit_quick" if args.quick else "pretrain_benefit"
@@ -541,18 +572,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     unlabeled, pool, test = prepare_data(cfg, work_dir)
     logger.info(f"data: {len(unlabeled)} unlabeled, {len(pool)} labeled (pool), {len(test)} held-out test phantoms in {work_dir}")
-    ckpt, pretrain = pretrain_mae(cfg, unlabeled, work_dir, device, amp)
+    reuse = not (args.quick or args.fresh)
+    ckpt, pretrain = pretrain_mae(cfg, unlabeled, work_dir, device, amp, reuse=reuse)
 
     runs: list[dict] = []
+    done_path = work_dir / f"runs_{_runs_key(cfg, device, amp)}.jsonl"
+    done = _load_done(done_path) if reuse else {}
+    if not reuse:
+        done_path.unlink(missing_ok=True)
     total = len(cfg.labeled_sizes) * len(cfg.seeds) * len(ARMS)
     for n in cfg.labeled_sizes:
         for seed in cfg.seeds:
             subset = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
             for arm in ARMS:
+                if (arm, n, seed) in done:
+                    runs.append(done[(arm, n, seed)])
+                    logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {runs[-1]['dice']:.3f} (from {done_path.name})")
+                    continue
                 net, info = finetune_unetr(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
                 result = evaluate_dice(cfg, net, test, device, amp)
                 runs.append({"arm": arm, "n_labeled": n, "seed": seed, "train_cases": [Path(s["image"]).name for s in subset],
                              **result, **info})  # fmt: skip
+                with open(done_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(runs[-1]) + "\n")
                 logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {result['dice']:.3f} "
                             f"(per organ {', '.join(f'{v:.2f}' for v in result['per_class'].values())}); "
                             f"{info['steps']} steps in {info['seconds']:.0f} s, loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")  # fmt: skip

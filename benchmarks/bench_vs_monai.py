@@ -1,0 +1,674 @@
+"""Benchmark ``monai_mae.MAEViT`` against MONAI's ``MaskedAutoEncoderViT`` on CPU (or whatever torch runs on).
+
+Both networks are built with the same architecture (same constructor arguments, same number of
+weights) and trained on the same random input in one process, their steps interleaved
+(MONAI, MAEViT, MONAI, MAEViT, ...) so that machine noise hits both alike. Printed as markdown:
+
+* training step time: forward + masked loss + backward + AdamW step, median over ``--steps`` timed
+  steps after ``--warmup`` untimed ones;
+* step peak memory: measured in a fresh subprocess per (config, model) as peak RSS (``VmHWM``)
+  minus the RSS once the model, optimiser, loss and input exist; the raw peak is printed too;
+* the speedup of encoding only the visible 25% of the tokens over encoding all of them (MAEViT
+  encoder forward + backward);
+* the FLOP rate of each model's training step (FLOPs counted with ``FlopCounterMode``, divided by
+  the median step time) as a fraction of a plain fp32 ``torch.mm``'s rate measured in the same run.
+
+Examples::
+
+    python benchmarks/bench_vs_monai.py --quick                  # smoke run, < 1 minute
+    python benchmarks/bench_vs_monai.py --steps 8 --warmup 2 --json bench.json
+    python benchmarks/bench_vs_monai.py --configs b --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import monai
+import torch
+import torch.nn as nn
+from monai.networks.nets import MaskedAutoEncoderViT
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from monai_mae import MAEViT, MaskedReconstructionLoss
+
+__all__ = [
+    "BenchConfig",
+    "CONFIGS",
+    "build_model",
+    "build_models",
+    "make_input",
+    "train_step",
+    "encoder_step",
+    "time_interleaved",
+    "peak_memory_child",
+    "flops_per_step",
+    "matmul_gflops",
+    "main",
+]
+
+MONAI = "monai"
+OURS = "monai_mae"
+MODEL_LABELS = {MONAI: "MONAI MaskedAutoEncoderViT", OURS: "monai_mae MAEViT"}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {MONAI: MaskedAutoEncoderViT, OURS: MAEViT}
+PAPER_ENCODER_SPEEDUP = 3.0  # MAE paper: encoding the visible 25% only trains >= 3x faster
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark setting: architecture, input and the targets MAEViT should meet against MONAI.
+
+    Attributes:
+        name: short key (``--configs``).
+        title: one-line description for the table.
+        img_size: cubic volume side ``S``.
+        patch_size: cubic patch side ``P``.
+        batch_size: volumes per step.
+        hidden_size, mlp_dim, num_layers, num_heads: encoder.
+        decoder_hidden_size, decoder_mlp_dim, decoder_num_layers, decoder_num_heads: decoder.
+        in_channels: input channels.
+        masking_ratio: fraction of patches masked.
+        speed_target: MAEViT must be at least this many times faster (``None``: no target).
+        memory_target: MAEViT's step peak memory must be at least this many times smaller.
+        encoder_target: encoding the visible tokens only must be at least this many times faster than all.
+    """
+
+    name: str
+    title: str
+    img_size: int
+    patch_size: int
+    batch_size: int
+    hidden_size: int
+    mlp_dim: int
+    num_layers: int
+    num_heads: int
+    decoder_hidden_size: int
+    decoder_mlp_dim: int
+    decoder_num_layers: int
+    decoder_num_heads: int
+    in_channels: int = 1
+    masking_ratio: float = 0.75
+    speed_target: float | None = None
+    memory_target: float | None = None
+    encoder_target: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Patches per volume ``N = (S / P)^3``."""
+        return (self.img_size // self.patch_size) ** 3
+
+    @property
+    def num_visible(self) -> int:
+        """Visible patches per volume, counted as both models count them."""
+        return int(self.num_tokens * (1 - self.masking_ratio))
+
+    def model_kwargs(self) -> dict[str, int | float]:
+        """Constructor arguments shared by ``MaskedAutoEncoderViT`` and ``MAEViT``."""
+        return {
+            "in_channels": self.in_channels,
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "mlp_dim": self.mlp_dim,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "masking_ratio": self.masking_ratio,
+            "decoder_hidden_size": self.decoder_hidden_size,
+            "decoder_mlp_dim": self.decoder_mlp_dim,
+            "decoder_num_layers": self.decoder_num_layers,
+            "decoder_num_heads": self.decoder_num_heads,
+        }
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    cfg.name: cfg
+    for cfg in (
+        BenchConfig(
+            name="a",
+            title="ViT-B/16, 96^3, batch 2",
+            img_size=96,
+            patch_size=16,
+            batch_size=2,
+            hidden_size=768,
+            mlp_dim=3072,
+            num_layers=12,
+            num_heads=12,
+            # the paper's decoder is 512 wide; MONAI's 3D sin-cos table needs width % 6 == 0
+            decoder_hidden_size=384,
+            decoder_mlp_dim=1536,
+            decoder_num_layers=8,
+            decoder_num_heads=12,
+            speed_target=1.15,
+            encoder_target=PAPER_ENCODER_SPEEDUP,
+        ),
+        BenchConfig(
+            name="b",
+            title="ViT-S-ish/8, 128^3 (4096 tokens), batch 1",
+            img_size=128,
+            patch_size=8,
+            batch_size=1,
+            hidden_size=384,
+            mlp_dim=1536,
+            num_layers=6,
+            num_heads=6,
+            decoder_hidden_size=384,
+            decoder_mlp_dim=1536,
+            decoder_num_layers=4,
+            decoder_num_heads=12,
+            speed_target=3.0,
+            memory_target=3.0,
+            encoder_target=PAPER_ENCODER_SPEEDUP,
+        ),
+        # --quick: the same shapes in miniature (no targets)
+        BenchConfig("a-quick", "smoke: 32^3, patch 8, batch 2", 32, 8, 2, 96, 384, 2, 4, 48, 192, 2, 4),
+        BenchConfig("b-quick", "smoke: 32^3, patch 4 (512 tokens), batch 1", 32, 4, 1, 48, 192, 2, 2, 48, 192, 1, 4),
+    )
+}
+
+
+@dataclass
+class Timing:
+    """Step times in seconds of one callable."""
+
+    times: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class ModelResult:
+    """Everything measured for one (config, model)."""
+
+    model: str
+    params: int
+    step_times_s: list[float]
+    step_median_s: float
+    flops_per_step: int
+    gflops_per_s: float
+    fraction_of_matmul: float
+    peak_rss_mib: float = float("nan")
+    rss_after_build_mib: float = float("nan")
+    step_peak_mib: float = float("nan")
+
+
+@dataclass
+class ConfigResult:
+    """Both models on one config, the ratios, and MAEViT's visible-only encoder speedup."""
+
+    config: BenchConfig
+    models: dict[str, ModelResult] = field(default_factory=dict)
+    speedup: float = float("nan")
+    best_speedup: float = float("nan")
+    memory_ratio: float = float("nan")
+    encoder_masked_times_s: list[float] = field(default_factory=list)
+    encoder_full_times_s: list[float] = field(default_factory=list)
+    encoder_speedup: float = float("nan")
+
+
+# ----------------------------------------------------------------------------------------------- building
+def build_model(config: BenchConfig, name: str, seed: int = 0) -> nn.Module:
+    """One model (``"monai"`` or ``"monai_mae"``) of ``config`` in train mode, seeded."""
+    torch.manual_seed(seed)
+    return MODEL_CLASSES[name](**config.model_kwargs()).train()
+
+
+def build_models(config: BenchConfig, seed: int = 0) -> dict[str, nn.Module]:
+    """MONAI's and monai_mae's model of ``config``, both in train mode.
+
+    Raises:
+        ValueError: if the two do not hold the same number of weights (they should be the same architecture).
+    """
+    models = {name: build_model(config, name, seed) for name in (MONAI, OURS)}
+    counts = {name: count_params(model) for name, model in models.items()}
+    if counts[MONAI] != counts[OURS]:
+        raise ValueError(f"config {config.name}: parameter counts differ, {counts}.")
+    return models
+
+
+def count_params(model: nn.Module) -> int:
+    """Every weight the model holds, trainable or not (MAEViT freezes the cross-attention norms that MONAI's
+    ``TransformerBlock`` builds but never uses, and MONAI leaves them trainable; neither ever gets a gradient)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_input(config: BenchConfig, seed: int = 0) -> torch.Tensor:
+    """``(B, C, S, S, S)`` standard-normal volumes, the same for every model."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (config.batch_size, config.in_channels, *(config.img_size,) * 3)
+    return torch.randn(shape, generator=generator)
+
+
+def make_optimizer(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW with the MAE paper's pretraining settings (values do not matter for speed).
+
+    Args:
+        fused: use torch's fused AdamW kernel instead of its default implementation (a per-tensor loop on CPU).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05, fused=fused or None)
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: MaskedReconstructionLoss,
+    images: torch.Tensor,
+    masking_ratio: float,
+) -> float:
+    """One training step: forward, masked loss, backward, optimiser step.
+
+    Args:
+        images: ``(B, C, H, W, D)``.
+
+    Returns:
+        the loss value.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(images, masking_ratio), images)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def encoder_step(model: MAEViT, images: torch.Tensor, masking_ratio: float) -> None:
+    """MAEViT encoder forward + backward on the visible tokens (``masking_ratio=0``: all tokens).
+
+    Args:
+        images: ``(B, C, H, W, D)``.
+    """
+    model.zero_grad(set_to_none=True)
+    latent = model.forward_encoder(images, masking_ratio=masking_ratio)  # (B, 1 + N_keep, D)
+    latent.float().pow(2).mean().backward()
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], n_steps: int, warmup: int) -> dict[str, Timing]:
+    """Run the callables in turn (A, B, A, B, ...), ``warmup`` untimed rounds then ``n_steps`` timed ones.
+
+    Returns:
+        per name, the ``n_steps`` wall-clock times in seconds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(warmup + n_steps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: Timing(values) for name, values in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses here
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def flops_per_step(
+    model: nn.Module, loss_fn: MaskedReconstructionLoss, images: torch.Tensor, masking_ratio: float
+) -> int:
+    """Matmul/conv/attention FLOPs of one forward + loss + backward (the optimiser's elementwise work is not counted).
+
+    Fused CPU attention is counted like the CUDA kernels, so its backward includes the recomputed scores.
+    """
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        loss_fn(model(images, masking_ratio), images).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> tuple[float, list[float]]:
+    """Rate of a plain fp32 ``torch.mm`` of two ``size x size`` matrices.
+
+    Returns:
+        ``(GFLOP/s of the median time, all times in seconds)``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9, times
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def _proc_status_mib(key: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; NaN where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    """Peak RSS of this process: ``VmHWM``, else ``ru_maxrss`` (kB on Linux, bytes on macOS)."""
+    peak = _proc_status_mib("VmHWM")
+    if peak == peak:  # not NaN
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / MIB if sys.platform == "darwin" else maxrss / 1024
+
+
+def measure_memory(config: BenchConfig, name: str, n_steps: int, fused_adamw: bool = False) -> dict[str, float]:
+    """In this process: build one model, then run ``n_steps`` training steps; RSS figures in MiB.
+
+    Only meaningful in a fresh process (see :func:`peak_memory_child`).
+    """
+    model = build_model(config, name)
+    optimizer = make_optimizer(model, fused_adamw)
+    loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
+    images = make_input(config)
+    gc.collect()
+    rss_after_build = _proc_status_mib("VmRSS")
+    for _ in range(n_steps):
+        train_step(model, optimizer, loss_fn, images, config.masking_ratio)
+    peak = _peak_rss_mib()
+    return {"rss_after_build_mib": rss_after_build, "peak_rss_mib": peak, "step_peak_mib": peak - rss_after_build}
+
+
+def peak_memory_child(
+    config: BenchConfig, name: str, threads: int, n_steps: int = 2, fused_adamw: bool = False
+) -> dict[str, float]:
+    """Run :func:`measure_memory` in a fresh interpreter (this script with the hidden ``--child`` flag).
+
+    Raises:
+        RuntimeError: if the child fails; the message carries its stderr.
+    """
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        config.name,
+        name,
+        "--threads",
+        str(threads),
+        "--child-steps",
+        str(n_steps),
+        *(["--fused-adamw"] if fused_adamw else []),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child {config.name}/{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------- running
+def run_config(
+    config: BenchConfig,
+    n_steps: int,
+    warmup: int,
+    threads: int,
+    matmul_rate: float,
+    memory: bool = True,
+    fused_adamw: bool = False,
+) -> ConfigResult:
+    """All measurements for one config: interleaved training steps, FLOPs, encoder speedup, memory."""
+    models = build_models(config)
+    images = make_input(config)
+    loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
+    optimizers = {name: make_optimizer(model, fused_adamw) for name, model in models.items()}
+    ratio = config.masking_ratio
+
+    def stepper(name: str) -> Callable[[], float]:
+        return lambda: train_step(models[name], optimizers[name], loss_fn, images, ratio)
+
+    timings = time_interleaved({name: stepper(name) for name in models}, n_steps, warmup)
+    result = ConfigResult(config)
+    for name, model in models.items():
+        flops = flops_per_step(model, loss_fn, images, ratio)
+        rate = flops / timings[name].median / 1e9
+        result.models[name] = ModelResult(
+            model=name,
+            params=count_params(model),
+            step_times_s=timings[name].times,
+            step_median_s=timings[name].median,
+            flops_per_step=flops,
+            gflops_per_s=rate,
+            fraction_of_matmul=rate / matmul_rate,
+        )
+    result.speedup = timings[MONAI].median / timings[OURS].median
+    result.best_speedup = min(timings[MONAI].times) / min(timings[OURS].times)
+
+    ours = models[OURS]
+    del models, optimizers
+    gc.collect()
+    encoder = time_interleaved(
+        {"masked": lambda: encoder_step(ours, images, ratio), "full": lambda: encoder_step(ours, images, 0.0)},
+        n_steps,
+        warmup,
+    )
+    result.encoder_masked_times_s = encoder["masked"].times
+    result.encoder_full_times_s = encoder["full"].times
+    result.encoder_speedup = encoder["full"].median / encoder["masked"].median
+    del ours
+    gc.collect()
+
+    if memory:
+        for name in (MONAI, OURS):
+            for key, value in peak_memory_child(config, name, threads, fused_adamw=fused_adamw).items():
+                setattr(result.models[name], key, value)
+        result.memory_ratio = result.models[MONAI].step_peak_mib / result.models[OURS].step_peak_mib
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- report
+def cpu_name() -> str:
+    """The ``model name`` line of ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return "-"
+    return f">= {target:g}x: {'met' if value >= target else 'MISSED'}"
+
+
+def _fmt_times(times: Sequence[float]) -> str:
+    return f"{statistics.median(times):.3f} [{min(times):.3f}, {max(times):.3f}]"
+
+
+def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_rate: float) -> str:
+    """The markdown report: environment, training-step table, encoder table, notes."""
+    lines = [
+        "## monai_mae MAEViT vs MONAI MaskedAutoEncoderViT",
+        "",
+        f"- command: `{env['command']}`",
+        f"- torch {env['torch']}, monai {env['monai']}, Python {env['python']}",
+        f"- CPU: {env['cpu']} ({env['cores']} logical cores), torch threads: {env['threads']}",
+        f"- plain fp32 torch.mm 2048x2048: {matmul_rate:.1f} GFLOP/s (median of 10)",
+        f"- training steps: median [min, max] of {env['steps']} timed steps after {env['warmup']} warm-up, "
+        f"MONAI and MAEViT interleaved in one process; optimiser: {env['optimizer']}",
+        f"- load average (1 min) at start / end: {env['load_start']} / {env['load_end']} "
+        "(other processes on these cores make the timings noisy when it exceeds the thread count)",
+        "",
+        "| config | model | weights (M) | step time (s) | speedup | target | peak RSS (MiB) | step peak mem (MiB) "
+        "| less memory | target | GFLOP/step | GFLOP/s | of matmul |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for res in results:
+        cfg = res.config
+        for name in (MONAI, OURS):
+            m = res.models[name]
+            is_ours = name == OURS
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"{cfg.name}: {cfg.title}",
+                        MODEL_LABELS[name],
+                        f"{m.params / 1e6:.2f}",
+                        _fmt_times(m.step_times_s),
+                        f"{res.speedup:.2f}x (best {res.best_speedup:.2f}x)" if is_ours else "1.00x",
+                        _verdict(res.speedup, cfg.speed_target) if is_ours else "",
+                        f"{m.peak_rss_mib:.0f}",
+                        f"{m.step_peak_mib:.0f}",
+                        f"{res.memory_ratio:.2f}x" if is_ours else "1.00x",
+                        _verdict(res.memory_ratio, cfg.memory_target) if is_ours else "",
+                        f"{m.flops_per_step / 1e9:.1f}",
+                        f"{m.gflops_per_s:.1f}",
+                        f"{100 * m.fraction_of_matmul:.0f}%",
+                    ]
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "MAEViT encoder, forward + backward: visible tokens only (75% masked) vs all tokens",
+        "",
+        "| config | tokens encoded (per volume) | visible only (s) | all tokens (s) | speedup | target (MAE paper) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for res in results:
+        cfg = res.config
+        lines.append(
+            f"| {cfg.name}: {cfg.title} | {cfg.num_visible} vs {cfg.num_tokens} | {_fmt_times(res.encoder_masked_times_s)} "
+            f"| {_fmt_times(res.encoder_full_times_s)} | {res.encoder_speedup:.2f}x "
+            f"| {_verdict(res.encoder_speedup, cfg.encoder_target)} |"
+        )
+    lines += [
+        "",
+        "Notes:",
+        "- speedup = MONAI median step time / MAEViT median step time (best: ratio of the fastest steps); less memory = MONAI step peak memory / "
+        "MAEViT step peak memory.",
+        "- step peak mem = peak RSS (VmHWM) of a fresh process running 2 training steps minus its RSS after "
+        "building model, AdamW, loss and input (so it includes gradients and AdamW state, the same for both).",
+        "- decoder width is 384, not the MAE paper's 512: MONAI's 3D sin-cos table needs the width divisible "
+        "by 6 (MAEViT builds sin-cos tables for any width).",
+        "- GFLOP/step: forward + backward FLOPs from torch.utils.flop_counter.FlopCounterMode; fused attention "
+        "(MAEViT) is counted like the CUDA kernels, so its backward includes the recomputed scores. "
+        "'of matmul' = GFLOP/s / the torch.mm rate above.",
+    ]
+    return "\n".join(lines)
+
+
+def environment(args: argparse.Namespace, n_steps: int, warmup: int) -> dict[str, str]:
+    """What the README quotes: versions, CPU, threads, command line."""
+    return {
+        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cores": str(os.cpu_count()),
+        "threads": str(torch.get_num_threads()),
+        "steps": str(n_steps),
+        "warmup": str(warmup),
+        "optimizer": "AdamW (fused)" if args.fused_adamw else "AdamW (torch default implementation)",
+        "load_start": _load_average(),
+        "load_end": "",
+    }
+
+
+def _load_average() -> str:
+    """The 1-minute load average, or ``"n/a"`` where the OS has none."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke configurations (< 1 minute)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 8, --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, --quick 1)")
+    parser.add_argument("--configs", nargs="+", choices=("a", "b"), default=["a", "b"], help="configs to run")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all)")
+    parser.add_argument("--fused-adamw", action="store_true", help="use AdamW(fused=True) for both models")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write all measurements to this JSON file")
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "MODEL"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for flag in ("steps", "warmup", "threads", "child_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "warmup" else 1):
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="torch.meshgrid")  # raised inside MONAI's sin-cos table
+    if args.child is not None:  # memory subprocess: print one JSON line
+        config_name, model_name = args.child
+        print(json.dumps(measure_memory(CONFIGS[config_name], model_name, args.child_steps, args.fused_adamw)))
+        return
+
+    n_steps = args.steps if args.steps is not None else (3 if args.quick else 8)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    torch.manual_seed(0)
+    env = environment(args, n_steps, warmup)
+    matmul_rate, matmul_times = matmul_gflops()
+    results = []
+    for key in args.configs:
+        config = CONFIGS[f"{key}-quick" if args.quick else key]
+        print(f"running config {config.name} ({config.title}) ...", file=sys.stderr, flush=True)
+        results.append(
+            run_config(
+                config, n_steps, warmup, args.threads, matmul_rate, memory=not args.no_memory, fused_adamw=args.fused_adamw
+            )
+        )
+    env["load_end"] = _load_average()
+    print(format_report(results, env, matmul_rate))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {
+                    "environment": env,
+                    "matmul_gflops": matmul_rate,
+                    "matmul_times_s": matmul_times,
+                    "results": [asdict(res) for res in results],
+                },
+                out,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()
