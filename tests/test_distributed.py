@@ -18,10 +18,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from bundle_utils import REPO, TINY_NETWORK, write_overrides
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from monai.networks.nets import UNETR
 
 from monai_mae.data import load_datalist, write_synthetic_dataset
 from monai_mae.engines import NonFiniteLossError, NonFiniteLossGuard
+from monai_mae.engines.finetune import layerwise_lr_groups
 
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=1, num_samples=2, num_workers=0,
                 lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, skip_bad_files=True,
@@ -118,3 +120,119 @@ def test_two_process_gloo_run_of_the_bundle(tmp_path):
     assert not (tmp_path / "runs").exists()  # no stray SummaryWriter on rank 1
     assert log.count("Epoch: 1/2, Iter: 1/2 -- train_loss") == 1  # StatsHandler on rank 0 only
     assert log.count("Metrics -- val_loss") == 2  # one per validation, rank 0 only
+
+
+# ------------------------------------------------------------------------------------ unetr_finetune
+def attach_finetune_recorder(trainer, network, optimizer, evaluator, output_dir) -> None:
+    """Test-only: every rank records the files it trained on, the encoder and decoder weights at the
+    start, after epoch 1 (encoder frozen) and at the end, its lr groups and its validation Dice."""
+    from monai_mae.engines import unwrap
+
+    record: dict = {"seen": [], "world": dist.get_world_size()}
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in unwrap(network).state_dict().items()}
+
+    def remember(name: str):
+        return lambda engine: record.__setitem__(name, weights())
+
+    def finish(engine) -> None:
+        record["final"] = weights()
+        record["lr"] = optimizer.defaults["lr"]
+        record["group_lrs"] = [group["initial_lr"] for group in optimizer.param_groups]
+        record["dice"] = float(evaluator.state.metrics["val_mean_dice"])
+        torch.save(record, os.path.join(output_dir, f"rank{dist.get_rank()}.pt"))
+
+    trainer.add_event_handler(Events.STARTED, remember("start"))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), remember("epoch1"))
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED,
+        lambda e: record["seen"].extend((e.state.epoch, f) for f in e.state.batch["image"].meta["filename_or_obj"]),
+    )
+    trainer.add_event_handler(Events.COMPLETED, finish)
+
+
+FINETUNE_RECORDER = {
+    "recorder": "$__import__('test_distributed')",
+    "run": [
+        "$[handler.attach(@train#trainer) for handler in @train#state_handlers]",
+        "$@recorder.attach_finetune_recorder(@train#trainer, @network, @optimizer, @validate#evaluator, @output_dir)",
+        "$@train#trainer.run()",
+    ],
+}
+
+
+def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
+    from monai_mae import MAEViT
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num=6, num_validation=2, shape=(40, 40, 32), spacing=(1.5, 1.5, 2.0), seed=5)
+    mae = MAEViT(1, 32, 16, hidden_size=48, mlp_dim=96, num_layers=12, num_heads=4, qkv_bias=True,
+                 decoder_hidden_size=32, decoder_mlp_dim=64, decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+    torch.save(mae.state_dict(), tmp_path / "mae.pt")
+
+    out = tmp_path / "out"
+    tiny = write_overrides(
+        tmp_path / "tiny.json", roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, lr=1e-3,
+        warmup_epochs=1, val_interval=1, sw_batch_size=2, progress_bar=False, freeze_encoder_epochs=1,
+        **{"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_heads": 4,
+           "network_def#feature_size": 4},
+    )  # fmt: skip
+    recorder = write_overrides(tmp_path / "recorder.json", **FINETUNE_RECORDER)
+    configs = REPO / "bundles" / "unetr_finetune" / "configs"
+    layers = (configs / "train.json", configs / "multi_gpu_train.json", tiny, recorder)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "monai.bundle", "run",
+        "--config_file", str([str(f) for f in layers]),
+        "--bundle_root", str(configs.parent), "--meta_file", str(configs / "metadata.json"),
+        "--logging_file", str(configs / "logging.conf"),
+        "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "2",
+        "--pretrained_ckpt", str(tmp_path / "mae.pt"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    # disjoint shards of the 4 labeled training volumes in each epoch
+    training = {item["image"] for item in load_datalist(data, "training")}
+    for epoch in (1, 2):
+        files = [{f for e, f in r["seen"] if e == epoch} for r in ranks]
+        assert files[0] and files[1] and not files[0] & files[1], files
+        assert files[0] | files[1] == training
+    # both ranks started from the MAE encoder; epoch 1 trained the decoder only (frozen encoder under
+    # DDP with find_unused_parameters), epoch 2 everything; the replicas stayed identical throughout
+    mae_state = mae.state_dict()
+    for rank in ranks:
+        for key, value in rank["start"].items():
+            if key.startswith("vit.blocks.3."):
+                assert torch.equal(value, mae_state[key[len("vit."):]]), key
+    for key in ranks[0]["start"]:
+        for stage in ("start", "epoch1", "final"):
+            assert torch.equal(ranks[0][stage][key], ranks[1][stage][key]), (stage, key)
+    vit_keys = [k for k in ranks[0]["start"] if k.startswith("vit.")]
+    decoder_keys = [k for k in ranks[0]["start"] if k.startswith("decoder") or k.startswith("out.")]
+    assert all(torch.equal(ranks[0]["epoch1"][k], ranks[0]["start"][k]) for k in vit_keys)
+    assert any(not torch.equal(ranks[0]["epoch1"][k], ranks[0]["start"][k]) for k in decoder_keys)
+    assert any(not torch.equal(ranks[0]["final"][k], ranks[0]["epoch1"][k]) for k in vit_keys)
+    final = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(ranks[0]["final"][k], final[k]) for k in final)
+    # lr scaled by the world size in every layer-wise group (the head's group keeps the full lr)
+    unetr = UNETR(1, 5, (32, 32, 32), feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4, qkv_bias=True)
+    expected = [group["lr"] for group in layerwise_lr_groups(unetr, 2e-3, 0.05, 0.75)]
+    assert len(set(expected)) == 14  # patch embedding, 12 blocks, the rest
+    for rank in ranks:
+        assert rank["lr"] == pytest.approx(2e-3)
+        assert rank["group_lrs"] == pytest.approx(expected)
+    # Dice gathered over both ranks' validation shares: the same value everywhere
+    assert ranks[0]["dice"] == ranks[1]["dice"]
+    # rank-0-only writing and logging
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    assert (out / "models" / "model_best.pt").is_file()
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert not (tmp_path / "runs").exists()
+    assert log.count("Epoch: 1/2, Iter: 1/2 -- train_loss") == 1
+    assert log.count("Metrics -- ") == 2  # one per validation, rank 0 only
