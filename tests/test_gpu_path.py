@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.data import write_synthetic_dataset
-from monai_mae.engines import build_optimizer
+from monai_mae.engines import build_optimizer, fused_adamw_supported
 
 TINY = dict(hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4, decoder_hidden_size=24, decoder_mlp_dim=48,
             decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
@@ -59,6 +59,17 @@ def test_fused_adamw_step_matches_the_default_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_build_optimizer_picks_the_fused_kernel_from_the_parameters_device():
+    net = MAEViT(1, 16, 8, **TINY)
+    # the CPU kernel exists from torch 2.4 on (this project installs 2.13 on CPU machines)
+    assert bool(build_optimizer(net).defaults["fused"]) is True
+    assert fused_adamw_supported(net.parameters())
+    assert not fused_adamw_supported([])
+    assert not fused_adamw_supported([torch.zeros(3, dtype=torch.int64)])
+    assert not fused_adamw_supported([torch.zeros(3, device="meta")])  # neither CPU nor CUDA
+    assert bool(build_optimizer(net, fused=False).defaults["fused"]) is False
+
+
 _HAS_CXX = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
 
 
@@ -93,7 +104,8 @@ def test_train_config_wires_compile_amp_and_optimizer(tmp_path):
     assert trainer.amp is torch.cuda.is_available()
     assert parser.get_parsed_content("amp_dtype") in (torch.bfloat16, torch.float16)
     fused = bool(parser.get_parsed_content("optimizer").defaults["fused"])
-    assert fused is torch.cuda.is_available()  # fused AdamW when the parameters are on CUDA
+    assert fused is fused_adamw_supported(parser.get_parsed_content("network").parameters())
+    assert fused  # CUDA, or CPU with torch >= 2.4
     assert parser.get_parsed_content("train#dataloader").pin_memory is torch.cuda.is_available()
     parser.get_parsed_content("tb_writer").close()
     torch._dynamo.reset()

@@ -25,12 +25,12 @@ from monai_mae.engines.handlers import (
     reconstruction_panel,
     unwrap,
 )
-from monai_mae.engines.optim import build_optimizer, param_groups, scaled_lr
+from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.prepare_batch import MAEPrepareBatch
 
 __all__ = [
     "AutoResume", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
-    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "atomic_save", "build_optimizer",
+    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "atomic_save", "build_optimizer", "fused_adamw_supported",
     "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
     "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
 ]  # fmt: skip
