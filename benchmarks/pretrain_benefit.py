@@ -26,7 +26,7 @@ Presets (``--preset``; any size flag overrides the preset):
 * ``cpu`` (default): about 1 to 1.5 hours on a (shared) 2-core CPU: 64x64x48 phantoms at
   2.25 x 2.25 x 2.67 mm (the default field of view at coarser voxels), 48^3 crops, ViT width 192 /
   MLP 768 / 4 heads / 12 layers, UNETR feature size 4; MAE on 24 unlabeled phantoms (200 epochs);
-  150 fine-tuning steps with 2, 4 and 8 labeled phantoms over 3 seeds; 6 held-out phantoms.
+  300 fine-tuning steps with 2, 4 and 8 labeled phantoms over 3 seeds; 6 held-out phantoms.
   The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set): on a machine shared with other jobs,
   two spin-waiting OpenMP threads ran 4x slower than one in our measurements.
 * ``gpu``: the published setting's sizes: ViT-B (768 / 3072 / 12 heads), feature size 16, 96^3
@@ -154,7 +154,7 @@ class BenefitConfig:
     pretrain_samples: int = 2
     pretrain_lr: float = 1.5e-3
     pretrain_warmup_epochs: int = 10
-    finetune_steps: int = 150
+    finetune_steps: int = 300
     finetune_batch: int = 1
     finetune_samples: int = 2
     finetune_lr: float = 1e-3

@@ -1,0 +1,95 @@
+"""The bookkeeping of ``benchmarks/pretrain_benefit.py``: settings, resuming, summary, table and chart.
+
+(The training itself is the bundle's and the package's code, tested elsewhere; a full run is a benchmark.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+
+import pytest
+from bundle_utils import REPO
+from PIL import Image
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import pretrain_benefit as pb  # noqa: E402
+
+DICE = {  # (arm, n, seed) -> Dice
+    ("scratch", 2, 0): 0.10, ("pretrained", 2, 0): 0.30,
+    ("scratch", 2, 1): 0.20, ("pretrained", 2, 1): 0.25,
+    ("scratch", 2, 2): 0.30, ("pretrained", 2, 2): 0.20,
+    ("scratch", 4, 0): 0.40, ("pretrained", 4, 0): 0.50,
+    ("scratch", 4, 1): 0.45,  # no pretrained run for seed 1: not paired, left out
+}  # fmt: skip
+
+
+def _runs() -> list[dict]:
+    return [
+        {"arm": arm, "n_labeled": n, "seed": seed, "dice": dice,
+         "per_class": {"organ_1": dice, "organ_2": 2 * dice}}
+        for (arm, n, seed), dice in DICE.items()
+    ]  # fmt: skip
+
+
+def test_summary_pairs_seeds_and_reports_mean_std_and_differences():
+    cfg = dataclasses.replace(pb.PRESETS["cpu"], labeled_sizes=(2, 4, 8))
+    rows = pb.summarise(_runs(), cfg)
+    assert [row["n_labeled"] for row in rows] == [2, 4]  # nothing ran for 8
+    two, four = rows
+    assert two["seeds"] == [0, 1, 2] and four["seeds"] == [0]
+    assert two["scratch"]["mean"] == pytest.approx(0.2)
+    assert two["scratch"]["std"] == pytest.approx(statistics.stdev([0.1, 0.2, 0.3]))
+    assert two["pretrained"]["mean"] == pytest.approx(0.25)
+    assert two["difference"]["mean"] == pytest.approx(0.05)
+    assert two["difference"]["std"] == pytest.approx(statistics.stdev([0.2, 0.05, -0.1]))
+    assert two["pretrained_better"] == 2
+    assert four["scratch"] == {"mean": pytest.approx(0.4), "std": 0.0}
+    assert four["per_class_mean"]["pretrained"] == {"organ_1": pytest.approx(0.5), "organ_2": pytest.approx(1.0)}
+
+    env = {"command": "python benchmarks/pretrain_benefit.py", "device": "cpu", "torch": "2", "monai": "1",
+           "threads": 2, "total_minutes": 61.0}  # fmt: skip
+    pretrain = {"steps": 1200, "seconds": 1572.0, "first_epoch_loss": 0.2, "last_epoch_loss": 0.01, "reused": True}
+    text = pb.format_markdown(rows, cfg, env, pretrain)
+    assert "| 2 | 0.200 +- 0.100 | 0.250 +- 0.050 | +0.050 +- 0.150 | 2/3 |" in text
+    assert "| 4 | 0.400 +- 0.000 | 0.500 +- 0.000 | +0.100 +- 0.000 | 1/1 |" in text
+    assert "(reused from an earlier run)" in text and "61 min in all" in text
+
+
+def test_chart_is_a_png_with_both_arms(tmp_path):
+    cfg = pb.PRESETS["cpu"]
+    path = pb.draw_chart(pb.summarise(_runs(), cfg), tmp_path / "chart" / "benefit.png", "title")
+    image = Image.open(path).convert("RGB")
+    assert image.size == (900, 560)
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
+    assert {(200, 70, 50), (40, 100, 190)} <= colours  # scratch and pretrained lines
+
+
+def test_finished_runs_are_read_back_and_a_torn_line_is_skipped(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    assert pb._load_done(path) == {}
+    lines = [json.dumps(run) for run in _runs()[:3]]
+    path.write_text("\n".join(lines) + '\n{"arm": "scratch", "n_lab', encoding="utf-8")
+    done = pb._load_done(path)
+    assert sorted(done) == [("pretrained", 2, 0), ("scratch", 2, 0), ("scratch", 2, 1)]
+    assert done[("pretrained", 2, 0)]["dice"] == 0.30
+
+
+def test_flags_override_the_preset_and_bad_settings_are_named():
+    cfg = pb.build_config(pb.parse_args(["--finetune-steps", "20", "--labeled-sizes", "2", "8", "--seeds", "4"]))
+    assert (cfg.finetune_steps, cfg.labeled_sizes, cfg.seeds) == (20, (2, 8), (4,))
+    assert cfg.roi == pb.PRESETS["cpu"].roi
+    assert pb.build_config(pb.parse_args(["--quick"])) == pb.PRESETS["quick"]
+    with pytest.raises(ValueError, match="roi must be a multiple of UNETR's patch size 16, got 40"):
+        pb.build_config(pb.parse_args(["--roi", "40"]))
+    with pytest.raises(ValueError, match=r"labeled_sizes \(2, 16\) ask for more volumes than num_labeled_pool=8"):
+        pb.build_config(pb.parse_args(["--labeled-sizes", "2", "16"]))
+    with pytest.raises(ValueError, match="hidden_size=100 must be divisible by num_heads=3"):
+        pb.build_config(pb.parse_args(["--hidden-size", "100", "--num-heads", "3"]))
+    # the fine-tune cache key changes with any setting but not with the grid
+    base = pb.PRESETS["cpu"]
+    key = pb._runs_key(base, pb.torch.device("cpu"), False)
+    assert key == pb._runs_key(dataclasses.replace(base, seeds=(7,)), pb.torch.device("cpu"), False)
+    assert key != pb._runs_key(dataclasses.replace(base, finetune_lr=1e-4), pb.torch.device("cpu"), False)
