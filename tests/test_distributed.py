@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +22,7 @@ from bundle_utils import REPO, TINY_NETWORK, write_overrides
 from ignite.engine import Engine, Events
 from monai.networks.nets import UNETR
 
+from monai_mae import MAEViT
 from monai_mae.data import load_datalist, write_synthetic_dataset
 from monai_mae.engines import NonFiniteLossError, NonFiniteLossGuard
 from monai_mae.engines.finetune import layerwise_lr_groups
@@ -62,6 +64,32 @@ def nan_guard_probe() -> list[str | None]:
     return messages
 
 
+def _torchrun_bundle(
+    bundle: str, overrides: Sequence[Path], data: Path, out: Path, *args: str
+) -> tuple[str, list[dict]]:
+    """Run ``bundle``'s train.json + multi_gpu_train.json + ``overrides`` with ``torchrun`` on 2 CPU processes (gloo).
+
+    Returns:
+        the combined stdout and stderr, and the ``rank{0,1}.pt`` records the test recorder wrote to ``out``
+        (the processes run in ``out``'s parent folder).
+    """
+    configs = REPO / "bundles" / bundle / "configs"
+    layers = (configs / "train.json", configs / "multi_gpu_train.json", *overrides)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "monai.bundle", "run",
+        "--config_file", str([str(f) for f in layers]),
+        "--bundle_root", str(configs.parent), "--meta_file", str(configs / "metadata.json"),
+        "--logging_file", str(configs / "logging.conf"),
+        "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "2", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent, env=env)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    return log, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
 def test_two_process_gloo_run_of_the_bundle(tmp_path):
     data = tmp_path / "data"
     write_synthetic_dataset(data, num=6, num_validation=1, shape=(40, 40, 32), spacing=(1.5, 1.5, 2.0), seed=3)
@@ -76,22 +104,7 @@ def test_two_process_gloo_run_of_the_bundle(tmp_path):
     out = tmp_path / "out"
     tiny = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
     recorder = write_overrides(tmp_path / "recorder.json", **RECORDER)
-    configs = REPO / "bundles" / "mae_pretrain" / "configs"
-    layers = (configs / "train.json", configs / "multi_gpu_train.json", tiny, recorder)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "monai.bundle", "run",
-        "--config_file", str([str(f) for f in layers]),
-        "--bundle_root", str(REPO / "bundles" / "mae_pretrain"), "--meta_file", str(configs / "metadata.json"),
-        "--logging_file", str(configs / "logging.conf"),
-        "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "2",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests")}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    log, ranks = _torchrun_bundle("mae_pretrain", (tiny, recorder), data, out)
     assert all(r["world"] == 2 for r in ranks)
     # the datalist was checked in shards: rank 0 read entries 0, 2, 4 (the NaN file, warned about once),
     # rank 1 entries 1, 3 (the 3-channel file), and both ranks dropped entry 3
@@ -163,8 +176,6 @@ FINETUNE_RECORDER = {
 
 
 def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
-    from monai_mae import MAEViT
-
     data = tmp_path / "data"
     write_synthetic_dataset(data, num=6, num_validation=2, shape=(40, 40, 32), spacing=(1.5, 1.5, 2.0), seed=5)
     mae = MAEViT(1, 32, 16, hidden_size=48, mlp_dim=96, num_layers=12, num_heads=4, qkv_bias=True,
@@ -179,23 +190,8 @@ def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
            "network_def#feature_size": 4},
     )  # fmt: skip
     recorder = write_overrides(tmp_path / "recorder.json", **FINETUNE_RECORDER)
-    configs = REPO / "bundles" / "unetr_finetune" / "configs"
-    layers = (configs / "train.json", configs / "multi_gpu_train.json", tiny, recorder)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "monai.bundle", "run",
-        "--config_file", str([str(f) for f in layers]),
-        "--bundle_root", str(configs.parent), "--meta_file", str(configs / "metadata.json"),
-        "--logging_file", str(configs / "logging.conf"),
-        "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "2",
-        "--pretrained_ckpt", str(tmp_path / "mae.pt"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests")}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ckpt = ("--pretrained_ckpt", str(tmp_path / "mae.pt"))
+    log, ranks = _torchrun_bundle("unetr_finetune", (tiny, recorder), data, out, *ckpt)
     assert all(r["world"] == 2 for r in ranks)
     # disjoint shards of the 4 labeled training volumes in each epoch
     training = {item["image"] for item in load_datalist(data, "training")}
