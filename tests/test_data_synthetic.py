@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from monai_mae.data.synthetic import ORGAN_TYPES, ensure_dataset, make_phantom, write_synthetic_dataset
+from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES, ensure_dataset, make_phantom, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (32, 32, 24)
@@ -91,6 +91,50 @@ def test_phantom_is_fast():
     assert time.perf_counter() - start < 1.0
 
 
+def test_random_layout_is_the_default():
+    for a, b in zip(make_phantom(TINY, seed=2), make_phantom(TINY, seed=2, layout="random")):
+        np.testing.assert_array_equal(a, b)
+    assert LAYOUTS == ("random", "anatomical")
+
+
+@pytest.mark.parametrize("num_organs", [0, 4, 5, 7])
+@pytest.mark.parametrize("shape", [(40, 40, 32), (96, 96, 64)])
+def test_anatomical_phantom_labels_inside_the_body_and_deterministic(shape, num_organs):
+    image, label = make_phantom(shape, seed=4, num_organs=num_organs, layout="anatomical")
+    assert set(np.unique(label).tolist()) == set(range(num_organs + 1))  # organs 6, 7: random placement
+    for axis in (0, 1):
+        assert _inside_tissue_on_both_sides(image, label > 0, axis)
+    again = make_phantom(shape, seed=4, num_organs=num_organs, layout="anatomical")
+    np.testing.assert_array_equal(image, again[0])
+    np.testing.assert_array_equal(label, again[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_anatomical_layout_keeps_the_organs_in_place(seed):
+    shape = (96, 96, 64)
+    image, label = make_phantom(shape, seed=seed, num_organs=5, layout="anatomical")
+    body = np.argwhere(image > -500.0)
+    cx, cy = body[:, 0].mean(), body[:, 1].mean()
+    centre = {name: np.argwhere(label == k + 1).mean(axis=0) for k, (name, *_) in enumerate(ORGAN_TYPES)}
+    size = {name: int((label == k + 1).sum()) for k, (name, *_) in enumerate(ORGAN_TYPES)}
+    assert centre["liver"][0] > cx + 5 and centre["spleen"][0] < cx - 10  # liver right (+x in RAS), spleen left
+    assert centre["kidney"][0] < cx - 5 and centre["kidney"][1] < cy - 5  # posterior left
+    assert abs(centre["bone"][0] - cx) < 3 and centre["bone"][1] < cy - 10  # spine: midline, posterior
+    assert centre["lung"][2] > 0.7 * shape[2] > centre["liver"][2]  # lung on top
+    assert size["liver"] == max(size.values())
+    assert np.ptp(np.argwhere(label == 3)[:, 2]) > 0.5 * shape[2]  # the spine runs along z
+    # similar HU (liver vs spleen) that only position tells apart
+    spleen_hu, liver_hu = image[label == 5].mean(), image[label == 1].mean()
+    assert 30.0 < spleen_hu < 80.0 and 40.0 < liver_hu < 100.0
+
+
+def test_anatomical_layout_varies_between_phantoms():
+    labels = [make_phantom((64, 64, 48), seed=s, num_organs=5, layout="anatomical")[1] for s in range(3)]
+    assert not np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[1], labels[2])
+    overlap = [np.logical_and(labels[0] == 1, other == 1).sum() / (labels[0] == 1).sum() for other in labels[1:]]
+    assert all(0.3 < o < 1.0 for o in overlap)  # the liver moves a little, but stays where livers are
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -99,6 +143,7 @@ def test_phantom_is_fast():
         ({"num_organs": -1}, r"num_organs must be an int in 0..255, got -1"),
         ({"num_organs": 256}, r"num_organs must be an int in 0..255, got 256"),
         ({"shape": (8, 8, 8), "num_organs": 40}, r"could not place organ \d+ of 40 inside a body of shape \(8, 8, 8\)"),
+        ({"layout": "atlas"}, r"layout must be one of \('random', 'anatomical'\), got 'atlas'"),
     ],
 )
 def test_phantom_bad_arguments(kwargs, match):
@@ -158,6 +203,7 @@ def test_write_dataset_is_deterministic_and_without_labels(tmp_path):
         ({"num": 2, "num_validation": 3}, r"num_validation must be an int in 0..num \(2\), got 3"),
         ({"spacing": (1.0, 0.0, 1.0)}, r"spacing must be 3 positive numbers \(mm\), got \(1.0, 0.0, 1.0\)"),
         ({"shape": (32, 32)}, r"shape must be 3 ints"),
+        ({"layout": "Anatomical"}, r"layout must be one of \('random', 'anatomical'\), got 'Anatomical'"),
     ],
 )
 def test_write_dataset_bad_arguments(tmp_path, kwargs, match):
@@ -216,6 +262,19 @@ def test_cli_writes_dataset(tmp_path):
     assert json.loads((tmp_path / "nolab/datalist.json").read_text())["training"] == [
         {"image": "imagesTr/phantom_000.nii.gz"}
     ]
+
+
+def test_cli_anatomical_layout_matches_the_writer(tmp_path):
+    result = _run_cli(str(tmp_path / "cli"), "--num", "1", "--num-validation", "0", "--shape", "40", "40", "32",
+                      "--num-organs", "5", "--layout", "anatomical")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    api = write_synthetic_dataset(tmp_path / "api", num=1, num_validation=0, shape=(40, 40, 32), num_organs=5,
+                                  layout="anatomical")  # fmt: skip
+    assert "5 organs, anatomical layout" in json.loads((tmp_path / "cli/datalist.json").read_text())["description"]
+    for sub in ("imagesTr", "labelsTr"):
+        np.testing.assert_array_equal(nib.load(tmp_path / "cli" / sub / "phantom_000.nii.gz").get_fdata(),
+                                      nib.load(api.parent / sub / "phantom_000.nii.gz").get_fdata())  # fmt: skip
+    assert _run_cli(str(tmp_path / "bad"), "--layout", "atlas").returncode == 2
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

@@ -22,7 +22,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["ORGAN_TYPES", "ensure_dataset", "main", "make_phantom", "write_synthetic_dataset"]
+__all__ = ["LAYOUTS", "ORGAN_LAYOUT", "ORGAN_TYPES", "ensure_dataset", "main", "make_phantom", "write_synthetic_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,25 @@ ORGAN_TYPES: tuple[tuple[str, float, float, float], ...] = (
     ("lung", -800.0, 40.0, 40.0),
     ("spleen", 55.0, 5.0, 5.0),
 )
+
+#: Where each organ type sits in ``layout="anatomical"``, as ``(centre, radii, max_tilt_degrees)``:
+#: the centre's x and y are fractions of the soft-tissue semi-axes from the body axis (+x towards
+#: the phantom's right in RAS, +y anterior) and its z a fraction of the volume height; the radii are
+#: fractions of the same semi-axes and of the height. Each phantom jitters the centre by up to
+#: ``_LAYOUT_JITTER``, the radii by up to ``_LAYOUT_SIZE_SPREAD`` and tilts the organ by up to
+#: ``max_tilt_degrees``, so the organs keep a patient-like arrangement: a large liver on the right,
+#: the spleen on the left at a similar HU, a posterior kidney, the spine along z and the lung on top.
+ORGAN_LAYOUT: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], float]] = {
+    "liver": ((0.40, 0.10, 0.45), (0.42, 0.45, 0.27), 15.0),
+    "kidney": ((-0.35, -0.45, 0.45), (0.18, 0.22, 0.22), 20.0),
+    "bone": ((0.0, -0.62, 0.50), (0.14, 0.14, 0.42), 5.0),
+    "lung": ((-0.35, 0.15, 0.82), (0.35, 0.40, 0.14), 10.0),
+    "spleen": ((-0.55, 0.10, 0.50), (0.18, 0.25, 0.17), 20.0),
+}
+#: Organ placements of :func:`make_phantom`.
+LAYOUTS = ("random", "anatomical")
+_LAYOUT_JITTER = 0.06
+_LAYOUT_SIZE_SPREAD = 0.15
 
 _AIR_HU = -1000.0
 _FAT_HU = -100.0
@@ -60,6 +79,12 @@ def _check_num_organs(num_organs: int) -> None:
         raise ValueError(f"num_organs must be an int in 0..255, got {num_organs!r}.")
 
 
+def _check_layout(layout: str) -> None:
+    """Raise a ValueError naming ``layout`` unless it is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+
+
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], grid: int) -> np.ndarray:
     """A zero-mean, unit-std random field that varies over about ``grid`` cells per axis.
 
@@ -83,6 +108,15 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], grid: i
     field -= field.mean()
     std = field.std()
     return (field / std if std > 0 else field).astype(np.float32)
+
+
+def _tilt(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
+    """A 3x3 rotation by a uniform angle in ``[0, max_degrees]`` about a uniformly random axis (Rodrigues)."""
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.uniform(0.0, max_degrees))
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * k + (1.0 - np.cos(angle)) * (k @ k)
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -123,7 +157,7 @@ def _ellipsoid_in_box(
 
 
 def make_phantom(
-    shape: Sequence[int] = (96, 96, 64), seed: int = 0, num_organs: int = 4
+    shape: Sequence[int] = (96, 96, 64), seed: int = 0, num_organs: int = 4, layout: str = "random"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate one CT-like phantom and its organ labels, deterministically from ``seed``.
 
@@ -135,19 +169,27 @@ def make_phantom(
     smooth multiplicative and additive bias field are added; values are clipped to
     [-1024, 3071] HU.
 
+    With ``layout="random"`` the organs are placed, sized and rotated anywhere in the soft tissue,
+    so nothing but intensity tells them apart. With ``layout="anatomical"`` the first five keep a
+    patient-like arrangement (:data:`ORGAN_LAYOUT`: liver right, spleen left, kidney posterior,
+    spine along z, lung on top) with per-phantom jitter, so position and neighbourhood carry
+    information, as in real CT; organs beyond the fifth are placed at random.
+
     Args:
         shape: volume shape (X, Y, Z), each at least 8. Defaults to ``(96, 96, 64)``.
         seed: seed of ``numpy.random.default_rng``; the same seed gives identical arrays.
             Defaults to 0.
         num_organs: number of organs, 0 to 255. Defaults to 4.
+        layout: ``"random"`` or ``"anatomical"`` organ placement (see above). Defaults to ``"random"``.
 
     Returns:
         ``(image, label)``: float32 image in Hounsfield units and uint8 label volume (0 =
         background, ``k`` = organ ``k``), both of ``shape``.
 
     Raises:
-        ValueError: when ``shape`` is not 3 ints >= 8, ``num_organs`` is outside 0..255, or the
-            organs do not fit into the body (use fewer organs or a larger shape).
+        ValueError: when ``shape`` is not 3 ints >= 8, ``num_organs`` is outside 0..255,
+            ``layout`` is not one of :data:`LAYOUTS`, or the organs do not fit into the body
+            (use fewer organs or a larger shape).
 
     Examples::
 
@@ -157,6 +199,7 @@ def make_phantom(
     """
     dims = _check_shape(shape)
     _check_num_organs(num_organs)
+    _check_layout(layout)
     rng = np.random.default_rng(seed)
     nx, ny, nz = dims
     x = np.arange(nx, dtype=np.float32)[:, None, None]
@@ -184,25 +227,35 @@ def make_phantom(
     crowding = (4.0 / max(num_organs, 4)) ** (1.0 / 3.0)
     organ_texture = _smooth_field(rng, dims, grid=8) if num_organs else None
     for k in range(1, num_organs + 1):
-        _, mean_hu, spread, texture_amp = ORGAN_TYPES[(k - 1) % len(ORGAN_TYPES)]
+        name, mean_hu, spread, texture_amp = ORGAN_TYPES[(k - 1) % len(ORGAN_TYPES)]
+        template = ORGAN_LAYOUT[name] if layout == "anatomical" and k <= len(ORGAN_TYPES) else None
+        scale = np.array([inner_ax, inner_ay, nz])
         for attempt in range(_MAX_PLACEMENT_TRIES):
-            shrink = crowding * 0.993**attempt
-            radii = np.array(
-                [
-                    rng.uniform(0.22, 0.38) * inner_ax * shrink,
-                    rng.uniform(0.22, 0.38) * inner_ay * shrink,
-                    rng.uniform(0.15, 0.30) * nz * shrink,
-                ]
-            )
+            if template is None:
+                shrink = crowding * 0.993**attempt
+                radii = np.array(
+                    [
+                        rng.uniform(0.22, 0.38) * inner_ax * shrink,
+                        rng.uniform(0.22, 0.38) * inner_ay * shrink,
+                        rng.uniform(0.15, 0.30) * nz * shrink,
+                    ]
+                )
+                rotation = _random_rotation(rng)
+                centre = np.array(
+                    [
+                        cx + rng.uniform(-1, 1) * inner_ax * 0.6,
+                        cy + rng.uniform(-1, 1) * inner_ay * 0.6,
+                        rng.uniform(0.2, 0.8) * (nz - 1),
+                    ]
+                )
+            else:
+                (fx, fy, fz), size, tilt = template
+                shrink = 0.993**attempt
+                radii = np.asarray(size) * scale * rng.uniform(1 - _LAYOUT_SIZE_SPREAD, 1 + _LAYOUT_SIZE_SPREAD, 3) * shrink
+                rotation = _tilt(rng, tilt)
+                jitter = rng.uniform(-_LAYOUT_JITTER, _LAYOUT_JITTER, 3)
+                centre = np.array([cx + (fx + jitter[0]) * inner_ax, cy + (fy + jitter[1]) * inner_ay, (fz + jitter[2]) * (nz - 1)])
             radii = np.maximum(radii, 1.5)
-            rotation = _random_rotation(rng)
-            centre = np.array(
-                [
-                    cx + rng.uniform(-1, 1) * inner_ax * 0.6,
-                    cy + rng.uniform(-1, 1) * inner_ay * 0.6,
-                    rng.uniform(0.2, 0.8) * (nz - 1),
-                ]
-            )
             placed = _ellipsoid_in_box(centre, radii, rotation, dims)
             if placed is None:
                 continue
@@ -275,6 +328,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     num_organs: int = 4,
     with_labels: bool = True,
+    layout: str = "random",
 ) -> Path:
     """Write ``num`` phantoms as NIfTI files and a Medical Segmentation Decathlon datalist.
 
@@ -295,12 +349,15 @@ def write_synthetic_dataset(
         seed: dataset seed; case ``i`` uses an independent seed derived from it. Defaults to 0.
         num_organs: organs per phantom. Defaults to 4.
         with_labels: write ``labelsTr`` and ``"label"`` entries. Defaults to True.
+        layout: organ placement of :func:`make_phantom`, ``"random"`` or ``"anatomical"``.
+            Defaults to ``"random"``.
 
     Returns:
         Path of the written ``datalist.json``.
 
     Raises:
-        ValueError: for a bad ``num``, ``num_validation``, ``shape``, ``spacing`` or ``num_organs``.
+        ValueError: for a bad ``num``, ``num_validation``, ``shape``, ``spacing``, ``num_organs``
+            or ``layout``.
 
     Examples::
 
@@ -314,6 +371,7 @@ def write_synthetic_dataset(
         raise ValueError(f"num_validation must be an int in 0..num ({num}), got {num_validation!r}.")
     dims = _check_shape(shape)
     _check_num_organs(num_organs)
+    _check_layout(layout)
     spacing_t = tuple(float(s) for s in spacing)
     if len(spacing_t) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing_t):
         raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing!r}.")
@@ -326,7 +384,7 @@ def write_synthetic_dataset(
     case_seeds = np.random.SeedSequence(seed).generate_state(num)
     entries: list[dict[str, str]] = []
     for i, case_seed in enumerate(case_seeds):
-        image, label = make_phantom(dims, seed=int(case_seed), num_organs=num_organs)
+        image, label = make_phantom(dims, seed=int(case_seed), num_organs=num_organs, layout=layout)
         name = f"phantom_{i:03d}.nii.gz"
         _save_nifti(np.round(image).astype(np.int16), affine, out / "imagesTr" / name)
         entry = {"image": f"imagesTr/{name}"}
@@ -340,7 +398,7 @@ def write_synthetic_dataset(
         "name": "monai-mae synthetic CT phantoms",
         "description": (
             f"{num} synthetic CT-like phantoms (shape {list(dims)}, spacing {list(spacing_t)} mm, "
-            f"seed {seed}, {num_organs} organs) written by monai_mae.data.synthetic"
+            f"seed {seed}, {num_organs} organs, {layout} layout) written by monai_mae.data.synthetic"
         ),
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
@@ -407,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("SX", "SY", "SZ"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-organs", type=int, default=4)
+    parser.add_argument("--layout", choices=LAYOUTS, default="random", help="organ placement (default: random)")
     parser.add_argument("--no-labels", action="store_true", help="write images only")
     args = parser.parse_args(argv)
     try:
@@ -419,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             num_organs=args.num_organs,
             with_labels=not args.no_labels,
+            layout=args.layout,
         )
     except ValueError as err:
         parser.error(str(err))
