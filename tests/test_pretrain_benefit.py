@@ -88,6 +88,13 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
         pb.build_config(pb.parse_args(["--labeled-sizes", "2", "16"]))
     with pytest.raises(ValueError, match="hidden_size=100 must be divisible by num_heads=3"):
         pb.build_config(pb.parse_args(["--hidden-size", "100", "--num-heads", "3"]))
+    with pytest.raises(ValueError, match="num_organs must be in 1..5, got 6"):
+        pb.build_config(pb.parse_args(["--num-organs", "6"]))
+    with pytest.raises(ValueError, match="layout must be one of .*, got 'atlas'"):
+        dataclasses.replace(pb.PRESETS["cpu"], layout="atlas").check()
+    random_layout = pb.build_config(pb.parse_args(["--layout", "random", "--num-organs", "4"]))
+    assert (random_layout.layout, random_layout.num_organs) == ("random", 4)
+    assert random_layout.pretrain_key() != pb.PRESETS["cpu"].pretrain_key()  # another MAE for other phantoms
     # the fine-tune cache key changes with any setting but not with the grid
     base = pb.PRESETS["cpu"]
     key = pb._runs_key(base, pb.torch.device("cpu"), False)
