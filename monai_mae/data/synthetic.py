@@ -226,10 +226,12 @@ def make_phantom(
     inner_ax, inner_ay = ax * (1.0 - fat_fraction) * 0.96, ay * (1.0 - fat_fraction) * 0.96
     crowding = (4.0 / max(num_organs, 4)) ** (1.0 / 3.0)
     organ_texture = _smooth_field(rng, dims, grid=8) if num_organs else None
+    layout_origin = np.array([cx, cy, 0.0])  # template centres: body axis in x, y; bottom slice in z
+    layout_centre_scale = np.array([inner_ax, inner_ay, nz - 1])
+    layout_size_scale = np.array([inner_ax, inner_ay, nz])
     for k in range(1, num_organs + 1):
         name, mean_hu, spread, texture_amp = ORGAN_TYPES[(k - 1) % len(ORGAN_TYPES)]
         template = ORGAN_LAYOUT[name] if layout == "anatomical" and k <= len(ORGAN_TYPES) else None
-        scale = np.array([inner_ax, inner_ay, nz])
         for attempt in range(_MAX_PLACEMENT_TRIES):
             if template is None:
                 shrink = crowding * 0.993**attempt
@@ -249,12 +251,12 @@ def make_phantom(
                     ]
                 )
             else:
-                (fx, fy, fz), size, tilt = template
-                shrink = 0.993**attempt
-                radii = np.asarray(size) * scale * rng.uniform(1 - _LAYOUT_SIZE_SPREAD, 1 + _LAYOUT_SIZE_SPREAD, 3) * shrink
+                where, size, tilt = template
+                spread_factor = rng.uniform(1 - _LAYOUT_SIZE_SPREAD, 1 + _LAYOUT_SIZE_SPREAD, 3)
+                radii = np.asarray(size) * layout_size_scale * spread_factor * 0.993**attempt
                 rotation = _tilt(rng, tilt)
                 jitter = rng.uniform(-_LAYOUT_JITTER, _LAYOUT_JITTER, 3)
-                centre = np.array([cx + (fx + jitter[0]) * inner_ax, cy + (fy + jitter[1]) * inner_ay, (fz + jitter[2]) * (nz - 1)])
+                centre = layout_origin + (np.asarray(where) + jitter) * layout_centre_scale
             radii = np.maximum(radii, 1.5)
             placed = _ellipsoid_in_box(centre, radii, rotation, dims)
             if placed is None:
