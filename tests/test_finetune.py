@@ -10,10 +10,12 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.losses import DiceCELoss
+from monai.networks import eval_mode
 from monai.networks.nets import UNETR, ViT
 from monai.optimizers import WarmupCosineSchedule
 
 from monai_mae import MAEViT
+from monai_mae.networks.transfer import residual_stream_norm
 from monai_mae.engines.finetune import (
     FreezeEncoder,
     encoder_parameters,
@@ -214,6 +216,38 @@ def test_load_pretrained_errors(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing written
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_pretrained(net, tmp_path / "missing.pt")
+
+
+
+def test_load_pretrained_residual_scale(tmp_path, caplog):
+    mae = _tiny_mae()
+    torch.save(mae.state_dict(), tmp_path / "mae.pt")
+    x = torch.rand(1, 1, 32, 32, 32)
+    plain = load_pretrained(_unetr(), tmp_path / "mae.pt")
+    with eval_mode(plain):
+        out_plain, hidden_plain = plain.vit(x)
+
+    halved = load_pretrained(_unetr(), tmp_path / "mae.pt", residual_scale=0.5)
+    with eval_mode(halved):
+        out, hidden = halved.vit(x)
+    torch.testing.assert_close(out, out_plain, atol=1e-4, rtol=1e-3)  # up to LayerNorm eps
+    torch.testing.assert_close(hidden[3], 0.5 * hidden_plain[3], atol=1e-4, rtol=1e-3)
+
+    torch.manual_seed(0)
+    fresh_norm = residual_stream_norm(_unetr())
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="monai_mae.engines.finetune"):
+        auto = load_pretrained(_unetr(), tmp_path / "mae.pt", residual_scale="auto")
+    assert residual_stream_norm(auto) == pytest.approx(fresh_norm, rel=1e-4)  # the size of a fresh network's stream
+    assert "residual stream rescaled by" in caplog.text
+    with eval_mode(auto):
+        torch.testing.assert_close(auto.vit(x)[0], out_plain, atol=1e-4, rtol=1e-3)
+
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    for bad in (0, -2.0, "half", float("nan"), None):
+        with pytest.raises(ValueError, match="residual_scale must be 'auto' or a positive finite number"):
+            load_pretrained(plain, tmp_path / "mae.pt", residual_scale=bad)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())  # checked before loading
 
 
 def test_save_metrics_json(tmp_path):

@@ -9,7 +9,14 @@ from monai.networks.nets import UNETR, MaskedAutoEncoderViT, ViT
 
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.pos_embed import interpolate_pos_embed
-from monai_mae.networks.transfer import TransferReport, extract_encoder_state_dict, load_mae_encoder
+from monai_mae.networks.transfer import (
+    TransferReport,
+    extract_encoder_state_dict,
+    load_mae_encoder,
+    match_residual_stream,
+    rescale_residual_stream,
+    residual_stream_norm,
+)
 
 WIDTH = dict(hidden_size=24, mlp_dim=48, num_heads=4)
 DECODER = dict(decoder_hidden_size=12, decoder_mlp_dim=24, decoder_num_layers=1, decoder_num_heads=4)
@@ -298,3 +305,90 @@ def test_report_is_logged(mae12, caplog):
     with caplog.at_level(logging.INFO, logger="monai_mae.networks.transfer"):
         load_mae_encoder(unetr(), mae12.state_dict(), verbose=False)
     assert caplog.text == ""
+
+
+# ------------------------------------------------------------------------------ residual stream
+def _pretrained_unetr(mae12, img_size: int = 32) -> UNETR:
+    torch.manual_seed(0)
+    net = unetr(img_size)
+    load_mae_encoder(net, mae12.state_dict(), verbose=False)
+    with torch.no_grad():  # an MAE whose stream grew, as after pretraining on [0, 1] intensities
+        rescale_residual_stream(net, 40.0)
+    return net
+
+
+@pytest.mark.parametrize("network", ["unetr", "vit_conv", "vit_perceptron", "vit_cls"])
+def test_rescale_residual_stream_keeps_the_function_and_scales_hidden_states(network):
+    torch.manual_seed(0)
+    net = {
+        "unetr": lambda: unetr(32),
+        "vit_conv": lambda: vit(img_size=(32, 32, 16)),
+        "vit_perceptron": lambda: vit(proj_type="perceptron", spatial_dims=2, img_size=32, patch_size=8),
+        "vit_cls": lambda: vit(classification=True, num_classes=3, post_activation=None),
+    }[network]()
+    encoder = net.vit if network == "unetr" else net
+    shape = (2, 1, 32, 32, 16) if network == "vit_conv" else (2, 1, 32, 32) if network == "vit_perceptron" else (2, 1, 32, 32, 32)
+    net = net.double()
+    if network == "vit_cls":
+        torch.nn.init.normal_(net.cls_token)  # zeros at init: LayerNorm of a zero token is undefined with eps = 0
+    for module in net.modules():  # exact algebra: LayerNorm(c * x) == LayerNorm(x) holds for eps = 0
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 0.0
+    x = torch.rand(shape, dtype=torch.float64)
+    with eval_mode(net):
+        out0, hidden0 = encoder(x)
+        full0 = net(x) if network == "unetr" else None
+        assert rescale_residual_stream(net, 0.1) is net
+        out1, hidden1 = encoder(x)
+    torch.testing.assert_close(out1, out0, atol=1e-10, rtol=1e-10)  # final norm (or classification head) unchanged
+    for h0, h1 in zip(hidden0, hidden1):
+        torch.testing.assert_close(h1, 0.1 * h0, atol=1e-9, rtol=1e-9)
+    if full0 is not None:  # UNETR as a whole computes something else: its skips see smaller features
+        assert not torch.allclose(net(x), full0)
+
+
+def test_residual_stream_norm_on_reference_and_given_images(mae12):
+    net = _pretrained_unetr(mae12)
+    before = torch.random.get_rng_state()
+    reference = residual_stream_norm(net)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the reference batch has its own generator
+    assert residual_stream_norm(net) == reference  # deterministic
+    x = torch.rand(1, 1, 32, 32, 32)
+    with eval_mode(net.vit):
+        _, hidden = net.vit(x)
+    expected = torch.stack([h.norm(dim=-1).mean() for h in hidden]).mean()
+    assert residual_stream_norm(net, x) == pytest.approx(float(expected), rel=1e-5)
+    assert net.vit.training  # the train/eval mode is restored
+
+
+def test_match_residual_stream_reaches_the_target(mae12):
+    torch.manual_seed(0)
+    fresh = residual_stream_norm(unetr(32))
+    net = _pretrained_unetr(mae12)
+    loaded = residual_stream_norm(net)
+    assert loaded > 10 * fresh
+    factor = match_residual_stream(net, fresh)
+    assert factor == pytest.approx(fresh / loaded, rel=1e-5)
+    assert residual_stream_norm(net) == pytest.approx(fresh, rel=1e-4)
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_rescale_residual_stream_rejects_bad_factors(factor):
+    net = unetr(32)
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="factor must be a positive finite number"):
+        rescale_residual_stream(net, factor)
+    assert_unchanged(net, before)
+
+
+def test_rescale_residual_stream_errors_name_the_problem():
+    with pytest.raises(ValueError, match="expects a MONAI UNETR, a MONAI ViT"):
+        rescale_residual_stream(torch.nn.Linear(2, 2), 2.0)
+    net = vit()
+    net.blocks[1].attn.out_proj = torch.nn.Identity()  # as built with include_fc=False
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="blocks.1 .*cannot be rescaled exactly"):
+        rescale_residual_stream(net, 2.0)
+    assert_unchanged(net, before)  # checked before anything is written
+    with pytest.raises(ValueError, match="target_norm must be a positive finite number"):
+        match_residual_stream(vit(), 0.0)

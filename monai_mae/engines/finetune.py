@@ -27,7 +27,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 from monai_mae.engines.handlers import unwrap
-from monai_mae.networks.transfer import load_mae_encoder
+from monai_mae.networks.transfer import load_mae_encoder, match_residual_stream, rescale_residual_stream, residual_stream_norm
 
 __all__ = ["layerwise_lr_groups", "encoder_parameters", "FreezeEncoder", "load_pretrained", "save_metrics_json"]
 
@@ -243,7 +243,11 @@ class FreezeEncoder:
 
 
 def load_pretrained(
-    network: nn.Module, ckpt_path: str | os.PathLike | None, strict: bool = True, interpolate: bool = True
+    network: nn.Module,
+    ckpt_path: str | os.PathLike | None,
+    strict: bool = True,
+    interpolate: bool = True,
+    residual_scale: float | str = 1.0,
 ) -> nn.Module:
     """Load an MAE encoder into ``network`` from ``ckpt_path``, or leave it as built when there is none.
 
@@ -258,6 +262,12 @@ def load_pretrained(
             dict file; ``""`` or ``None`` for training from scratch.
         strict: raise on any misfit (default). False skips tensors that do not fit (see the report).
         interpolate: resample the position table when the patch grids differ. Defaults to True.
+        residual_scale: after loading, multiply the encoder's residual stream by this factor with
+            :func:`~monai_mae.networks.transfer.rescale_residual_stream` (the encoder computes the
+            same function; its hidden states, UNETR's skip inputs, scale by the factor). ``"auto"``
+            matches the stream's size to the freshly built ``network``'s on a fixed reference batch
+            (:func:`~monai_mae.networks.transfer.match_residual_stream`); 1.0 (default) leaves the
+            weights as loaded. Ignored when training from scratch.
 
     Returns:
         ``network`` itself (so a bundle can write ``load_pretrained(@network_def, @ckpt).to(@device)``).
@@ -266,24 +276,42 @@ def load_pretrained(
         FileNotFoundError: when ``ckpt_path`` does not exist.
         ValueError: when the checkpoint cannot be read or does not fit ``network``; the message names
             the checkpoint and the misfit (e.g. ``hidden width differs: checkpoint has hidden_size=768,
-            target has 384``).
+            target has 384``); or when ``residual_scale`` is neither ``"auto"`` nor a positive number.
 
     Examples::
 
         >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "outputs/mae/models/model.pt")
+        >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "outputs/mae/models/model.pt", residual_scale="auto")
         >>> unetr = load_pretrained(UNETR(1, 5, 96), "")  # from scratch
     """
+    auto = isinstance(residual_scale, str) and residual_scale.strip().lower() == "auto"
+    if not auto and (
+        isinstance(residual_scale, (bool, str))
+        or not isinstance(residual_scale, (int, float))
+        or not math.isfinite(residual_scale)
+        or residual_scale <= 0
+    ):
+        raise ValueError(f"residual_scale must be 'auto' or a positive finite number, got {residual_scale!r}.")
     if ckpt_path is None or not os.fspath(ckpt_path).strip():
         logger.info(f"load_pretrained: no pretrained checkpoint given, training {type(network).__name__} from scratch.")
         return network
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: '{path}' (set pretrained_ckpt to '' to train from scratch).")
+    fresh_norm = residual_stream_norm(network) if auto else None
     try:
         report = load_mae_encoder(network, path, strict=strict, interpolate=interpolate, verbose=False)
     except ValueError as err:
         raise ValueError(f"pretrained checkpoint '{path}' does not fit {type(network).__name__}: {err}") from err
     logger.info(f"load_pretrained: MAE encoder loaded from '{path}'.\n{report}")
+    if fresh_norm is not None:
+        loaded_norm = residual_stream_norm(network)
+        factor = match_residual_stream(network, fresh_norm)
+        logger.info(f"load_pretrained: residual stream rescaled by {factor:.4g} (mean token norm {loaded_norm:.3g} -> "
+                    f"{fresh_norm:.3g}, that of the freshly built network); the encoder's output is unchanged.")  # fmt: skip
+    elif residual_scale != 1.0:
+        rescale_residual_stream(network, float(residual_scale))
+        logger.info(f"load_pretrained: residual stream rescaled by {float(residual_scale):.4g}; the encoder's output is unchanged.")
     return network
 
 

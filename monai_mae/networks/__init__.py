@@ -14,12 +14,20 @@ from monai_mae.networks.masking import (
 )
 from monai_mae.networks.patching import patchify, unpatchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
-from monai_mae.networks.transfer import TransferReport, extract_encoder_state_dict, load_mae_encoder
+from monai_mae.networks.transfer import (
+    TransferReport,
+    extract_encoder_state_dict,
+    load_mae_encoder,
+    match_residual_stream,
+    rescale_residual_stream,
+    residual_stream_norm,
+)
 from monai_mae.networks.presets import MAE_PRESETS, get_preset, mae_vit, mae_vit_base, mae_vit_large, mae_vit_small, mae_vit_tiny
 
 __all__ = [
     "MAEViT", "MAEReconstructor", "VisiblePatchEmbedding", "TransferReport", "extract_encoder_state_dict",
-    "load_mae_encoder", "MaskGenerator", "MaskingResult", "content_aware_weights",
+    "load_mae_encoder", "residual_stream_norm", "rescale_residual_stream", "match_residual_stream", "MaskGenerator",
+    "MaskingResult", "content_aware_weights",
     "mae_patchify_and_mask", "patch_foreground_fraction", "random_masking", "restore_patches", "patchify",
     "unpatchify", "interpolate_pos_embed", "sincos_pos_embed", "MAE_PRESETS", "get_preset", "mae_vit",
     "mae_vit_base", "mae_vit_large", "mae_vit_small", "mae_vit_tiny",

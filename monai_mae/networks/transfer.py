@@ -10,7 +10,10 @@ unchanged. This module adds what a plain ``load_state_dict`` does not do:
 * drop the decoder (``decoder_*``, ``mask_tokens``) and a ``cls_token`` the target has no use for;
 * interpolate the position table when the target is built for another patch grid;
 * convert the patch projection between ``conv`` and ``perceptron`` (same function, other layout);
-* check the whole fit (width, depth, patch size, channels, every shape) before writing anything.
+* check the whole fit (width, depth, patch size, channels, every shape) before writing anything;
+
+and, for after the transfer, :func:`rescale_residual_stream` / :func:`match_residual_stream`: scale
+a pre-norm ViT's residual stream by a constant without changing what the encoder computes (see there).
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from einops import rearrange
 
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 
-__all__ = ["TransferReport", "load_mae_encoder", "extract_encoder_state_dict"]
+__all__ = [
+    "TransferReport",
+    "load_mae_encoder",
+    "extract_encoder_state_dict",
+    "residual_stream_norm",
+    "rescale_residual_stream",
+    "match_residual_stream",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -619,3 +629,145 @@ def _position_table(
         if src_sincos is None:
             plan.converted.append(key)
     return value
+
+
+# ------------------------------------------------------------------------------ residual stream
+def _residual_writers(vit: nn.Module) -> list[nn.Module]:
+    """The last linear layer of every residual branch of ``vit.blocks`` (attention, cross-attention, MLP).
+
+    Raises:
+        ValueError: when a block is not a pre-norm MONAI ``TransformerBlock`` whose branches end in
+            an ``nn.Linear`` (then scaling the stream would change the function).
+    """
+    writers: list[nn.Module] = []
+    for i, block in enumerate(vit.blocks):
+        branches = [getattr(block, "attn", None), getattr(block, "mlp", None)]
+        if getattr(block, "with_cross_attention", False):
+            branches.append(getattr(block, "cross_attn", None))
+        for branch in branches:
+            last = getattr(branch, "out_proj", None) or getattr(branch, "linear2", None)
+            if not isinstance(last, nn.Linear) or not all(
+                isinstance(getattr(block, n, None), nn.LayerNorm) for n in ("norm1", "norm2")
+            ):
+                raise ValueError(
+                    f"blocks.{i} ({type(block).__name__}) is not a pre-norm transformer block whose residual branches "
+                    "end in nn.Linear (e.g. built with include_fc=False); its residual stream cannot be rescaled exactly."
+                )
+            writers.append(last)
+    return writers
+
+
+def _reference_input(vit: nn.Module, network: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Uniform noise in [0, 1] (the range of the package's intensity transforms) of the ViT's input size."""
+    embed = vit.patch_embedding
+    weight = getattr(embed.patch_embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 4:  # conv projection: (hidden, in_channels, *patch)
+        patch, channels = tuple(int(p) for p in weight.shape[2:]), int(weight.shape[1])
+    else:  # perceptron: Rearrange + Linear(in_channels * prod(patch), hidden)
+        patch = _target_patch_size(vit, network)
+        linear = [m for m in embed.patch_embeddings.modules() if isinstance(m, nn.Linear)]
+        channels = linear[0].in_features // math.prod(patch) if patch and linear else None
+    n_tokens = int(embed.position_embeddings.shape[1])
+    grid = _target_grid(vit, network)
+    if patch is not None and (grid is None or math.prod(grid) != n_tokens):
+        grid = _cubic_grid(n_tokens, len(patch))
+    if grid is None or patch is None or not channels:
+        raise ValueError(f"cannot tell the input size of {type(network).__name__}'s ViT; pass images= explicitly.")
+    generator = torch.Generator().manual_seed(seed)  # leaves the global RNG alone
+    shape = (batch, channels, *(g * p for g, p in zip(grid, patch)))
+    return torch.rand(shape, generator=generator).to(embed.position_embeddings.device)
+
+
+@torch.no_grad()
+def residual_stream_norm(network: nn.Module, images: torch.Tensor | None = None) -> float:
+    """Mean L2 norm of the ViT's tokens over the outputs of all its blocks (what ``UNETR`` taps for skips).
+
+    Args:
+        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
+        images: input batch ``(B, C, *spatial)`` at the ViT's input size; None uses a fixed batch of
+            uniform noise in [0, 1] (seeded; the global RNG is not touched).
+
+    Returns:
+        The mean over blocks, batch and tokens of ``||hidden_state||_2``.
+    """
+    vit, _ = _find_vit(network)
+    if images is None:
+        images = _reference_input(vit, network)
+    was_training = vit.training
+    vit.eval()
+    try:
+        _, hidden = vit(images)
+    finally:
+        vit.train(was_training)
+    return float(torch.stack([h.float().norm(dim=-1).mean() for h in hidden]).mean())
+
+
+@torch.no_grad()
+def rescale_residual_stream(network: nn.Module, factor: float) -> nn.Module:
+    """Multiply a pre-norm ViT's residual stream by ``factor`` without changing its output.
+
+    Scales everything that writes into the stream (patch projection, position table, ``cls_token``,
+    and the last linear layer of every attention / MLP branch). Each block reads the stream through a
+    LayerNorm, which ignores a common factor (up to its ``eps``, negligible unless the stream is tiny), so every branch's contribution and the final
+    ``norm(x)`` stay the same, while every hidden state (UNETR's skip inputs) is ``factor`` times as
+    large.
+
+    Why: an MAE pretrained on [0, 1] intensities can end with a residual stream tens of times larger
+    than a freshly initialised ViT's (the position table alone is a sin-cos table of amplitude 1).
+    Fine-tuned as is, AdamW's steps (about ``lr`` per weight, whatever the weight's size) change
+    such an encoder only slowly, and UNETR's decoder receives skip features far larger than the ones
+    it is initialised for. Matching the stream to a fresh network's size
+    (:func:`match_residual_stream`) keeps what the encoder learned and removes both effects.
+
+    Args:
+        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
+        factor: positive, finite scale.
+
+    Returns:
+        ``network`` itself.
+
+    Raises:
+        ValueError: for a factor that is not positive and finite, a network without a ViT, or blocks
+            whose stream cannot be scaled exactly (see ``_residual_writers``).
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"factor must be a positive finite number, got {factor!r}.")
+    vit, _ = _find_vit(network)
+    writers = _residual_writers(vit)
+    tensors = [*vit.patch_embedding.patch_embeddings.parameters(), vit.patch_embedding.position_embeddings]
+    if isinstance(getattr(vit, "cls_token", None), torch.Tensor):
+        tensors.append(vit.cls_token)
+    for writer in writers:
+        tensors.extend(writer.parameters())
+    for tensor in tensors:
+        tensor.mul_(float(factor))
+    return network
+
+
+def match_residual_stream(
+    network: nn.Module, target_norm: float, images: torch.Tensor | None = None
+) -> float:
+    """Rescale ``network``'s residual stream so :func:`residual_stream_norm` equals ``target_norm``.
+
+    Args:
+        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
+        target_norm: the mean token norm wanted, e.g. ``residual_stream_norm`` of the same network
+            freshly initialised (what :func:`monai_mae.engines.finetune.load_pretrained` does with
+            ``residual_scale="auto"``).
+        images: as for :func:`residual_stream_norm` (measure both norms on the same images).
+
+    Returns:
+        The factor applied.
+
+    Raises:
+        ValueError: for a ``target_norm`` that is not positive and finite, or as
+            :func:`rescale_residual_stream`.
+    """
+    if not math.isfinite(target_norm) or target_norm <= 0:
+        raise ValueError(f"target_norm must be a positive finite number, got {target_norm!r}.")
+    current = residual_stream_norm(network, images)
+    if not math.isfinite(current) or current <= 0:
+        raise ValueError(f"the residual stream of {type(network).__name__} has norm {current}; cannot rescale it.")
+    factor = target_norm / current
+    rescale_residual_stream(network, factor)
+    return factor
