@@ -392,3 +392,13 @@ def test_rescale_residual_stream_errors_name_the_problem():
     assert_unchanged(net, before)  # checked before anything is written
     with pytest.raises(ValueError, match="target_norm must be a positive finite number"):
         match_residual_stream(vit(), 0.0)
+
+
+def test_residual_stream_norm_follows_the_network_dtype():
+    torch.manual_seed(0)
+    net = vit().double()
+    assert isinstance(residual_stream_norm(net), float)  # the reference batch is built in float64 too
+    net2 = vit(proj_type="perceptron", spatial_dims=2, img_size=(32, 48), patch_size=16)
+    with pytest.raises(ValueError, match=r"cannot infer the input size of ViT \(patch grid unknown\).*pass images= explicitly"):
+        residual_stream_norm(net2)  # 2 x 3 tokens of a perceptron ViT: the grid is not recoverable
+    assert residual_stream_norm(net2, torch.rand(1, 1, 32, 48)) > 0

@@ -672,10 +672,14 @@ def _reference_input(vit: nn.Module, network: nn.Module, batch: int = 2, seed: i
     if patch is not None and (grid is None or math.prod(grid) != n_tokens):
         grid = _cubic_grid(n_tokens, len(patch))
     if grid is None or patch is None or not channels:
-        raise ValueError(f"cannot tell the input size of {type(network).__name__}'s ViT; pass images= explicitly.")
+        raise ValueError(
+            f"cannot infer the input size of {type(network).__name__} (patch grid unknown) for the reference batch; "
+            "pass images= explicitly (or, in load_pretrained, a numeric residual_scale instead of 'auto')."
+        )
     generator = torch.Generator().manual_seed(seed)  # leaves the global RNG alone
     shape = (batch, channels, *(g * p for g, p in zip(grid, patch)))
-    return torch.rand(shape, generator=generator).to(embed.position_embeddings.device)
+    table = embed.position_embeddings
+    return torch.rand(shape, generator=generator).to(device=table.device, dtype=table.dtype)
 
 
 @torch.no_grad()
