@@ -11,7 +11,9 @@ On the synthetic CT phantoms of :mod:`monai_mae.data.synthetic`:
 
    * *scratch*: random initialisation, one learning rate for every layer;
    * *MAE-pretrained*: encoder loaded with :func:`monai_mae.engines.finetune.load_pretrained`,
-     layer-wise learning-rate decay (:func:`~monai_mae.engines.finetune.layerwise_lr_groups`);
+     its residual stream rescaled to a fresh UNETR's size (``residual_scale="auto"``; the encoder's
+     function is unchanged), optional layer-wise learning-rate decay (``--layer-decay``, default
+     1.0: the same optimizer as from scratch);
 
 3. evaluate the final weights (no model selection) on held-out labeled phantoms that neither
    pretraining nor fine-tuning saw: sliding-window inference (overlap 0.5), Dice of the 5 organs.
@@ -139,6 +141,8 @@ class BenefitConfig:
         finetune_batch, finetune_samples: volumes per step and crops per volume.
         finetune_lr, layer_decay, warmup_fraction, freeze_encoder_epochs: fine-tuning optimizer
             (``layer_decay`` applies to the pretrained arm only; scratch uses 1.0).
+        residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
+            (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
         sw_batch_size: sliding-window batch at evaluation.
     """
@@ -170,7 +174,8 @@ class BenefitConfig:
     finetune_batch: int = 1
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
-    layer_decay: float = 0.75
+    layer_decay: float = 1.0
+    residual_scale: float | str = "auto"
     warmup_fraction: float = 0.1
     freeze_encoder_epochs: int = 0
     labeled_sizes: tuple[int, ...] = (2, 4, 8)
@@ -191,6 +196,8 @@ class BenefitConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}.")
         if not 1 <= self.num_organs <= len(ORGAN_TYPES):
             raise ValueError(f"num_organs must be in 1..{len(ORGAN_TYPES)}, got {self.num_organs}.")
+        if not (self.residual_scale == "auto" or (isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0)):
+            raise ValueError(f"residual_scale must be 'auto' or a positive number, got {self.residual_scale!r}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
 
@@ -331,7 +338,7 @@ def finetune_unetr(
         1, cfg.num_organs + 1, (cfg.roi,) * 3, feature_size=cfg.feature_size, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
         num_heads=cfg.num_heads, qkv_bias=True,
     )  # fmt: skip
-    load_pretrained(net, ckpt if ckpt is not None else "")
+    load_pretrained(net, ckpt if ckpt is not None else "", residual_scale=cfg.residual_scale)
     net = net.to(device)
     dataset = get_dataset(train_items, _train_transforms(cfg, cfg.finetune_samples, with_label=True), cache="cache")
     loader = DataLoader(dataset, batch_size=min(cfg.finetune_batch, len(train_items)), shuffle=True, num_workers=0)
@@ -444,7 +451,8 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         f"loss {pretrain['first_epoch_loss']:.4f} -> {pretrain['last_epoch_loss']:.4f}. "
         f"Fine-tuning: about {cfg.finetune_steps} AdamW steps of {cfg.finetune_batch} volume(s) x {cfg.finetune_samples} crops, "
         f"lr {cfg.finetune_lr:g}, warm-up {cfg.warmup_fraction:.0%} + cosine, DiceCE; layer decay {cfg.layer_decay:g} "
-        f"for the pretrained arm (1.0 from scratch); frozen-encoder epochs {cfg.freeze_encoder_epochs}.",
+        f"for the pretrained arm (1.0 from scratch); frozen-encoder epochs {cfg.freeze_encoder_epochs}; "
+        f"transferred residual stream scaled by {cfg.residual_scale if isinstance(cfg.residual_scale, str) else f'{cfg.residual_scale:g}'}.",
         "",
         f"Run: `{env['command']}` on {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
         f"{env['threads']} threads, {env['total_minutes']:.0f} min in all.",
@@ -535,13 +543,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("pretrain_lr", "finetune_lr", "layer_decay", "masking_ratio"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--residual-scale", type=_residual_scale, default=None,
+                        help="rescale the transferred encoder's residual stream: 'auto' (to a fresh UNETR's size) or a factor (1 = off)")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool) -> str:
-    """Hash of everything that determines one fine-tune's result except which (n, seed) it is."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("labeled_sizes", "seeds")}
-    text = json.dumps({**settings, "device": device.type, "amp": amp}, sort_keys=True)
+def _residual_scale(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}")
+    return value
+
+
+# settings that only the pretrained arm depends on (the MAE and how it is transferred and fine-tuned)
+_PRETRAINED_ONLY = ("num_unlabeled", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
+                    "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
+                    "pretrain_warmup_epochs", "layer_decay", "residual_scale", "freeze_encoder_epochs")  # fmt: skip
+
+
+def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "pretrained") -> str:
+    """Hash of everything that determines one fine-tune of ``arm`` except which (n, seed) it is.
+
+    The scratch arm's key leaves out the MAE and transfer settings, so changing those reuses the
+    finished scratch fine-tunes.
+    """
+    drop = ("labeled_sizes", "seeds", *(_PRETRAINED_ONLY if arm == "scratch" else ()))
+    settings = {k: v for k, v in asdict(cfg).items() if k not in drop}
+    text = json.dumps({**settings, "device": device.type, "amp": amp, "arm": arm}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -590,10 +623,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ckpt, pretrain = pretrain_mae(cfg, unlabeled, work_dir, device, amp, reuse=reuse)
 
     runs: list[dict] = []
-    done_path = work_dir / f"runs_{_runs_key(cfg, device, amp)}.jsonl"
-    done = _load_done(done_path) if reuse else {}
-    if not reuse:
-        done_path.unlink(missing_ok=True)
+    done_paths = {arm: work_dir / f"runs_{_runs_key(cfg, device, amp, arm)}.jsonl" for arm in ARMS}
+    done: dict[tuple[str, int, int], dict] = {}
+    for arm, done_path in done_paths.items():
+        if reuse:
+            done.update({key: run for key, run in _load_done(done_path).items() if key[0] == arm})
+        else:
+            done_path.unlink(missing_ok=True)
     total = len(cfg.labeled_sizes) * len(cfg.seeds) * len(ARMS)
     for n in cfg.labeled_sizes:
         for seed in cfg.seeds:
@@ -601,13 +637,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for arm in ARMS:
                 if (arm, n, seed) in done:
                     runs.append(done[(arm, n, seed)])
-                    logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {runs[-1]['dice']:.3f} (from {done_path.name})")
+                    logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {runs[-1]['dice']:.3f} "
+                                f"(from {done_paths[arm].name})")  # fmt: skip
                     continue
                 net, info = finetune_unetr(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
                 result = evaluate_dice(cfg, net, test, device, amp)
                 runs.append({"arm": arm, "n_labeled": n, "seed": seed, "train_cases": [Path(s["image"]).name for s in subset],
                              **result, **info})  # fmt: skip
-                with open(done_path, "a", encoding="utf-8") as f:
+                with open(done_paths[arm], "a", encoding="utf-8") as f:
                     f.write(json.dumps(runs[-1]) + "\n")
                 logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {result['dice']:.3f} "
                             f"(per organ {', '.join(f'{v:.2f}' for v in result['per_class'].values())}); "

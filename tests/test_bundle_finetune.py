@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +83,16 @@ def test_finetune_loads_mae_encoder_and_keeps_it_frozen(finetuned):
     state = torch.load(out / "models" / "model.pt", weights_only=True)
     vit_keys = [k for k in state if k.startswith("vit.")]
     assert len(vit_keys) == 173
+    # residual_scale "auto": what writes into the residual stream is scaled by the logged factor
+    factor = float(re.search(r"residual stream rescaled by ([0-9.e+-]+)", result.stdout).group(1))
+    scaled = re.compile(r"vit\.(patch_embedding\..*|blocks\.\d+\.(attn\.out_proj|mlp\.linear2)\.(weight|bias))$")
+    assert sum(bool(scaled.match(k)) for k in vit_keys) == 3 + 12 * 4
     for key in vit_keys:  # loaded, then untouched by the optimizer while frozen
-        assert torch.equal(state[key], mae_state[key[len("vit.") :]]), key
+        expected = mae_state[key[len("vit.") :]]
+        if scaled.match(key):
+            torch.testing.assert_close(state[key], factor * expected, rtol=1e-3, atol=1e-7, msg=key)
+        else:
+            assert torch.equal(state[key], expected), key
     assert (out / "models" / "model_best.pt").exists() and (out / "checkpoints" / "checkpoint_epoch=1.pt").exists()
 
 

@@ -100,3 +100,18 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
     key = pb._runs_key(base, pb.torch.device("cpu"), False)
     assert key == pb._runs_key(dataclasses.replace(base, seeds=(7,)), pb.torch.device("cpu"), False)
     assert key != pb._runs_key(dataclasses.replace(base, finetune_lr=1e-4), pb.torch.device("cpu"), False)
+    # the scratch arm's key ignores how the MAE is trained and transferred, but not the fine-tuning itself
+    scratch = pb._runs_key(base, pb.torch.device("cpu"), False, "scratch")
+    assert scratch != key
+    for change in (dict(layer_decay=0.75), dict(residual_scale=1.0), dict(pretrain_epochs=3), dict(masking_ratio=0.5)):
+        assert pb._runs_key(dataclasses.replace(base, **change), pb.torch.device("cpu"), False, "scratch") == scratch
+        assert pb._runs_key(dataclasses.replace(base, **change), pb.torch.device("cpu"), False) != key
+    assert pb._runs_key(dataclasses.replace(base, finetune_steps=10), pb.torch.device("cpu"), False, "scratch") != scratch
+    # --residual-scale: 'auto' or a positive factor
+    assert pb.build_config(pb.parse_args(["--residual-scale", "0.05"])).residual_scale == 0.05
+    assert pb.build_config(pb.parse_args(["--residual-scale", "AUTO"])).residual_scale == "auto"
+    for bad in ("0", "-1", "nan", "half"):
+        with pytest.raises(SystemExit):
+            pb.parse_args(["--residual-scale", bad])
+    with pytest.raises(ValueError, match="residual_scale must be 'auto' or a positive number, got 'half'"):
+        dataclasses.replace(base, residual_scale="half").check()
