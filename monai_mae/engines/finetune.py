@@ -27,7 +27,12 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 from monai_mae.engines.handlers import unwrap
-from monai_mae.networks.transfer import load_mae_encoder, match_residual_stream, rescale_residual_stream, residual_stream_norm
+from monai_mae.networks.transfer import (
+    load_mae_encoder,
+    match_residual_stream,
+    rescale_residual_stream,
+    residual_stream_norm,
+)
 
 __all__ = ["layerwise_lr_groups", "encoder_parameters", "FreezeEncoder", "load_pretrained", "save_metrics_json"]
 
@@ -281,7 +286,7 @@ def load_pretrained(
     Examples::
 
         >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "outputs/mae/models/model.pt")
-        >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "outputs/mae/models/model.pt", residual_scale="auto")
+        >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "mae/models/model.pt", residual_scale="auto")
         >>> unetr = load_pretrained(UNETR(1, 5, 96), "")  # from scratch
     """
     auto = isinstance(residual_scale, str) and residual_scale.strip().lower() == "auto"
@@ -307,11 +312,16 @@ def load_pretrained(
     if fresh_norm is not None:
         loaded_norm = residual_stream_norm(network)
         factor = match_residual_stream(network, fresh_norm)
-        logger.info(f"load_pretrained: residual stream rescaled by {factor:.4g} (mean token norm {loaded_norm:.3g} -> "
-                    f"{fresh_norm:.3g}, that of the freshly built network); the encoder's output is unchanged.")  # fmt: skip
+        logger.info(
+            f"load_pretrained: residual stream rescaled by {factor:.4g} (mean token norm {loaded_norm:.3g} -> "
+            f"{fresh_norm:.3g}, that of the freshly built network); the encoder's output is unchanged."
+        )
     elif residual_scale != 1.0:
         rescale_residual_stream(network, float(residual_scale))
-        logger.info(f"load_pretrained: residual stream rescaled by {float(residual_scale):.4g}; the encoder's output is unchanged.")
+        logger.info(
+            f"load_pretrained: residual stream rescaled by {float(residual_scale):.4g}; "
+            "the encoder's output is unchanged."
+        )
     return network
 
 

@@ -642,18 +642,19 @@ def _residual_writers(vit: nn.Module) -> list[nn.Module]:
     writers: list[nn.Module] = []
     for i, block in enumerate(vit.blocks):
         branches = [getattr(block, "attn", None), getattr(block, "mlp", None)]
+        norms = ["norm1", "norm2"]
         if getattr(block, "with_cross_attention", False):
             branches.append(getattr(block, "cross_attn", None))
-        for branch in branches:
-            last = getattr(branch, "out_proj", None) or getattr(branch, "linear2", None)
-            if not isinstance(last, nn.Linear) or not all(
-                isinstance(getattr(block, n, None), nn.LayerNorm) for n in ("norm1", "norm2")
-            ):
-                raise ValueError(
-                    f"blocks.{i} ({type(block).__name__}) is not a pre-norm transformer block whose residual branches "
-                    "end in nn.Linear (e.g. built with include_fc=False); its residual stream cannot be rescaled exactly."
-                )
-            writers.append(last)
+            norms.append("norm_cross_attn")
+        lasts = [getattr(b, "out_proj", None) or getattr(b, "linear2", None) for b in branches]
+        if not all(isinstance(last, nn.Linear) for last in lasts) or not all(
+            isinstance(getattr(block, name, None), nn.LayerNorm) for name in norms
+        ):
+            raise ValueError(
+                f"blocks.{i} ({type(block).__name__}) is not a pre-norm transformer block whose residual branches "
+                "end in nn.Linear (e.g. built with include_fc=False); its residual stream cannot be rescaled exactly."
+            )
+        writers.extend(lasts)
     return writers
 
 
@@ -712,9 +713,9 @@ def rescale_residual_stream(network: nn.Module, factor: float) -> nn.Module:
 
     Scales everything that writes into the stream (patch projection, position table, ``cls_token``,
     and the last linear layer of every attention / MLP branch). Each block reads the stream through a
-    LayerNorm, which ignores a common factor (up to its ``eps``, negligible unless the stream is tiny), so every branch's contribution and the final
-    ``norm(x)`` stay the same, while every hidden state (UNETR's skip inputs) is ``factor`` times as
-    large.
+    LayerNorm, which ignores a common factor (up to its ``eps``, negligible unless the stream is
+    tiny), so every branch's contribution and the final ``norm(x)`` stay the same, while every hidden
+    state (UNETR's skip inputs) is ``factor`` times as large.
 
     Why: an MAE pretrained on [0, 1] intensities can end with a residual stream tens of times larger
     than a freshly initialised ViT's (the position table alone is a sin-cos table of amplitude 1).
@@ -748,9 +749,7 @@ def rescale_residual_stream(network: nn.Module, factor: float) -> nn.Module:
     return network
 
 
-def match_residual_stream(
-    network: nn.Module, target_norm: float, images: torch.Tensor | None = None
-) -> float:
+def match_residual_stream(network: nn.Module, target_norm: float, images: torch.Tensor | None = None) -> float:
     """Rescale ``network``'s residual stream so :func:`residual_stream_norm` equals ``target_norm``.
 
     Args:
