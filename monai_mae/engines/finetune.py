@@ -28,6 +28,7 @@ from ignite.engine import Engine, Events
 
 from monai_mae.engines.handlers import unwrap
 from monai_mae.networks.transfer import (
+    is_positive_finite,
     load_mae_encoder,
     match_residual_stream,
     rescale_residual_stream,
@@ -290,12 +291,7 @@ def load_pretrained(
         >>> unetr = load_pretrained(UNETR(1, 5, 96), "")  # from scratch
     """
     auto = isinstance(residual_scale, str) and residual_scale.strip().lower() == "auto"
-    if not auto and (
-        isinstance(residual_scale, (bool, str))
-        or not isinstance(residual_scale, (int, float))
-        or not math.isfinite(residual_scale)
-        or residual_scale <= 0
-    ):
+    if not auto and not is_positive_finite(residual_scale):
         raise ValueError(f"residual_scale must be 'auto' or a positive finite number, got {residual_scale!r}.")
     if ckpt_path is None or not os.fspath(ckpt_path).strip():
         logger.info(f"load_pretrained: no pretrained checkpoint given, training {type(network).__name__} from scratch.")
@@ -310,10 +306,9 @@ def load_pretrained(
         raise ValueError(f"pretrained checkpoint '{path}' does not fit {type(network).__name__}: {err}") from err
     logger.info(f"load_pretrained: MAE encoder loaded from '{path}'.\n{report}")
     if fresh_norm is not None:
-        loaded_norm = residual_stream_norm(network)
         factor = match_residual_stream(network, fresh_norm)
         logger.info(
-            f"load_pretrained: residual stream rescaled by {factor:.4g} (mean token norm {loaded_norm:.3g} -> "
+            f"load_pretrained: residual stream rescaled by {factor:.4g} (mean token norm {fresh_norm / factor:.3g} -> "
             f"{fresh_norm:.3g}, that of the freshly built network); the encoder's output is unchanged."
         )
     elif residual_scale != 1.0:

@@ -632,6 +632,11 @@ def _position_table(
 
 
 # ------------------------------------------------------------------------------ residual stream
+def is_positive_finite(value: Any) -> bool:
+    """True for an int or float (not a bool) that is finite and > 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _residual_writers(vit: nn.Module) -> list[nn.Module]:
     """The last linear layer of every residual branch of ``vit.blocks`` (attention, cross-attention, MLP).
 
@@ -735,7 +740,7 @@ def rescale_residual_stream(network: nn.Module, factor: float) -> nn.Module:
         ValueError: for a factor that is not positive and finite, a network without a ViT, or blocks
             whose stream cannot be scaled exactly (see ``_residual_writers``).
     """
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+    if not is_positive_finite(factor):
         raise ValueError(f"factor must be a positive finite number, got {factor!r}.")
     vit, _ = _find_vit(network)
     writers = _residual_writers(vit)
@@ -766,10 +771,10 @@ def match_residual_stream(network: nn.Module, target_norm: float, images: torch.
         ValueError: for a ``target_norm`` that is not positive and finite, or as
             :func:`rescale_residual_stream`.
     """
-    if not math.isfinite(target_norm) or target_norm <= 0:
+    if not is_positive_finite(target_norm):
         raise ValueError(f"target_norm must be a positive finite number, got {target_norm!r}.")
     current = residual_stream_norm(network, images)
-    if not math.isfinite(current) or current <= 0:
+    if not is_positive_finite(current):
         raise ValueError(f"the residual stream of {type(network).__name__} has norm {current}; cannot rescale it.")
     factor = target_norm / current
     rescale_residual_stream(network, factor)
