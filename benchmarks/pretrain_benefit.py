@@ -116,6 +116,12 @@ PATCH = 16  # UNETR's fixed patch size
 logger = logging.getLogger("pretrain_benefit")
 
 
+# settings that only the MAE depends on (the rest of its key, data and ViT shape, is shared with UNETR)
+_MAE_ONLY = ("num_unlabeled", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
+             "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
+             "pretrain_warmup_epochs")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class BenefitConfig:
     """Every setting of one benchmark run.
@@ -203,10 +209,8 @@ class BenefitConfig:
 
     def pretrain_key(self) -> str:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
-        names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "num_unlabeled", "roi", "hidden_size", "mlp_dim", "num_heads",
-                 "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads", "masking_ratio",
-                 "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
-                 "pretrain_warmup_epochs")  # fmt: skip
+        names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
+                 *_MAE_ONLY)  # fmt: skip
         text = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -560,10 +564,8 @@ def _residual_scale(text: str) -> float | str:
     return value
 
 
-# settings that only the pretrained arm depends on (the MAE and how it is transferred and fine-tuned)
-_PRETRAINED_ONLY = ("num_unlabeled", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
-                    "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
-                    "pretrain_warmup_epochs", "layer_decay", "residual_scale", "freeze_encoder_epochs")  # fmt: skip
+# settings that only the pretrained arm depends on: the MAE, and how it is transferred and fine-tuned
+_PRETRAINED_ONLY = (*_MAE_ONLY, "layer_decay", "residual_scale", "freeze_encoder_epochs")
 
 
 def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "pretrained") -> str:
