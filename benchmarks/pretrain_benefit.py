@@ -265,7 +265,7 @@ def _train_transforms(cfg: BenefitConfig, num_samples: int, with_label: bool) ->
 
 
 def _eval_transforms() -> Compose:
-    """Whole volumes at native spacing, CT window: the ``unetr_finetune`` bundle's validation chain."""
+    """Whole volumes at native spacing, CT window: the ``mae_finetune`` bundle's validation chain."""
     keys = ["image", "label"]
     return Compose([
         LoadImaged(keys, ensure_channel_first=True, image_only=True),

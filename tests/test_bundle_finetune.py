@@ -1,4 +1,4 @@
-"""End-to-end runs of the ``unetr_finetune`` bundle on tiny synthetic data (CPU): train from an MAE
+"""End-to-end runs of the ``mae_finetune`` bundle on tiny synthetic data (CPU): train from an MAE
 checkpoint, evaluate, infer, a mismatched checkpoint, and the network's input/output check."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ TINY_UNETR = {"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network
 TINY_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
                 sw_batch_size=2, progress_bar=False, **TINY_UNETR)  # fmt: skip
 TINY_INFER = dict(roi_size=[32, 32, 32], num_workers=0, sw_batch_size=2, **TINY_UNETR)
-CONFIGS = REPO / "bundles" / "unetr_finetune" / "configs"
+CONFIGS = REPO / "bundles" / "mae_finetune" / "configs"
 
 
 def _run_layered(configs: list[str], overrides: Path, *args: str) -> subprocess.CompletedProcess:
@@ -69,7 +69,7 @@ def finetuned(dataset, tmp_path_factory):
     torch.save(mae.state_dict(), tmp / "mae.pt")
     overrides = write_overrides(tmp / "tiny.json", **TINY_RUN, max_epochs=1, freeze_encoder_epochs=1)
     result = run_bundle(
-        "unetr_finetune", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(tmp / "out"),
+        "mae_finetune", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(tmp / "out"),
         "--pretrained_ckpt", str(tmp / "mae.pt"),
     )  # fmt: skip
     return tmp / "out", result, mae.state_dict()
@@ -119,7 +119,7 @@ def test_inference_writes_labels_in_the_input_space(finetuned, dataset, tmp_path
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, :27], affine), tmp_path / "images" / "odd.nii.gz")
     (tmp_path / "datalist.json").write_text(json.dumps({"test": [{"image": "images/odd.nii.gz"}]}))
     overrides = write_overrides(tmp_path / "tiny_infer.json", **TINY_INFER)
-    run_bundle("unetr_finetune", "inference.json", overrides, "--dataset_dir", str(tmp_path), "--datalist_key", "test",
+    run_bundle("mae_finetune", "inference.json", overrides, "--dataset_dir", str(tmp_path), "--datalist_key", "test",
                "--output_dir", str(out))  # fmt: skip
     seg = nib.load(out / "segmentations" / "odd_seg.nii.gz")
     assert seg.shape == (40, 40, 27) and np.allclose(seg.affine, affine)
@@ -131,7 +131,7 @@ def test_mismatched_checkpoint_fails_with_a_clear_error(dataset, tmp_path):
     torch.save(_tiny_mae(hidden_size=96).state_dict(), tmp_path / "wide_mae.pt")
     overrides = write_overrides(tmp_path / "tiny.json", **TINY_RUN, max_epochs=1)
     result = run_bundle(
-        "unetr_finetune", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
+        "mae_finetune", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
         "--pretrained_ckpt", str(tmp_path / "wide_mae.pt"), check=False,
     )  # fmt: skip
     assert result.returncode != 0

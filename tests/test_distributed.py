@@ -135,7 +135,7 @@ def test_two_process_gloo_run_of_the_bundle(tmp_path):
     assert log.count("Metrics -- val_loss") == 2  # one per validation, rank 0 only
 
 
-# ------------------------------------------------------------------------------------ unetr_finetune
+# ------------------------------------------------------------------------------------ mae_finetune
 def attach_finetune_recorder(trainer, network, optimizer, evaluator, output_dir) -> None:
     """Test-only: every rank records the files it trained on, the encoder and decoder weights at the
     start, after epoch 1 (encoder frozen) and at the end, its lr groups and its validation Dice."""
@@ -192,7 +192,7 @@ def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
     )  # fmt: skip
     recorder = write_overrides(tmp_path / "recorder.json", **FINETUNE_RECORDER)
     ckpt = ("--pretrained_ckpt", str(tmp_path / "mae.pt"))
-    log, ranks = _torchrun_bundle("unetr_finetune", (tiny, recorder), data, out, *ckpt)
+    log, ranks = _torchrun_bundle("mae_finetune", (tiny, recorder), data, out, *ckpt)
     assert all(r["world"] == 2 for r in ranks)
     # disjoint shards of the 4 labeled training volumes in each epoch
     training = {item["image"] for item in load_datalist(data, "training")}

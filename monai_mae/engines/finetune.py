@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained MAE encoder inside MONAI's ``UNETR`` (or ``ViT``).
 
-Three pieces the ``unetr_finetune`` bundle plugs into the stock MONAI engines:
+Three pieces the ``mae_finetune`` bundle plugs into the stock MONAI engines:
 
 * :func:`layerwise_lr_groups`: AdamW parameter groups with layer-wise learning-rate decay (BEiT /
   MAE fine-tuning recipe), each group tagged with its ``lr_scale``;
