@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from monai.transforms import Compose
 
 from monai_mae.data.datalist import load_datalist
 from monai_mae.data.synthetic import make_phantom, write_synthetic_dataset
-from monai_mae.data.transforms import get_dataset, get_pretrain_transforms, load_data_preset
+from monai_mae.data.transforms import data_preset_names, get_dataset, get_pretrain_transforms, load_data_preset
 
 SHAPE = (32, 32, 24)
 SPACING = (1.5, 1.5, 2.0)
@@ -205,12 +206,15 @@ def test_get_dataset_bad_arguments(items):
         get_dataset(items, Compose([]), cache="cache", cache_rate=0)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def test_presets(items):
     ct = load_data_preset("ct")
-    assert ct == json.loads((Path(__file__).resolve().parents[1] / "configs/data_ct.json").read_text())
-    assert ct["modality"] == "ct" and ct["a_min"] == -175.0 and ct["a_max"] == 250.0
+    assert ct == {"modality": "ct", "pixdim": [1.5, 1.5, 2.0], "a_min": -175.0, "a_max": 250.0, "num_samples": 2,
+                  "flip_prob": 0.1}  # fmt: skip
     assert load_data_preset("data_ct") == ct
-    assert load_data_preset("mri")["modality"] == "mri"
+    assert load_data_preset("mri") == {"modality": "mri", "pixdim": [1.0, 1.0, 1.0], "num_samples": 2, "flip_prob": 0.1}
     kwargs = load_data_preset("ct", roi_size=(16, 16), spatial_dims=2, num_samples=3)
     out = _seeded(get_pretrain_transforms(**kwargs, train=True))(items[0])
     assert [tuple(s["image"].shape) for s in out] == [(1, 16, 16)] * 3
@@ -221,8 +225,10 @@ def test_preset_from_path_and_errors(tmp_path):
     good.write_text(json.dumps({"modality": "mri", "pixdim": None}))
     assert load_data_preset(good) == {"modality": "mri", "pixdim": None}
     assert load_data_preset(str(good), roi_size=32) == {"modality": "mri", "pixdim": None, "roi_size": 32}
-    with pytest.raises(ValueError, match=r"unknown data preset 'pet'.*available presets: \['data_ct', 'data_mri'\]"):
+    with pytest.raises(ValueError, match=r"unknown data preset 'pet'; available presets: \['ct', 'mri'\]"):
         load_data_preset("pet")
+    with pytest.raises(ValueError, match=r"unknown data preset 'data_pet'; available presets: \['ct', 'mri'\]"):
+        load_data_preset("data_pet")
     with pytest.raises(FileNotFoundError, match=r"data preset file .*nope\.json not found"):
         load_data_preset(tmp_path / "nope.json")
     bad_key = tmp_path / "bad_key.json"
@@ -239,3 +245,30 @@ def test_preset_from_path_and_errors(tmp_path):
     listed.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"list\.json: a data preset must be a JSON object"):
         load_data_preset(listed)
+
+
+def test_presets_ship_inside_the_package():
+    """A wheel has no top-level ``configs/``: the presets live in ``monai_mae/data/presets`` (package data)."""
+    packaged = importlib.resources.files("monai_mae.data") / "presets"
+    assert sorted(e.name for e in packaged.iterdir() if e.name.endswith(".json")) == ["ct.json", "mri.json"]
+    assert data_preset_names() == ["ct", "mri"]
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"monai_mae.data" = ["presets/*.json"]' in pyproject
+
+
+@pytest.mark.parametrize("name", ["ct", "mri"])
+def test_top_level_preset_copies_match_the_packaged_ones(name):
+    """``configs/data_<name>.json`` is the user-facing copy to edit; as shipped it must not disagree."""
+    copy = REPO / "configs" / f"data_{name}.json"
+    assert load_data_preset(copy) == load_data_preset(name)
+
+
+def test_no_module_reads_files_outside_the_package():
+    """Nothing in ``monai_mae/`` reaches above the package (``parents[...]``, ``../``): a wheel has only the package."""
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in sorted((REPO / "monai_mae").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "parents[" in line or "../" in line or ".parent.parent" in line
+    ]
+    assert offenders == []

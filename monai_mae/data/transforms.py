@@ -1,13 +1,15 @@
 """CT and MRI preprocessing presets for MAE pretraining and fine-tuning, built from MONAI transforms.
 
 One factory, :func:`get_pretrain_transforms`, serves 3D crops and 2D slices, training and
-validation, images only (pretraining) and image + label (fine-tuning). The data presets in
-``configs/data_<modality>.json`` are plain dicts of its keyword arguments, read with
-:func:`load_data_preset`; :func:`get_dataset` picks MONAI's plain, cached or persistent dataset.
+validation, images only (pretraining) and image + label (fine-tuning). The data presets, shipped
+inside the package as ``monai_mae/data/presets/<modality>.json``, are plain dicts of its keyword
+arguments, read with :func:`load_data_preset`; :func:`get_dataset` picks MONAI's plain, cached or
+persistent dataset.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import inspect
 import json
 import logging
@@ -43,6 +45,7 @@ __all__ = [
     "CACHE_MODES",
     "MODALITIES",
     "ReplaceNonFinited",
+    "data_preset_names",
     "get_dataset",
     "get_pretrain_transforms",
     "load_data_preset",
@@ -56,7 +59,8 @@ MODALITIES = ("ct", "mri")
 CACHE_MODES = ("none", "cache", "persistent")
 _LABEL_KEY = "label"
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: MONAI deprecates the implicit default
-_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+#: The packaged data presets, read through ``importlib.resources`` so that a wheel install finds them.
+_PRESETS = importlib.resources.files("monai_mae.data") / "presets"
 
 
 def _normalise_roi(roi_size: Sequence[int] | int, spatial_dims: int) -> tuple[int, ...]:
@@ -313,30 +317,36 @@ def get_dataset(
     return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir)
 
 
-def _preset_file(name_or_path: str | os.PathLike[str]) -> Path:
-    """Find the JSON file of a preset name (``ct``, ``data_ct``) or path."""
+def data_preset_names() -> list[str]:
+    """Names of the data presets shipped inside the package (``monai_mae/data/presets/<name>.json``)."""
+    return sorted(entry.name[: -len(".json")] for entry in _PRESETS.iterdir() if entry.name.endswith(".json"))
+
+
+def _read_preset(name_or_path: str | os.PathLike[str]) -> tuple[str, str]:
+    """Return ``(source, JSON text)`` of a packaged preset name (``ct``, ``data_ct``) or of a file path."""
     text = os.fspath(name_or_path)
     path = Path(text)
-    if path.suffix == ".json" or os.sep in text or path.is_file():
+    if path.suffix == ".json" or os.sep in text or (os.altsep is not None and os.altsep in text) or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"data preset file {path} not found.")
-        return path
-    for candidate in (_CONFIG_DIR / f"{text}.json", _CONFIG_DIR / f"data_{text}.json"):
-        if candidate.is_file():
-            return candidate
-    available = sorted(p.stem for p in _CONFIG_DIR.glob("data_*.json")) if _CONFIG_DIR.is_dir() else []
-    raise ValueError(
-        f"unknown data preset {text!r}: no {_CONFIG_DIR / (text + '.json')} or "
-        f"{_CONFIG_DIR / ('data_' + text + '.json')}; available presets: {available} (or pass a path to a JSON file)."
-    )
+        return str(path), path.read_text(encoding="utf-8")
+    name = text[len("data_") :] if text.startswith("data_") else text
+    if name not in data_preset_names():
+        raise ValueError(
+            f"unknown data preset {text!r}; available presets: {data_preset_names()} "
+            "(also as data_<name>), or pass a path to a JSON file."
+        )
+    return f"monai_mae/data/presets/{name}.json", (_PRESETS / f"{name}.json").read_text(encoding="utf-8")
 
 
 def load_data_preset(name_or_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
     """Read a data preset: a JSON dict of keyword arguments of :func:`get_pretrain_transforms`.
 
-    A name is looked up in the repository's ``configs/`` folder as ``<name>.json`` and then
-    ``data_<name>.json`` (so ``"ct"`` and ``"data_ct"`` both find ``configs/data_ct.json``);
-    anything ending in ``.json`` or containing a path separator is read as a path.
+    A name is one of the presets shipped inside the package, ``monai_mae/data/presets/<name>.json``
+    (``"ct"`` and ``"data_ct"`` both name ``ct.json``), so a wheel install has them too. Anything
+    ending in ``.json`` or containing a path separator is read as a path: the repository's
+    ``configs/data_ct.json`` and ``configs/data_mri.json`` are copies of the packaged presets to
+    edit and pass by path.
 
     Args:
         name_or_path: preset name (``"ct"``, ``"mri"``, ``"data_ct"``) or path to a JSON file.
@@ -359,9 +369,9 @@ def load_data_preset(name_or_path: str | os.PathLike[str], **overrides: Any) -> 
         (-175.0, 250.0)
         >>> train_transforms = get_pretrain_transforms(**kwargs, train=True)
     """
-    path = _preset_file(name_or_path)
+    path, text = _read_preset(name_or_path)
     try:
-        preset = json.loads(path.read_text(encoding="utf-8"))
+        preset = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
     if not isinstance(preset, dict):
@@ -369,7 +379,7 @@ def load_data_preset(name_or_path: str | os.PathLike[str], **overrides: Any) -> 
             f"{path}: a data preset must be a JSON object of keyword arguments, got {type(preset).__name__}."
         )
     accepted = set(inspect.signature(get_pretrain_transforms).parameters)
-    for source, entries in ((str(path), preset), ("overrides", overrides)):
+    for source, entries in ((path, preset), ("overrides", overrides)):
         unknown = sorted(set(entries) - accepted)
         if unknown:
             raise ValueError(
