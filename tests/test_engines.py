@@ -24,9 +24,9 @@ from monai_mae.engines import (
     build_optimizer,
     list_checkpoints,
     param_groups,
-    reconstruction_panel,
     scaled_lr,
 )
+from monai_mae.engines.pictures import reconstruction_views
 
 TINY = dict(hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4, decoder_hidden_size=24, decoder_mlp_dim=48,
             decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
@@ -190,17 +190,22 @@ def test_final_model_not_written_when_terminated(tmp_path):
     assert not (tmp_path / "final.pt").exists()
 
 
-@pytest.mark.parametrize("shape, patch, expected", [((1, 1, 16, 16, 8), (8, 8, 4), (16 + 2 + 16 + 2 + 16, 4 * 16 + 6)),
-                                                    ((1, 1, 16, 24), (8, 8), (16, 4 * 24 + 6))])  # fmt: skip
-def test_reconstruction_panel(shape, patch, expected):
+@pytest.mark.parametrize("shape, patch, views", [((1, 1, 16, 12, 8), (8, 4, 4), [(12, 16), (8, 16), (8, 12)]),
+                                                 ((1, 1, 16, 24), (8, 8), [(24, 16)])])  # fmt: skip
+def test_reconstruction_views(shape, patch, views):
     images = torch.rand(shape)
     from monai_mae import patchify
 
     target = patchify(images, patch)
     mask = torch.zeros(target.shape[:2])
     mask[:, ::2] = 1
-    panel = reconstruction_panel(images, target, mask, patch)
-    assert panel.shape == expected and panel.dtype == np.uint8
-    # a perfect prediction: reconstruction columns equal the input column
-    width = (panel.shape[1] - 6) // 4
-    assert np.array_equal(panel[:, :width], panel[:, 2 * (width + 2) : 3 * width + 4])
+    rows = reconstruction_views(images, target, mask, patch)
+    assert [row[0].shape for row in rows] == views and all(len(row) == 4 for row in rows)
+    # a perfect prediction: both reconstruction columns equal the input column
+    for row in rows:
+        assert np.allclose(row[2], row[0]) and np.allclose(row[3], row[0])
+    masked = [row for row in rows if not np.array_equal(row[1], row[0])]  # filled with the input's minimum
+    assert masked and all(np.isclose(row[1], images.min().item()).any() for row in masked)
+    volume = images[0, 0].numpy()
+    first = volume[:, :, shape[-1] // 2].T if len(shape) == 5 else volume.T  # axial: rows y, columns x
+    assert np.array_equal(rows[0][0], first)

@@ -9,28 +9,29 @@ from monai_mae.engines.finetune import (
     load_pretrained,
     save_metrics_json,
 )
-from monai_mae.engines.handlers import (
+from monai_mae.engines.checkpoint import (
     AutoResume,
     BestModelSaver,
     EpochCheckpointer,
     FinalModelSaver,
+    atomic_save,
+    list_checkpoints,
+)
+from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
+from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
+from monai_mae.engines.prepare_batch import MAEPrepareBatch
+from monai_mae.engines.training import (
     GradientClipping,
     LearningRateLogger,
     NonFiniteLossError,
     NonFiniteLossGuard,
-    ReconstructionSaver,
-    atomic_save,
-    list_checkpoints,
     rank_zero_summary_writer,
-    reconstruction_panel,
-    unwrap,
 )
-from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
-from monai_mae.engines.prepare_batch import MAEPrepareBatch
+from monai_mae.utils import unwrap
 
 __all__ = [
     "AutoResume", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
-    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "atomic_save", "build_optimizer", "fused_adamw_supported",
+    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "atomic_save", "build_optimizer", "fused_adamw_supported",
     "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
     "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
 ]  # fmt: skip
