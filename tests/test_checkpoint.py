@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from bundle_utils import REPO
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.bundle import ConfigParser
@@ -19,7 +20,6 @@ from monai_mae import MAEViT
 from monai_mae.engines import AutoResume, BestModelSaver, EpochCheckpointer, list_checkpoints
 from monai_mae.engines import handlers as handlers_module
 from monai_mae.utils import atomic_write, is_main_process, unwrap
-from bundle_utils import REPO
 
 
 @pytest.fixture

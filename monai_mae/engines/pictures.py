@@ -460,7 +460,7 @@ class SegmentationOverlaySaver(_PictureSaver):
             return
         output = engine.state.output
         item = output[0] if isinstance(output, (list, tuple)) else output
-        missing = [k for k in (CommonKeys.IMAGE, CommonKeys.LABEL, CommonKeys.PRED) if k not in item]
+        missing = [str(k) for k in (CommonKeys.IMAGE, CommonKeys.LABEL, CommonKeys.PRED) if k not in item]
         if missing:
             raise ValueError(f"SegmentationOverlaySaver: the evaluator's output has no {missing} (keys: {sorted(item)}).")
         batched = not isinstance(output, (list, tuple))
