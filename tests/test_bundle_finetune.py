@@ -19,6 +19,8 @@ from bundle_utils import REPO, run_bundle, write_overrides
 from monai_mae import MAEViT
 from monai_mae.data import write_synthetic_dataset
 
+pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
+
 NUM_CLASSES = 5
 TINY_UNETR = {"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_heads": 4, "network_def#feature_size": 4}
 TINY_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,

@@ -14,6 +14,8 @@ from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
 
 from monai_mae.data import write_synthetic_dataset
 
+pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
+
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=2, num_samples=2, num_workers=0,
                 lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, **TINY_NETWORK)  # fmt: skip
 
@@ -68,10 +70,17 @@ def test_validation_loss_decreases(dataset, tmp_path):
     assert min(losses[-3:]) < losses[0] * 0.8, losses
 
 
-def test_generates_synthetic_default_when_no_datalist(tmp_path):
+def test_named_folder_without_datalist_stops_unless_synthetic_data_is_asked_for(tmp_path):
     overrides = write_overrides(tmp_path / "tiny.json", **{**TINY_RUN, "max_epochs": 1, "val_interval": 5})
-    empty = tmp_path / "data"
-    run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(empty), "--output_dir", str(tmp_path / "out"))
+    empty = tmp_path / "my_ct"
+    empty.mkdir()
+    args = ("--dataset_dir", str(empty), "--output_dir", str(tmp_path / "out"))
+    stopped = run_bundle("mae_pretrain", "train.json", overrides, *args, check=False)
+    assert stopped.returncode != 0
+    assert f"dataset_dir {str(empty)!r} exists but has no datalist.json" in stopped.stderr
+    assert "--synthetic_if_missing True" in stopped.stderr
+    assert list(empty.iterdir()) == [] and not (tmp_path / "out" / "models").exists()
+    run_bundle("mae_pretrain", "train.json", overrides, *args, "--synthetic_if_missing", "True")
     assert (empty / "datalist.json").exists() and len(list((empty / "imagesTr").iterdir())) == 8
 
 

@@ -43,6 +43,7 @@ def _bundle_cmd(overrides, dataset, out, max_epochs=MAX_EPOCHS) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes(dataset, tmp_path):
     out = tmp_path / "out"
     overrides = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
@@ -84,6 +85,7 @@ def test_sigkill_then_same_command_resumes(dataset, tmp_path):
 NAN_LOSS = "$(lambda loss, calls=[0]: lambda outputs, images: (calls.__setitem__(0, calls[0] + 1), loss(outputs, images) * (float('nan') if calls[0] >= 4 else 1.0))[1])(@loss)"  # noqa: E501
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     out = tmp_path / "out"
     overrides = write_overrides(

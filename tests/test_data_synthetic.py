@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -215,7 +216,7 @@ def test_write_dataset_bad_arguments(tmp_path, kwargs, match):
 def test_ensure_dataset_generates_only_once(tmp_path, caplog):
     target = tmp_path / "data"
     with caplog.at_level(logging.INFO, logger="monai_mae.data.synthetic"):
-        path = ensure_dataset(target, num=2, num_validation=1, shape=TINY)
+        path = ensure_dataset(target, synthetic_if_missing=True, num=2, num_validation=1, shape=TINY)
     assert path == target / "datalist.json" and path.is_file()
     assert "generating the synthetic phantom dataset" in caplog.text
     image = target / "imagesTr/phantom_000.nii.gz"
@@ -223,7 +224,8 @@ def test_ensure_dataset_generates_only_once(tmp_path, caplog):
     time.sleep(0.01)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="monai_mae.data.synthetic"):
-        assert ensure_dataset(target, num=5, shape=TINY) == path
+        assert ensure_dataset(target, synthetic_if_missing=True, num=5, shape=TINY) == path
+        assert ensure_dataset(target) == path  # an existing datalist needs no flag
     assert caplog.text == ""
     assert (path.stat().st_mtime_ns, image.stat().st_mtime_ns) == stamps
     assert len(json.loads(path.read_text())["training"]) == 1  # not regenerated with num=5
@@ -233,9 +235,36 @@ def test_ensure_dataset_completes_a_half_written_folder(tmp_path):
     target = tmp_path / "data"
     (target / "imagesTr").mkdir(parents=True)
     (target / "imagesTr" / "phantom_000.nii.gz").write_bytes(b"half")  # crashed writer: no datalist.json
-    path = ensure_dataset(target, num=2, num_validation=0, shape=TINY)
+    path = ensure_dataset(target, synthetic_if_missing=True, num=2, num_validation=0, shape=TINY)
     assert nib.load(target / "imagesTr" / "phantom_000.nii.gz").shape == TINY
     assert len(json.loads(path.read_text())["training"]) == 2
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_ensure_dataset_without_the_flag_stops_before_writing(tmp_path, exists):
+    target = tmp_path / "my_ct"  # a folder the user named, e.g. with a typo
+    if exists:
+        target.mkdir()
+    state = "exists but has no datalist.json" if exists else "does not exist"
+    message = (
+        re.escape(f"dataset_dir {str(target)!r} {state}: expected {target / 'datalist.json'}")
+        + r".*--synthetic_if_missing True.*"
+        + re.escape(f"python -m monai_mae.data.synthetic {target}")
+    )
+    with pytest.raises(FileNotFoundError, match=message):
+        ensure_dataset(target, num=2, shape=TINY)
+    with pytest.raises(FileNotFoundError, match=message):
+        ensure_dataset(target, synthetic_if_missing="false")
+    assert (list(target.iterdir()) == []) if exists else not target.exists()
+    path = ensure_dataset(target, synthetic_if_missing="True", num=2, num_validation=1, shape=TINY)
+    assert len(json.loads(path.read_text())["training"]) == 1 and nib.load(target / "imagesTr/phantom_001.nii.gz").shape == TINY
+
+
+@pytest.mark.parametrize("flag", [1, "yes", None])
+def test_ensure_dataset_rejects_a_flag_that_is_not_a_bool(tmp_path, flag):
+    with pytest.raises(ValueError, match=re.escape(f"synthetic_if_missing must be True or False, got {flag!r}.")):
+        ensure_dataset(tmp_path / "ds", synthetic_if_missing=flag)
+    assert not (tmp_path / "ds").exists()
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -245,6 +274,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_dataset(tmp_path):
     out = tmp_path / "cli"
     result = _run_cli(str(out), "--num", "3", "--num-validation", "1", "--shape", "32", "32", "24", "--seed", "2")
@@ -264,6 +294,7 @@ def test_cli_writes_dataset(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_cli_anatomical_layout_matches_the_writer(tmp_path):
     result = _run_cli(str(tmp_path / "cli"), "--num", "1", "--num-validation", "0", "--shape", "40", "40", "32",
                       "--num-organs", "5", "--layout", "anatomical")  # fmt: skip
@@ -277,6 +308,7 @@ def test_cli_anatomical_layout_matches_the_writer(tmp_path):
     assert _run_cli(str(tmp_path / "bad"), "--layout", "atlas").returncode == 2
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_arguments(tmp_path):
     result = _run_cli(str(tmp_path / "bad"), "--num", "0")
     assert result.returncode == 2

@@ -27,6 +27,8 @@ from monai_mae.data import load_datalist, write_synthetic_dataset
 from monai_mae.engines import NonFiniteLossError, NonFiniteLossGuard
 from monai_mae.engines.finetune import layerwise_lr_groups
 
+pytestmark = pytest.mark.slow  # every test runs torchrun with 2 processes
+
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=1, num_samples=2, num_workers=0,
                 lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, skip_bad_files=True,
                 **TINY_NETWORK)  # fmt: skip
@@ -104,7 +106,8 @@ def test_two_process_gloo_run_of_the_bundle(tmp_path):
     out = tmp_path / "out"
     tiny = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
     recorder = write_overrides(tmp_path / "recorder.json", **RECORDER)
-    log, ranks = _torchrun_bundle("mae_pretrain", (tiny, recorder), data, out)
+    # --device cpu reaches the config as the string "cpu" (the default is a torch.device)
+    log, ranks = _torchrun_bundle("mae_pretrain", (tiny, recorder), data, out, "--device", "cpu")
     assert all(r["world"] == 2 for r in ranks)
     # the datalist was checked in shards: rank 0 read entries 0, 2, 4 (the NaN file, warned about once),
     # rank 1 entries 1, 3 (the 3-channel file), and both ranks dropped entry 3

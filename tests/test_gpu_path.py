@@ -118,6 +118,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_bench_gpu_cpu_smoke():
     result = _bench("--cpu-smoke", "--peak-tflops", "1")
     assert result.returncode == 0, result.stderr[-3000:]

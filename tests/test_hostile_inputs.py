@@ -306,6 +306,7 @@ TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=2, num_s
                 lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, max_epochs=1, **TINY_NETWORK)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bundle_stops_before_training_or_skips_the_bad_file(tmp_path):
     data = tmp_path / "data"
     write_synthetic_dataset(data, num=4, num_validation=1, shape=(40, 40, 32), seed=4)

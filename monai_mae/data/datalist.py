@@ -94,7 +94,7 @@ def load_datalist(
     Examples::
 
         >>> from monai_mae.data import ensure_dataset, load_datalist
-        >>> ensure_dataset("./data/synthetic")
+        >>> ensure_dataset("./data/synthetic", synthetic_if_missing=True)
         >>> train_files = load_datalist("./data/synthetic", "training", require_label=True)
         >>> train_files[0]["image"]
         '/abs/path/data/synthetic/imagesTr/phantom_000.nii.gz'
@@ -104,8 +104,8 @@ def load_datalist(
     if not path.is_file():
         raise FileNotFoundError(
             f"datalist {path} not found: expected a Decathlon-style JSON file with a {key!r} list. "
-            "(The bundles generate the synthetic default dataset when datalist.json is absent; "
-            "call monai_mae.data.ensure_dataset(dataset_dir) to do the same.)"
+            "(For synthetic phantoms there, run python -m monai_mae.data.synthetic DATASET_DIR, or "
+            "call monai_mae.data.ensure_dataset(dataset_dir, synthetic_if_missing=True).)"
         )
     raw = _read_json(path)
     if not isinstance(raw, dict):

@@ -414,13 +414,27 @@ def write_synthetic_dataset(
     return datalist_path
 
 
-def ensure_dataset(dataset_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """Return ``dataset_dir/datalist.json``, writing the synthetic default there first if absent.
+def _as_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool: True/False, or ``"true"``/``"false"`` in any case (a config or command-line string)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
 
-    This is what the bundles call: an existing datalist is never touched or rewritten.
+
+def ensure_dataset(dataset_dir: str | os.PathLike[str], synthetic_if_missing: bool = False, **kwargs: Any) -> Path:
+    """Return ``dataset_dir/datalist.json``; write the synthetic phantoms there only when asked to.
+
+    This is what the bundles call. An existing datalist is never touched or rewritten. Without one,
+    the synthetic default dataset is generated only with ``synthetic_if_missing=True`` (the bundles
+    set it for their own default ``dataset_dir`` and in ``configs/demo_*.json``); otherwise the call
+    stops before anything is written, so a mistyped folder never trains on phantoms.
 
     Args:
         dataset_dir: dataset folder.
+        synthetic_if_missing: generate the synthetic dataset when ``datalist.json`` is absent.
+            ``"true"``/``"false"`` strings are accepted as well. Defaults to False.
         kwargs: keyword arguments of :func:`write_synthetic_dataset` (``num``, ``shape``, ...),
             used only when the dataset is generated.
 
@@ -428,15 +442,27 @@ def ensure_dataset(dataset_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
         Path of ``datalist.json``.
 
     Raises:
-        ValueError: from :func:`write_synthetic_dataset` for bad ``kwargs``.
+        FileNotFoundError: when ``datalist.json`` is absent and ``synthetic_if_missing`` is False;
+            the message names the folder and how to get synthetic data there.
+        ValueError: for a ``synthetic_if_missing`` that is not a bool, or from
+            :func:`write_synthetic_dataset` for bad ``kwargs``.
 
     Examples::
 
-        >>> datalist = ensure_dataset("./data/synthetic", num=4, shape=(64, 64, 48))
+        >>> datalist = ensure_dataset("./data/synthetic", synthetic_if_missing=True, num=4, shape=(64, 64, 48))
+        >>> ensure_dataset("./data/my_ct")  # no datalist.json there: FileNotFoundError, nothing written
     """
+    generate = _as_flag(synthetic_if_missing, "synthetic_if_missing")
     datalist_path = Path(dataset_dir) / "datalist.json"
     if datalist_path.is_file():
         return datalist_path
+    if not generate:
+        state = "exists but has no datalist.json" if Path(dataset_dir).is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"dataset_dir {os.fspath(dataset_dir)!r} {state}: expected {datalist_path} (a Decathlon-style datalist). "
+            "Check the path; to train on synthetic phantoms there instead, pass --synthetic_if_missing True to the "
+            f"bundle or write them with: python -m monai_mae.data.synthetic {os.fspath(dataset_dir)}"
+        )
     logger.info("%s not found: generating the synthetic phantom dataset in %s", datalist_path, dataset_dir)
     return write_synthetic_dataset(dataset_dir, **kwargs)
 

@@ -1,0 +1,133 @@
+"""Every config of both bundles, parsed and instantiated in-process with ``monai.bundle.ConfigParser``
+(no subprocess): ``device`` given as a string or left at its default, and ``synthetic_if_missing``.
+
+The subprocess runs of the same configs are in test_bundle_*.py and test_distributed.py (marked slow).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from bundle_utils import REPO, TINY_NETWORK
+from monai.bundle import ConfigParser
+
+from monai_mae.data import write_synthetic_dataset
+
+TINY_UNETR = {"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_heads": 4, "network_def#feature_size": 4}
+TINY = {
+    "mae_pretrain": {"roi_size": [16, 16, 16], "patch_size": [8, 8, 8], **TINY_NETWORK},
+    "mae_finetune": {"roi_size": [32, 32, 32], **TINY_UNETR},
+}
+#: (bundle, config files layered in order, the workflow object that a run starts)
+CONFIGS = [
+    ("mae_pretrain", ["train.json"], "train#trainer"),
+    ("mae_pretrain", ["train.json", "multi_gpu_train.json"], "train#trainer"),
+    ("mae_pretrain", ["inference.json"], "evaluator"),
+    ("mae_finetune", ["train.json"], "train#trainer"),
+    ("mae_finetune", ["train.json", "multi_gpu_train.json"], "train#trainer"),
+    ("mae_finetune", ["train.json", "evaluate.json"], "validate#evaluator"),
+    ("mae_finetune", ["inference.json"], "evaluator"),
+]
+IDS = [f"{bundle}:{'+'.join(files)}" for bundle, files, _ in CONFIGS]
+
+
+def _parser(bundle: str, files: list[str], **overrides) -> ConfigParser:
+    """The configs layered as ``monai.bundle run --config_file "[...]"`` does, then the overrides (as ``--key value``)."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / bundle / "configs" / f) for f in files])
+    parser.update({"bundle_root": str(REPO / "bundles" / bundle), **overrides})
+    return parser
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    write_synthetic_dataset(root, num=2, num_validation=1, shape=(24, 24, 16), num_organs=2)
+    return root
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """The environment torchrun gives one process, so the multi-GPU configs' own ``init_process_group`` runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["default", "cpu"])
+@pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
+def test_every_config_runs_initialize_and_builds_its_workflow(
+    bundle, files, workflow, device, dataset, tmp_path, single_process_group, request
+):
+    """``--device cpu`` arrives as the string ``"cpu"``: every expression that needs a device object must cope."""
+    if bundle == "mae_finetune" and "multi_gpu_train.json" in files and device == "cpu":
+        # strict: passes (and so fails here) as soon as the entry is fixed; then drop this mark
+        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+            "mae_finetune multi_gpu_train.json network#device_ids still reads @device.type; it needs "
+            "torch.device(@device).type (the network entries belong to the networks work package)")))  # fmt: skip
+    overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 0, **TINY[bundle]}
+    if device is not None:
+        overrides["device"] = device
+    parser = _parser(bundle, files, **overrides)
+    for index in range(len(parser.get("initialize", []))):
+        parser.get_parsed_content(f"initialize#{index}")
+    engine = parser.get_parsed_content(workflow)
+    assert engine.state.device == torch.device("cpu")
+    assert engine.amp is False
+    if "multi_gpu_train.json" in files:
+        assert parser.get_parsed_content("backend") == "gloo" and dist.get_backend() == "gloo"
+        assert isinstance(parser.get_parsed_content("network"), torch.nn.parallel.DistributedDataParallel)
+    if "train.json" in files:
+        assert parser.get_parsed_content("train#dataloader").pin_memory is False
+    for index in range(len(parser.get("finalize", []))):  # closes the TensorBoard writer, ends the process group
+        parser.get_parsed_content(f"finalize#{index}")
+
+
+@pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
+def test_a_cuda_device_string_selects_nccl_amp_and_pinned_memory(bundle, files, workflow):
+    """``--device cuda:1`` as a string: the device-dependent settings follow it (evaluated without a GPU)."""
+    parser = _parser(bundle, files, device="cuda:1")
+    expected = {"backend": "nccl", "amp": True, "train#dataloader#pin_memory": True}
+    present = {key: value for key, value in expected.items() if key in parser}
+    if "inference.json" not in files:
+        assert set(present) >= {"amp", "train#dataloader#pin_memory"}
+    assert {key: parser.get_parsed_content(key) for key in present} == present
+
+
+@pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
+def test_synthetic_data_only_for_the_bundle_default_dataset_dir(bundle, files, workflow, tmp_path):
+    assert _parser(bundle, files).get_parsed_content("synthetic_if_missing") is True
+    same = _parser(bundle, files, dataset_dir=str(REPO / "bundles" / bundle / "data"))
+    assert same.get_parsed_content("synthetic_if_missing") is True
+    named = _parser(bundle, files, dataset_dir=str(tmp_path / "my_ct"))
+    assert named.get_parsed_content("synthetic_if_missing") is False
+    initialize = [i for i, e in enumerate(named.get("initialize")) if "ensure_dataset" in e]
+    assert len(initialize) == 1
+    if "multi_gpu_train.json" in files:  # the expression asks torch.distributed for the rank: check the text
+        assert "synthetic_if_missing=@synthetic_if_missing" in named.get("initialize")[initialize[0]]
+        return
+    message = re.escape(f"dataset_dir {str(tmp_path / 'my_ct')!r} does not exist") + r".*--synthetic_if_missing True"
+    with pytest.raises(RuntimeError, match="Failed to evaluate") as error:  # how ConfigParser reports it
+        named.get_parsed_content(f"initialize#{initialize[0]}")
+    assert isinstance(error.value.__cause__, FileNotFoundError) and re.search(message, str(error.value.__cause__))
+    assert not (tmp_path / "my_ct").exists()
+    asked = _parser(bundle, files, dataset_dir=str(tmp_path / "my_ct"), synthetic_if_missing=True)
+    assert asked.get_parsed_content("synthetic_if_missing") is True
+
+
+@pytest.mark.parametrize("name", ["demo_pretrain_cpu", "demo_finetune_cpu"])
+def test_demo_configs_ask_for_synthetic_data(name):
+    """``make demo`` names its dataset folder (data/synthetic), so the demo configs must ask for the phantoms."""
+    assert json.loads((REPO / "configs" / f"{name}.json").read_text())["synthetic_if_missing"] is True
