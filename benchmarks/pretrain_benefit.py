@@ -90,6 +90,7 @@ from monai.utils import set_determinism
 from PIL import Image, ImageDraw, ImageFont
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
+from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
 from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer
@@ -100,7 +101,7 @@ __all__ = [
     "PRESETS",
     "prepare_data",
     "pretrain_mae",
-    "finetune_unetr",
+    "finetune",
     "evaluate_dice",
     "summarise",
     "format_markdown",
@@ -110,14 +111,15 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("scratch", "pretrained")
-ARM_LABELS = {"scratch": "UNETR from scratch", "pretrained": "UNETR, MAE-pretrained encoder"}
+ARCHITECTURES = ("unetr", "vitseg")
+ARCH_NAMES = {"unetr": "UNETR", "vitseg": "ViTSeg"}
 CT_WINDOW = (-175.0, 250.0)
-PATCH = 16  # UNETR's fixed patch size
+UNETR_PATCH = 16  # UNETR's fixed patch size
 logger = logging.getLogger("pretrain_benefit")
 
 
 # settings that only the MAE depends on (the rest of its key, data and ViT shape, is shared with UNETR)
-_MAE_ONLY = ("num_unlabeled", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
+_MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
              "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
              "pretrain_warmup_epochs")  # fmt: skip
 
@@ -136,8 +138,12 @@ class BenefitConfig:
         num_unlabeled: phantoms for MAE pretraining (their labels are never read).
         num_labeled_pool: labeled phantoms the fine-tuning subsets are drawn from.
         num_test: held-out labeled phantoms for the Dice evaluation.
-        roi: cubic crop side (a multiple of 16: UNETR's patch size).
-        hidden_size, mlp_dim, num_heads: ViT encoder (12 layers, as UNETR fixes).
+        architecture: the segmentation network, ``"unetr"`` (MONAI's UNETR, patch 16, 12 layers) or
+            ``"vitseg"`` (:class:`monai_mae.networks.vitseg.ViTSeg`: pure ViT, light decoder).
+        roi: cubic crop side (a multiple of ``patch``).
+        patch: cubic patch side of the MAE and the segmentation encoder (UNETR: 16).
+        hidden_size, mlp_dim, num_heads, num_layers: ViT encoder (UNETR: 12 layers).
+        mae_cls_token: whether the MAE has a class token (MONAI's layout; ViTSeg has none).
         feature_size: UNETR's convolutional feature size.
         decoder_hidden_size, decoder_mlp_dim, decoder_num_layers, decoder_num_heads: MAE decoder.
         masking_ratio, norm_pix_loss: MAE objective.
@@ -145,8 +151,9 @@ class BenefitConfig:
             training (batch = volumes per step; samples = crops per volume).
         finetune_steps: optimizer steps per fine-tune (the same budget for both arms and every ``n``).
         finetune_batch, finetune_samples: volumes per step and crops per volume.
-        finetune_lr, layer_decay, warmup_fraction, freeze_encoder_epochs: fine-tuning optimizer
-            (``layer_decay`` applies to the pretrained arm only; scratch uses 1.0).
+        finetune_lr, layer_decay, encoder_lr_scale, warmup_fraction, freeze_encoder_epochs: fine-tuning
+            optimizer (``layer_decay`` and ``encoder_lr_scale``, the encoder's lr relative to the
+            decoder's, apply to the pretrained arm only; scratch uses 1.0 for both).
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -160,10 +167,14 @@ class BenefitConfig:
     num_unlabeled: int = 96
     num_labeled_pool: int = 8
     num_test: int = 6
+    architecture: str = "unetr"
     roi: int = 48
+    patch: int = 16
     hidden_size: int = 192
     mlp_dim: int = 768
     num_heads: int = 4
+    num_layers: int = 12
+    mae_cls_token: bool = True
     feature_size: int = 16
     decoder_hidden_size: int = 128
     decoder_mlp_dim: int = 512
@@ -181,6 +192,7 @@ class BenefitConfig:
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
     layer_decay: float = 1.0
+    encoder_lr_scale: float = 1.0
     residual_scale: float | str = "auto"
     warmup_fraction: float = 0.1
     freeze_encoder_epochs: int = 0
@@ -190,8 +202,14 @@ class BenefitConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
-        if self.roi % PATCH:
-            raise ValueError(f"roi must be a multiple of UNETR's patch size {PATCH}, got {self.roi}.")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}.")
+        if self.architecture == "unetr" and (self.patch, self.num_layers) != (UNETR_PATCH, 12):
+            raise ValueError(f"UNETR fixes patch {UNETR_PATCH} and 12 layers, got patch {self.patch}, {self.num_layers} layers.")
+        if self.roi % self.patch:
+            raise ValueError(f"roi must be a multiple of the patch size {self.patch}, got {self.roi}.")
+        if not 0 < self.encoder_lr_scale <= 1:
+            raise ValueError(f"encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}.")
         if max(self.labeled_sizes) > self.num_labeled_pool:
             raise ValueError(
                 f"labeled_sizes {self.labeled_sizes} ask for more volumes than num_labeled_pool={self.num_labeled_pool}."
@@ -210,7 +228,7 @@ class BenefitConfig:
     def pretrain_key(self) -> str:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
         names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
-                 *_MAE_ONLY)  # fmt: skip
+                 "patch", "num_layers", *_MAE_ONLY)  # fmt: skip
         text = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -233,6 +251,17 @@ PRESETS: dict[str, BenefitConfig] = {
     ),  # fmt: skip
 }
 
+#: What ``--architecture vitseg`` changes in each preset: the long-sequence regime (8^3 patches; 216 tokens
+#: per 48^3 crop on CPU), an MAE without a class token, a lower encoder lr for pretrained weights, and as many
+#: fine-tuning steps as fit in the wall-clock time of UNETR's (a ViTSeg step costs about a third of UNETR's on CPU).
+VITSEG_CHANGES: dict[str, dict[str, Any]] = {
+    "cpu": dict(architecture="vitseg", patch=8, num_layers=6, mae_cls_token=False, pretrain_epochs=100,
+                finetune_steps=800, encoder_lr_scale=0.3),
+    "gpu": dict(architecture="vitseg", patch=8, num_layers=12, mae_cls_token=False, finetune_steps=6000,
+                encoder_lr_scale=0.3),
+    "quick": dict(architecture="vitseg", patch=8, num_layers=2, mae_cls_token=False, encoder_lr_scale=0.3),
+}  # fmt: skip
+
 
 # ------------------------------------------------------------------------------------------ data
 def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -248,8 +277,10 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
     geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing, layout=cfg.layout, num_organs=cfg.num_organs)
     unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}"
     labeled_dir = work_dir / f"data_{tag}" / f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
-    ensure_dataset(unlabeled_dir, num=cfg.num_unlabeled, num_validation=0, seed=1000, with_labels=False, **geometry)
-    ensure_dataset(labeled_dir, num=cfg.num_labeled_pool + cfg.num_test, num_validation=cfg.num_test, seed=2000, **geometry)
+    ensure_dataset(unlabeled_dir, num=cfg.num_unlabeled, num_validation=0, seed=1000, with_labels=False,
+                   synthetic_if_missing=True, **geometry)
+    ensure_dataset(labeled_dir, num=cfg.num_labeled_pool + cfg.num_test, num_validation=cfg.num_test, seed=2000,
+                   synthetic_if_missing=True, **geometry)
     unlabeled = load_datalist(unlabeled_dir, "training")
     return unlabeled, load_datalist(labeled_dir, "training", require_label=True), load_datalist(labeled_dir, "validation", require_label=True)
 
@@ -293,9 +324,10 @@ def pretrain_mae(
         return path, {**info, "reused": True}
     set_determinism(seed=0)
     mae = MAEViT(
-        1, cfg.roi, PATCH, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=12, num_heads=cfg.num_heads,
-        masking_ratio=cfg.masking_ratio, decoder_hidden_size=cfg.decoder_hidden_size, decoder_mlp_dim=cfg.decoder_mlp_dim,
-        decoder_num_layers=cfg.decoder_num_layers, decoder_num_heads=cfg.decoder_num_heads, qkv_bias=True,
+        1, cfg.roi, cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, masking_ratio=cfg.masking_ratio, decoder_hidden_size=cfg.decoder_hidden_size,
+        decoder_mlp_dim=cfg.decoder_mlp_dim, decoder_num_layers=cfg.decoder_num_layers,
+        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=True, cls_token=cfg.mae_cls_token,
     ).to(device)  # fmt: skip
     dataset = get_dataset(unlabeled, _train_transforms(cfg, cfg.pretrain_samples, with_label=False), cache="cache")
     loader = DataLoader(dataset, batch_size=cfg.pretrain_batch, shuffle=True, num_workers=0, drop_last=True)
@@ -304,7 +336,7 @@ def pretrain_mae(
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.pretrain_warmup_epochs * len(loader), t_total=steps)
     trainer = SupervisedTrainer(
         device=device, max_epochs=cfg.pretrain_epochs, train_data_loader=loader, network=mae, optimizer=optimizer,
-        loss_function=MaskedReconstructionLoss(PATCH, norm_pix_loss=cfg.norm_pix_loss), prepare_batch=MAEPrepareBatch(),
+        loss_function=MaskedReconstructionLoss(cfg.patch, norm_pix_loss=cfg.norm_pix_loss), prepare_batch=MAEPrepareBatch(),
         inferer=SimpleInferer(), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False,
         train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), NonFiniteLossGuard(),
                         GradientClipping(3.0)],
@@ -333,24 +365,34 @@ def pretrain_mae(
     return path, {**info, "reused": False}
 
 
-def finetune_unetr(
-    cfg: BenefitConfig, train_items: list[dict], seed: int, ckpt: Path | None, device: torch.device, amp: bool
-) -> tuple[UNETR, dict]:
-    """Fine-tune a UNETR on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from ``ckpt`` or scratch."""
-    set_determinism(seed=seed)
-    net = UNETR(
+def build_network(cfg: BenefitConfig) -> torch.nn.Module:
+    """The segmentation network of ``cfg.architecture``, freshly initialised (encoder as the MAE's)."""
+    if cfg.architecture == "vitseg":
+        return ViTSeg(
+            1, cfg.num_organs + 1, cfg.roi, patch_size=cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
+            num_layers=cfg.num_layers, num_heads=cfg.num_heads, qkv_bias=True,
+        )  # fmt: skip
+    return UNETR(
         1, cfg.num_organs + 1, (cfg.roi,) * 3, feature_size=cfg.feature_size, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
         num_heads=cfg.num_heads, qkv_bias=True,
     )  # fmt: skip
+
+
+def finetune(
+    cfg: BenefitConfig, train_items: list[dict], seed: int, ckpt: Path | None, device: torch.device, amp: bool
+) -> tuple[torch.nn.Module, dict]:
+    """Fine-tune ``cfg.architecture`` on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from ``ckpt`` or scratch."""
+    set_determinism(seed=seed)
+    net = build_network(cfg)
     load_pretrained(net, ckpt if ckpt is not None else "", residual_scale=cfg.residual_scale)
     net = net.to(device)
     dataset = get_dataset(train_items, _train_transforms(cfg, cfg.finetune_samples, with_label=True), cache="cache")
     loader = DataLoader(dataset, batch_size=min(cfg.finetune_batch, len(train_items)), shuffle=True, num_workers=0)
     epochs = max(1, math.ceil(cfg.finetune_steps / len(loader)))
     steps = epochs * len(loader)
-    layer_decay = cfg.layer_decay if ckpt is not None else 1.0
-    optimizer = build_optimizer(layerwise_lr_groups(net, cfg.finetune_lr, 0.05, layer_decay), lr=cfg.finetune_lr,
-                                betas=(0.9, 0.999))  # fmt: skip
+    layer_decay, encoder_scale = (cfg.layer_decay, cfg.encoder_lr_scale) if ckpt is not None else (1.0, 1.0)
+    groups = layerwise_lr_groups(net, cfg.finetune_lr, 0.05, layer_decay, encoder_lr_scale=encoder_scale)
+    optimizer = build_optimizer(groups, lr=cfg.finetune_lr, betas=(0.9, 0.999))
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=int(cfg.warmup_fraction * steps), t_total=steps)
     handlers = [LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), NonFiniteLossGuard()]
     if ckpt is not None and cfg.freeze_encoder_epochs:
@@ -375,7 +417,7 @@ def finetune_unetr(
                  "final_loss": statistics.fmean(tail)}  # fmt: skip
 
 
-def evaluate_dice(cfg: BenefitConfig, net: UNETR, test_items: list[dict], device: torch.device, amp: bool) -> dict:
+def evaluate_dice(cfg: BenefitConfig, net: torch.nn.Module, test_items: list[dict], device: torch.device, amp: bool) -> dict:
     """Sliding-window Dice of the final weights on the held-out phantoms: mean over organs, and per organ."""
     loader = DataLoader(get_dataset(test_items, _eval_transforms(), cache="none"), batch_size=1, num_workers=0)
     names = [ORGAN_TYPES[i][0] for i in range(cfg.num_organs)]  # organ k is ORGAN_TYPES[k - 1]
@@ -423,7 +465,7 @@ def summarise(runs: list[dict], cfg: BenefitConfig) -> list[dict]:
 def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: dict) -> str:
     """The result tables and the settings as markdown."""
     lines = [
-        "## MAE pretraining benefit for UNETR (synthetic CT phantoms)",
+        f"## MAE pretraining benefit for {ARCH_NAMES[cfg.architecture]} (synthetic CT phantoms)",
         "",
         f"Mean Dice of the {cfg.num_organs} organs on {cfg.num_test} held-out phantoms (sliding window, final weights), "
         f"mean +- sample std over seeds {list(cfg.seeds)}; the same labeled subset per seed for both arms.",
@@ -449,13 +491,14 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         "Settings: "
         f"phantoms {'x'.join(map(str, cfg.phantom_shape))} at {'x'.join(f'{s:g}' for s in cfg.phantom_spacing)} mm, "
         f"{cfg.layout} layout, {cfg.num_organs} organs; "
-        f"{cfg.roi}^3 crops; ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, 12 layers, patch 16; "
-        f"UNETR feature size {cfg.feature_size}. MAE: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
+        f"{cfg.roi}^3 crops; ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
+        f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
+        + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "") + f". MAE: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
         f"({pretrain['steps']} steps, {pretrain['seconds'] / 60:.1f} min{reused}), masking {cfg.masking_ratio}, "
         f"loss {pretrain['first_epoch_loss']:.4f} -> {pretrain['last_epoch_loss']:.4f}. "
         f"Fine-tuning: about {cfg.finetune_steps} AdamW steps of {cfg.finetune_batch} volume(s) x {cfg.finetune_samples} crops, "
         f"lr {cfg.finetune_lr:g}, warm-up {cfg.warmup_fraction:.0%} + cosine, DiceCE; layer decay {cfg.layer_decay:g} "
-        f"for the pretrained arm (1.0 from scratch); frozen-encoder epochs {cfg.freeze_encoder_epochs}; "
+        f"and encoder lr x{cfg.encoder_lr_scale:g} for the pretrained arm (1.0 from scratch); frozen-encoder epochs {cfg.freeze_encoder_epochs}; "
         f"transferred residual stream scaled by {cfg.residual_scale if isinstance(cfg.residual_scale, str) else f'{cfg.residual_scale:g}'}.",
         "",
         f"Run: `{env['command']}` on {env['device']}, torch {env['torch']}, MONAI {env['monai']}, "
@@ -519,7 +562,7 @@ def draw_chart(rows: list[dict], path: Path, title: str) -> Path:
         ly = top + 12 + 24 * k
         draw.line([(left + 20, ly), (left + 50, ly)], fill=colours[arm], width=3)
         draw.ellipse([(left + 30, ly - 5), (left + 40, ly + 5)], fill=colours[arm])
-        draw.text((left + 60, ly), ARM_LABELS[arm], fill="black", font=small, anchor="lm")
+        draw.text((left + 60, ly), {"scratch": "from scratch", "pretrained": "MAE-pretrained encoder"}[arm], fill="black", font=small, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
@@ -529,6 +572,8 @@ def draw_chart(rows: list[dict], path: Path, title: str) -> Path:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="unetr",
+                        help="segmentation network: unetr (patch 16) or vitseg (pure ViT, patch 8; the preset's VITSEG_CHANGES)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
     parser.add_argument("--fresh", action="store_true", help="retrain the MAE and every fine-tune (implied by --quick)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -539,12 +584,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("labeled_sizes", "seeds"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="+", default=None)
     parser.add_argument("--layout", choices=LAYOUTS, default=None, help="organ placement of the phantoms")
-    ints = ("num_organs", "num_unlabeled", "num_labeled_pool", "num_test", "roi", "hidden_size", "mlp_dim", "num_heads", "feature_size",
+    ints = ("num_organs", "num_unlabeled", "num_labeled_pool", "num_test", "roi", "patch", "hidden_size", "mlp_dim", "num_heads",
+            "num_layers", "feature_size",
             "pretrain_epochs", "pretrain_batch", "pretrain_samples", "finetune_steps", "finetune_batch",
             "finetune_samples", "freeze_encoder_epochs", "sw_batch_size")  # fmt: skip
     for name in ints:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "masking_ratio"):
+    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "encoder_lr_scale", "masking_ratio"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
@@ -565,7 +611,7 @@ def _residual_scale(text: str) -> float | str:
 
 
 # settings that only the pretrained arm depends on: the MAE, and how it is transferred and fine-tuned
-_PRETRAINED_ONLY = (*_MAE_ONLY, "layer_decay", "residual_scale", "freeze_encoder_epochs")
+_PRETRAINED_ONLY = (*_MAE_ONLY, "layer_decay", "encoder_lr_scale", "residual_scale", "freeze_encoder_epochs")
 
 
 def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "pretrained") -> str:
@@ -595,7 +641,10 @@ def _load_done(path: Path) -> dict[tuple[str, int, int], dict]:
 
 def build_config(args: argparse.Namespace) -> BenefitConfig:
     """The preset with every given flag applied."""
-    cfg = PRESETS["quick" if args.quick else args.preset]
+    preset = "quick" if args.quick else args.preset
+    cfg = PRESETS[preset]
+    if getattr(args, "architecture", "unetr") == "vitseg":
+        cfg = dataclasses.replace(cfg, **VITSEG_CHANGES[preset])
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
     for name in ("labeled_sizes", "seeds"):
         if name in changes:
@@ -616,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     work_dir = args.work_dir or args.out_dir / "pretrain_benefit_work"
-    name = "pretrain_benefit_quick" if args.quick else "pretrain_benefit"
+    name = ("pretrain_benefit_quick" if args.quick else "pretrain_benefit") + f"_{cfg.architecture}"
     t0 = time.perf_counter()
 
     unlabeled, pool, test = prepare_data(cfg, work_dir)
@@ -642,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {runs[-1]['dice']:.3f} "
                                 f"(from {done_paths[arm].name})")  # fmt: skip
                     continue
-                net, info = finetune_unetr(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
+                net, info = finetune(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
                 result = evaluate_dice(cfg, net, test, device, amp)
                 runs.append({"arm": arm, "n_labeled": n, "seed": seed, "train_cases": [Path(s["image"]).name for s in subset],
                              **result, **info})  # fmt: skip
@@ -666,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.md").write_text(markdown)
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    draw_chart(rows, args.out_dir / f"{name}.png", f"UNETR Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")
+    draw_chart(rows, args.out_dir / f"{name}.png", f"{ARCH_NAMES[cfg.architecture]} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md, .json and .png")
     return report

@@ -64,12 +64,14 @@ def _find_vit(network: nn.Module) -> nn.Module:
 
 
 def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the ViT encoder of a ``UNETR`` (all of ``network.vit``) or a ``ViT``.
+    """The parameters of the ViT encoder: patch embedding, ``cls_token``, ``blocks`` and final ``norm``.
 
-    For a ``ViT`` the task head (``classification_head``) is not part of the encoder.
+    That is all of ``network.vit`` for a ``UNETR``; for a ``ViT`` the task head
+    (``classification_head``) and for a :class:`~monai_mae.networks.vitseg.ViTSeg` the decoder and
+    head are not part of the encoder.
 
     Args:
-        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
+        network: MONAI ``UNETR``, MONAI ``ViT``, ``ViTSeg`` or a module with a ViT at ``.vit``.
 
     Returns:
         The encoder's parameters, trainable or not, in registration order.
@@ -78,13 +80,14 @@ def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
         ValueError: when ``network`` holds no ViT.
     """
     vit = _find_vit(network)
-    head = getattr(vit, "classification_head", None)
-    excluded = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    return [p for p in vit.parameters() if id(p) not in excluded]
+    parts = [getattr(vit, name, None) for name in ("patch_embedding", "cls_token", "blocks", "norm")]
+    encoder = {id(p) for part in parts if isinstance(part, nn.Module) for p in part.parameters()}
+    encoder |= {id(part) for part in parts if isinstance(part, nn.Parameter)}
+    return [p for p in vit.parameters() if id(p) in encoder]
 
 
 def layerwise_lr_groups(
-    network: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75
+    network: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75, encoder_lr_scale: float = 1.0
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups with layer-wise learning-rate decay for a ``UNETR`` or ``ViT``.
 
@@ -99,6 +102,10 @@ def layerwise_lr_groups(
     block ``i``           ``lr * layer_decay ** (L - i)``
     everything else       ``lr``
     ====================  ======================================
+
+    On top of that, every encoder parameter (:func:`encoder_parameters`) is multiplied by
+    ``encoder_lr_scale``: a lower peak rate for pretrained weights than for the new decoder, as in
+    nnssl's fine-tuning recipe.
 
     1-D parameters (biases, norms) and ``cls_token`` / position tables get no weight decay.
     Parameters with ``requires_grad=False`` (e.g. a fixed sin-cos table) are left out; build the
@@ -116,6 +123,7 @@ def layerwise_lr_groups(
         weight_decay: decay of the weight matrices, >= 0. Defaults to 0.05.
         layer_decay: per-layer factor in (0, 1]; 1.0 disables the decay (every group at ``lr``,
             e.g. training from scratch). Defaults to 0.75.
+        encoder_lr_scale: factor in (0, 1] on the encoder's rates. Defaults to 1.0.
 
     Returns:
         A list of ``{"params", "lr", "weight_decay", "lr_scale", "layer_id"}`` dicts, top layers
@@ -140,7 +148,10 @@ def layerwise_lr_groups(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}.")
+    if not 0.0 < encoder_lr_scale <= 1.0:
+        raise ValueError(f"encoder_lr_scale must be in (0, 1], got {encoder_lr_scale!r}.")
     network = unwrap(network)
+    encoder = {id(p) for p in encoder_parameters(network)}
     vit = _find_vit(network)
     num_layers = len(vit.blocks)
     layer_of: dict[int, int] = {id(p): 0 for p in vit.patch_embedding.parameters()}
@@ -150,23 +161,25 @@ def layerwise_lr_groups(
     for i, block in enumerate(vit.blocks):
         layer_of.update({id(p): i + 1 for p in block.parameters()})
 
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, param in network.named_parameters():
         if not param.requires_grad:
             continue
         layer_id = layer_of.get(id(param), num_layers + 1)
         decay = not (param.ndim <= 1 or any(key in name for key in _NO_DECAY_NAMES))
-        if (layer_id, decay) not in groups:
-            scale = float(layer_decay ** (num_layers + 1 - layer_id))
-            groups[(layer_id, decay)] = {
+        in_encoder = id(param) in encoder and encoder_lr_scale != 1.0  # one group per layer unless scaled
+        key = (layer_id, decay, in_encoder)
+        if key not in groups:
+            scale = float(layer_decay ** (num_layers + 1 - layer_id)) * (encoder_lr_scale if in_encoder else 1.0)
+            groups[key] = {
                 "params": [],
                 "lr": lr * scale,
                 "weight_decay": weight_decay if decay else 0.0,
                 "lr_scale": scale,
                 "layer_id": layer_id,
             }
-        groups[(layer_id, decay)]["params"].append(param)
-    return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
+        groups[key]["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], k[2], not k[1]))]
 
 
 class FreezeEncoder:

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
 from monai.networks.blocks.pos_embed_utils import build_fourier_position_embedding
-from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep, look_up_option
-from torch.utils.checkpoint import checkpoint
+
+from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
 
 from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking
 from monai_mae.networks.patching import patch_grid, patch_pattern, patchify
@@ -23,12 +23,18 @@ from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 __all__ = ["MAEViT", "MAEReconstructor", "VisiblePatchEmbedding"]
 
 SUPPORTED_PROJ_TYPES = ("conv", "perceptron")
-SUPPORTED_POS_EMBED_TYPES = ("none", "learnable", "sincos", "fourier")
+SUPPORTED_POS_EMBED_TYPES = ("none", "learnable", "sincos", "fourier", "rope")
 SUPPORTED_DECODER_POS_EMBED_TYPES = ("none", "learnable", "sincos")
 
 
 def _make_pos_embed(kind: str, grid: Sequence[int], width: int) -> nn.Parameter:
-    """A ``(1, prod(grid), width)`` position table; fixed (no grad) for sin-cos and Fourier."""
+    """A ``(1, prod(grid), width)`` position table; fixed (no grad) for sin-cos and Fourier.
+
+    With ``"rope"`` positions enter through rotary embeddings in the attention instead: the table is
+    a fixed zero table, kept so that the weights still load into MONAI's ``ViT`` / ``UNETR``.
+    """
+    if kind == "rope":
+        return nn.Parameter(torch.zeros(1, math.prod(grid), width), requires_grad=False)
     if kind == "sincos":
         return nn.Parameter(sincos_pos_embed(grid, width), requires_grad=False)
     if kind == "fourier":
@@ -44,7 +50,11 @@ def _pos_embed_for_grid(table: torch.Tensor, kind: str, built: tuple[int, ...], 
     if grid == built:
         return table
     if kind == "sincos":
-        return sincos_pos_embed(grid, table.shape[-1], device=table.device).to(table.dtype)
+        # rebuilt exactly for the new grid, times the stored table's scale (1 unless the residual stream was
+        # rescaled: see monai_mae.networks.transfer.rescale_residual_stream)
+        unit = sincos_pos_embed(built, table.shape[-1], device=table.device)
+        scale = (table.float() * unit).sum() / unit.square().sum()
+        return (sincos_pos_embed(grid, table.shape[-1], device=table.device) * scale).to(table.dtype)
     return interpolate_pos_embed(table, built, grid)
 
 
@@ -63,7 +73,8 @@ class VisiblePatchEmbedding(nn.Module):
         patch_size: per-axis patch size ``P``.
         hidden_size: token width.
         proj_type: ``"conv"`` or ``"perceptron"`` (same parameters as MONAI's).
-        pos_embed_type: ``"none"``, ``"learnable"``, ``"sincos"`` or ``"fourier"``.
+        pos_embed_type: ``"none"``, ``"learnable"``, ``"sincos"``, ``"fourier"`` or ``"rope"`` (no
+            additive table: a fixed zero one, positions come from rotary embeddings in attention).
         dropout_rate: dropout after adding the position embedding.
         spatial_dims: 2 or 3.
     """
@@ -119,6 +130,13 @@ class VisiblePatchEmbedding(nn.Module):
         """``(1, prod(grid), D)`` position table for ``grid``."""
         return _pos_embed_for_grid(self.position_embeddings, self.pos_embed_type, self.grid_size, grid)
 
+    def embed_all(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Embed every patch ``(B, N, prod(P) * C)`` of an input with patch grid ``grid``: ``(B, N, D)``."""
+        tokens = self.project(patches)
+        if self.pos_embed_type != "rope":
+            tokens = tokens + self.pos_embed(grid)
+        return self.dropout(tokens)
+
     def forward(self, patches: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Embed the kept patches.
 
@@ -131,8 +149,10 @@ class VisiblePatchEmbedding(nn.Module):
             ``(B, N_keep, D)`` embedded tokens.
         """
         tokens = self.project(patches)  # (B, N_keep, D)
-        pos = self.pos_embed(grid).expand(keep.shape[0], -1, -1)[keep]  # (B * N_keep, D)
-        return self.dropout(tokens + pos.view_as(tokens))
+        if self.pos_embed_type != "rope":
+            pos = self.pos_embed(grid).expand(keep.shape[0], -1, -1)[keep]  # (B * N_keep, D)
+            tokens = tokens + pos.view_as(tokens)
+        return self.dropout(tokens)
 
 
 class MAEViT(nn.Module):
@@ -161,8 +181,10 @@ class MAEViT(nn.Module):
         decoder_num_layers: decoder blocks. Defaults to 4.
         decoder_num_heads: decoder heads. Defaults to 12.
         proj_type: ``"conv"`` or ``"perceptron"``. Defaults to ``"conv"``.
-        pos_embed_type: encoder position embedding, ``"none"``, ``"learnable"``, ``"sincos"`` or
-            ``"fourier"``. Defaults to ``"sincos"``.
+        pos_embed_type: encoder position embedding, ``"none"``, ``"learnable"``, ``"sincos"``,
+            ``"fourier"`` or ``"rope"`` (3D/2D axial rotary embeddings on the queries and keys of every
+            encoder and decoder block, from each token's grid coordinates: no table to interpolate for
+            other input sizes). Defaults to ``"sincos"``.
         decoder_pos_embed_type: ``"none"``, ``"learnable"`` or ``"sincos"``. Defaults to ``"sincos"``.
         dropout_rate: dropout in [0, 1]. Defaults to 0.
         spatial_dims: 2 or 3. Defaults to 3.
@@ -173,6 +195,20 @@ class MAEViT(nn.Module):
             dropout in eval mode too, so it is not used with dropout).
         activation_checkpointing: keyword-only. Recompute block activations in the backward pass to
             save memory on large volumes. Defaults to False.
+        mlp_type: keyword-only. ``"gelu"`` (MONAI's MLP) or ``"swiglu"``, in encoder and decoder.
+            Defaults to ``"gelu"``.
+        layer_scale_init: keyword-only. LayerScale's initial value (e.g. 0.1) in encoder and decoder
+            blocks; None (default) for none.
+        drop_path_rate: keyword-only. Stochastic depth of the encoder, rising linearly from 0 in the
+            first block to this value in the last. Defaults to 0.
+        rope_theta: keyword-only. Frequency base of the rotary embeddings. Defaults to 100.
+        cls_token: keyword-only. Prepend a class token (MONAI's layout). False leaves it out, as
+            Primus / nnssl do, so that the encoder computes exactly what
+            :class:`~monai_mae.networks.vitseg.ViTSeg` computes with the same weights. Defaults to True.
+
+    With the defaults the blocks are MONAI's ``TransformerBlock`` (MONAI's state dicts and outputs);
+    any of ``"rope"``, ``mlp_type``, ``layer_scale_init`` or ``drop_path_rate`` switches to
+    :class:`~monai_mae.networks.blocks.EncoderBlock` (same parameter names, plus ``ls1`` / ``ls2``).
 
     Raises:
         ValueError: for any inconsistent argument (the message names it).
@@ -184,6 +220,9 @@ class MAEViT(nn.Module):
         >>> pred, mask = net(torch.randn(2, 1, 96, 96, 96))  # pred (2, 216, 4096), mask (2, 216)
         # anisotropic patches
         >>> net = MAEViT(1, (128, 128, 64), (16, 16, 8), hidden_size=384, num_heads=6)
+        # Primus-style: 8^3 patches, RoPE, SwiGLU, LayerScale
+        >>> net = MAEViT(1, 64, 8, hidden_size=192, num_heads=4, pos_embed_type="rope", mlp_type="swiglu",
+        ...              layer_scale_init=0.1)
         # 2D, 3 channels
         >>> net = MAEViT(3, (224, 224), 16, spatial_dims=2, masking_ratio=0.5)
     """
@@ -212,6 +251,11 @@ class MAEViT(nn.Module):
         *,
         use_flash_attention: bool | None = None,
         activation_checkpointing: bool = False,
+        mlp_type: str = "gelu",
+        layer_scale_init: float | None = None,
+        drop_path_rate: float = 0.0,
+        rope_theta: float = 100.0,
+        cls_token: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -259,12 +303,16 @@ class MAEViT(nn.Module):
             in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate, spatial_dims
         )
         self.grid_size = self.patch_embedding.grid_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, save_attn, use_flash_attention=use_flash_attention
-            )
-            for _ in range(num_layers)
+        self.num_prefix_tokens = int(bool(cls_token))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if cls_token else None
+        self.use_rope = self.patch_embedding.pos_embed_type == "rope"
+        monai_blocks = not self.use_rope and mlp_type == "gelu" and layer_scale_init is None and drop_path_rate == 0
+        if save_attn and not monai_blocks:
+            raise ValueError("save_attn needs the default blocks (no rope, mlp_type, layer_scale_init or drop_path_rate).")
+        options = dict(mlp_type=mlp_type, layer_scale_init=layer_scale_init, monai_blocks=monai_blocks,
+                       save_attn=save_attn, use_flash_attention=use_flash_attention)  # fmt: skip
+        self.blocks = build_blocks(
+            num_layers, hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, drop_path_rate=drop_path_rate, **options
         )
         self.norm = nn.LayerNorm(hidden_size)
 
@@ -272,17 +320,12 @@ class MAEViT(nn.Module):
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.mask_tokens = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
         self.decoder_pos_embedding = _make_pos_embed(self.decoder_pos_embed_type, self.grid_size, decoder_hidden_size)
-        self.decoder_blocks = nn.ModuleList(
-            TransformerBlock(
-                decoder_hidden_size,
-                decoder_mlp_dim,
-                decoder_num_heads,
-                dropout_rate,
-                qkv_bias,
-                save_attn,
-                use_flash_attention=use_flash_attention,
-            )
-            for _ in range(decoder_num_layers)
+        self.decoder_blocks = build_blocks(
+            decoder_num_layers, decoder_hidden_size, decoder_mlp_dim, decoder_num_heads, dropout_rate, qkv_bias, **options
+        )
+        self.rope = AxialRoPE(hidden_size // num_heads, spatial_dims, rope_theta) if self.use_rope else None
+        self.decoder_rope = (
+            AxialRoPE(decoder_hidden_size // decoder_num_heads, spatial_dims, rope_theta) if self.use_rope else None
         )
         self.decoder_norm = nn.LayerNorm(decoder_hidden_size)
         self.decoder_pred = nn.Linear(decoder_hidden_size, self.patch_embedding.patch_dim)
@@ -290,7 +333,8 @@ class MAEViT(nn.Module):
         # MONAI's TransformerBlock always builds a cross-attention norm; without cross-attention it is never
         # used, so freeze it (kept in the state dict for MONAI compatibility; DDP then needs no unused-parameter scan)
         for block in [*self.blocks, *self.decoder_blocks]:
-            block.norm_cross_attn.requires_grad_(False)
+            if hasattr(block, "norm_cross_attn"):
+                block.norm_cross_attn.requires_grad_(False)
         self._init_weights()
         self.register_load_state_dict_pre_hook(_load_monai_layout)
 
@@ -301,7 +345,8 @@ class MAEViT(nn.Module):
                     nn.init.xavier_uniform_(sub.weight)
                     if sub.bias is not None:
                         nn.init.zeros_(sub.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_tokens, std=0.02)
 
     # ------------------------------------------------------------------ stages
@@ -333,13 +378,11 @@ class MAEViT(nn.Module):
             return mask_from_keep(patches, mask.to(patches.device) < 0.5)
         return random_masking(patches, masking_ratio, weights=weights, generator=generator)
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+    def _rope(self, rope: AxialRoPE | None, grid: tuple[int, ...], indices: torch.Tensor | None, device: torch.device):
+        """Rotary ``(cos, sin)`` for a class token plus the tokens at ``indices`` (all when None), or None."""
+        if rope is None:
+            return None
+        return rope(grid_coordinates(grid, indices, device=device), prefix_tokens=self.num_prefix_tokens)
 
     def forward_encoder_tokens(self, masking: MaskingResult, grid: tuple[int, ...]) -> torch.Tensor:
         """Encode visible patches.
@@ -349,11 +392,14 @@ class MAEViT(nn.Module):
             grid: the input's patch grid.
 
         Returns:
-            ``(B, 1 + N_keep, hidden_size)``, class token first, after the final norm.
+            ``(B, 1 + N_keep, hidden_size)``, class token first, after the final norm (``(B, N_keep,
+            hidden_size)`` without a class token).
         """
         tokens = self.patch_embedding(masking.visible, masking.keep, grid)  # (B, N_keep, D)
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        x = self._run_blocks(self.blocks, torch.cat([cls, tokens], dim=1))  # (B, 1 + N_keep, D)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        rope = self._rope(self.rope, grid, masking.visible_indices, tokens.device)
+        x = run_blocks(self.blocks, tokens, rope, self.activation_checkpointing)  # (B, 1 + N_keep, D)
         return self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
@@ -370,11 +416,13 @@ class MAEViT(nn.Module):
         x = self.decoder_embed(latent)  # (B, 1 + N_keep, Dd)
         batch, n_tokens = keep.shape
         full = self.mask_tokens.to(x.dtype).expand(batch, n_tokens, -1).clone()  # (B, N, Dd)
-        full[keep] = x[:, 1:].reshape(-1, x.shape[-1])  # visible tokens back in place
+        prefix = self.num_prefix_tokens
+        full[keep] = x[:, prefix:].reshape(-1, x.shape[-1])  # visible tokens back in place
         pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)
         full = full + pos
-        x = self._run_blocks(self.decoder_blocks, torch.cat([x[:, :1], full], dim=1))  # (B, 1 + N, Dd)
-        return self.decoder_pred(self.decoder_norm(x[:, 1:]))
+        rope = self._rope(self.decoder_rope, grid, None, full.device)
+        x = run_blocks(self.decoder_blocks, torch.cat([x[:, :prefix], full], dim=1), rope, self.activation_checkpointing)  # (B, 1 + N, Dd)
+        return self.decoder_pred(self.decoder_norm(x[:, prefix:]))
 
     def forward_encoder(
         self, x: torch.Tensor, masking_ratio: float = 0.0, generator: torch.Generator | None = None

@@ -53,6 +53,7 @@ POS_KEY = "patch_embedding.position_embeddings"
 CONV_WEIGHT, CONV_BIAS = "patch_embedding.patch_embeddings.weight", "patch_embedding.patch_embeddings.bias"
 LINEAR_WEIGHT, LINEAR_BIAS = "patch_embedding.patch_embeddings.1.weight", "patch_embedding.patch_embeddings.1.bias"
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_UNUSED_NORM = ".norm_cross_attn."
 _GRID_AXES = ("p1", "p2", "p3")
 
 
@@ -546,10 +547,13 @@ def _plan_transfer(
             plan.add(target, key, source[key])
             used.add(key)
     misfit_keys = {k for k, _ in plan.misfits}
-    plan.missing = [k for k in target if k not in plan.values and k not in misfit_keys]
+    # MONAI's TransformerBlock always holds a cross-attention norm that nothing uses without cross-attention;
+    # EncoderBlock has none: neither side needs the other's
+    plan.missing = [k for k in target if k not in plan.values and k not in misfit_keys and _UNUSED_NORM not in k]
     for key in source:
         if key not in used:
-            (plan.unused if key == "cls_token" and key not in target else plan.unexpected).append(key)
+            dropped = (key == "cls_token" or _UNUSED_NORM in key) and key not in target
+            (plan.unused if dropped else plan.unexpected).append(key)
     return plan
 
 
@@ -692,8 +696,12 @@ def _reference_input(vit: nn.Module, network: nn.Module, batch: int = 2, seed: i
 def residual_stream_norm(network: nn.Module, images: torch.Tensor | None = None) -> float:
     """Mean L2 norm of the ViT's tokens over the outputs of all its blocks (what ``UNETR`` taps for skips).
 
+    The block outputs are read with forward hooks, so any network whose encoder has ``blocks``
+    works, whatever its ``forward`` returns (MONAI ``ViT`` / ``UNETR``, :class:`ViTSeg`).
+
     Args:
-        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
+        network: MONAI ``UNETR``, MONAI ``ViT``, :class:`~monai_mae.networks.vitseg.ViTSeg` or a
+            module with a ViT at ``.vit``.
         images: input batch ``(B, C, *spatial)`` at the ViT's input size; None uses a fixed batch of
             uniform noise in [0, 1] (seeded; the global RNG is not touched).
 
@@ -703,13 +711,17 @@ def residual_stream_norm(network: nn.Module, images: torch.Tensor | None = None)
     vit, _ = _find_vit(network)
     if images is None:
         images = _reference_input(vit, network)
+    norms: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: norms.append(out.float().norm(dim=-1).mean())) for block in vit.blocks]
     was_training = vit.training
     vit.eval()
     try:
-        _, hidden = vit(images)
+        vit(images)
     finally:
         vit.train(was_training)
-    return float(torch.stack([h.float().norm(dim=-1).mean() for h in hidden]).mean())
+        for hook in hooks:
+            hook.remove()
+    return float(torch.stack(norms).mean())
 
 
 @torch.no_grad()

@@ -1,0 +1,204 @@
+"""``ViTSeg``: a pure-ViT segmentation network with a light transposed-convolution decoder.
+
+The encoder is :class:`~monai_mae.networks.mae.MAEViT`'s, run on every token, with the same
+parameter names (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``), so an MAE checkpoint loads
+with :func:`~monai_mae.networks.transfer.load_mae_encoder`. After the final norm the token grid is
+turned back into an image and upsampled by one transposed convolution per factor of 2 of the patch
+size (each followed by a norm and an activation) to full-resolution logits. This is the shape of
+Primus (Wald et al., arXiv 2503.01835), which reaches nnU-Net's level with 8^3 patches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.layers import Conv, get_act_layer, get_norm_layer
+from monai.utils import ensure_tuple_rep
+
+from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
+from monai_mae.networks.mae import VisiblePatchEmbedding
+from monai_mae.networks.patching import patch_grid, patchify
+
+__all__ = ["ViTSeg", "upsampling_strides"]
+
+
+def upsampling_strides(patch_size: Sequence[int]) -> list[tuple[int, ...]]:
+    """Per-stage strides of the decoder: one stage per factor of 2, axes with smaller patches stop early.
+
+    ``(8, 8, 8) -> [(2, 2, 2)] * 3``; ``(8, 8, 4) -> [(2, 2, 2), (2, 2, 2), (2, 2, 1)]``.
+
+    Raises:
+        ValueError: when a patch side is not a power of 2.
+    """
+    sides = [int(p) for p in patch_size]
+    if any(p < 1 or p & (p - 1) for p in sides):
+        raise ValueError(f"ViTSeg needs power-of-2 patch sides (one x2 upsampling stage per factor), got {tuple(sides)}.")
+    stages = max(p.bit_length() - 1 for p in sides)
+    return [tuple(2 if (p >> s) > 1 else 1 for p in sides) for s in range(stages)]
+
+
+class ViTSeg(nn.Module):
+    """Pure vision transformer for 2D/3D segmentation: ViT encoder on all tokens + light decoder.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (logits; classes including background).
+        img_size: spatial size the position table is built for; other sizes that the patch divides
+            work too (the table is rebuilt or interpolated; RoPE needs no table).
+        patch_size: per-axis patch size, powers of 2. Defaults to 8.
+        hidden_size: encoder width. Defaults to 768.
+        mlp_dim: encoder MLP width. Defaults to 3072.
+        num_layers: encoder blocks. Defaults to 12.
+        num_heads: attention heads. Defaults to 12.
+        qkv_bias: bias on the qkv projection. Defaults to False.
+        pos_embed_type: ``"sincos"``, ``"learnable"``, ``"none"``, ``"fourier"`` or ``"rope"``. Defaults to ``"sincos"``.
+        mlp_type: ``"gelu"`` or ``"swiglu"``. Defaults to ``"gelu"``.
+        layer_scale_init: LayerScale's initial value; None (default) for none.
+        drop_path_rate: stochastic depth of the last block (linear from 0). Defaults to 0.
+        proj_type: patch projection, ``"conv"`` or ``"perceptron"``. Defaults to ``"conv"``.
+        dropout_rate: dropout in the encoder. Defaults to 0.
+        spatial_dims: 2 or 3. Defaults to 3.
+        decoder_channels: channels after each upsampling stage; None (default) halves from
+            ``32 * 2 ** (stages - 1)`` down to 32 (``(128, 64, 32)`` for 8^3 patches).
+        norm_name: decoder norm (MONAI name). Defaults to ``("instance", {"affine": True})``.
+        act_name: decoder activation (MONAI name). Defaults to ``"GELU"``.
+        rope_theta: RoPE frequency base. Defaults to 100.
+        activation_checkpointing: recompute encoder block activations in the backward pass. Defaults to False.
+
+    Raises:
+        ValueError: for an inconsistent argument (the message names it).
+
+    Examples::
+
+        # 3D, 8^3 patches on 96^3 crops (1728 tokens), Primus-S-like encoder with RoPE
+        >>> net = ViTSeg(1, 5, 96, hidden_size=384, mlp_dim=1536, num_heads=6, pos_embed_type="rope",
+        ...              mlp_type="swiglu", layer_scale_init=0.1, drop_path_rate=0.1)
+        >>> net(torch.randn(1, 1, 96, 96, 96)).shape
+        torch.Size([1, 5, 96, 96, 96])
+        # 2D, 16^2 patches
+        >>> net = ViTSeg(1, 3, (256, 256), patch_size=16, hidden_size=192, num_heads=3, spatial_dims=2)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: Sequence[int] | int,
+        patch_size: Sequence[int] | int = 8,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        qkv_bias: bool = False,
+        pos_embed_type: str = "sincos",
+        mlp_type: str = "gelu",
+        layer_scale_init: float | None = None,
+        drop_path_rate: float = 0.0,
+        proj_type: str = "conv",
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
+        decoder_channels: Sequence[int] | None = None,
+        norm_name: str | tuple = ("instance", {"affine": True}),
+        act_name: str | tuple = "GELU",
+        rope_theta: float = 100.0,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
+        if not 0.0 <= dropout_rate <= 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}.")
+        self.img_size = tuple(ensure_tuple_rep(img_size, spatial_dims))
+        self.patch_size = tuple(ensure_tuple_rep(patch_size, spatial_dims))
+        self.strides = upsampling_strides(self.patch_size)
+        if decoder_channels is None:
+            decoder_channels = [32 * 2 ** (len(self.strides) - 1 - i) for i in range(len(self.strides))]
+        decoder_channels = [int(c) for c in decoder_channels]
+        if len(decoder_channels) != len(self.strides) or min(decoder_channels, default=1) < 1:
+            raise ValueError(
+                f"decoder_channels needs {len(self.strides)} positive entries (one per x2 stage of patch size "
+                f"{self.patch_size}), got {decoder_channels}."
+            )
+        self.in_channels, self.out_channels, self.spatial_dims = in_channels, out_channels, spatial_dims
+        self.hidden_size = hidden_size
+        self.activation_checkpointing = activation_checkpointing
+
+        # encoder: MAEViT's names
+        self.patch_embedding = VisiblePatchEmbedding(
+            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate, spatial_dims
+        )
+        self.grid_size = self.patch_embedding.grid_size
+        self.blocks = build_blocks(
+            num_layers, hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias,
+            mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
+        )  # fmt: skip
+        self.norm = nn.LayerNorm(hidden_size)
+        self.rope = (
+            AxialRoPE(hidden_size // num_heads, spatial_dims, rope_theta)
+            if self.patch_embedding.pos_embed_type == "rope"
+            else None
+        )
+
+        # decoder: one transposed conv + norm + activation per x2 stage, then 1x1 conv to logits
+        stages: list[nn.Module] = []
+        channels = hidden_size
+        for stride, out in zip(self.strides, decoder_channels):
+            stages.append(
+                nn.Sequential(
+                    Conv[Conv.CONVTRANS, spatial_dims](channels, out, kernel_size=stride, stride=stride),
+                    get_norm_layer(norm_name, spatial_dims=spatial_dims, channels=out),
+                    get_act_layer(act_name),
+                )
+            )
+            channels = out
+        self.decoder = nn.Sequential(*stages)
+        self.head = Conv[Conv.CONV, spatial_dims](channels, out_channels, kernel_size=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for sub in self.blocks.modules():
+            if isinstance(sub, nn.Linear):
+                nn.init.xavier_uniform_(sub.weight)
+                if sub.bias is not None:
+                    nn.init.zeros_(sub.bias)
+
+    def check_input(self, x: torch.Tensor) -> tuple[int, ...]:
+        """Validate ``x`` ``(B, C, *S)`` and return its patch grid ``S // P``.
+
+        Raises:
+            ValueError: wrong number of dimensions, channels, or a size the patch does not divide.
+        """
+        if not isinstance(x, torch.Tensor) or x.ndim != self.spatial_dims + 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            axes = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, H, W, D)"
+            raise ValueError(f"ViTSeg({self.spatial_dims}D) expects input {axes}, got {shape}.")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"ViTSeg expects {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}).")
+        return patch_grid(x.shape[2:], self.patch_size, name="input")
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Encoder output ``(B, N, hidden_size)`` after the final norm, and the patch grid."""
+        grid = self.check_input(x)
+        tokens = self.patch_embedding.embed_all(patchify(x, self.patch_size), grid)  # (B, N, D)
+        rope = self.rope(grid_coordinates(grid, device=x.device)) if self.rope is not None else None
+        tokens = run_blocks(self.blocks, tokens, rope, self.activation_checkpointing)
+        return self.norm(tokens), grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, *S)`` -> logits ``(B, out_channels, *S)``."""
+        tokens, grid = self.forward_features(x)
+        feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], self.hidden_size, *grid)  # (B, D, *grid)
+        return self.head(self.decoder(feature_map))
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per input of ``img_size``."""
+        return math.prod(self.grid_size)
