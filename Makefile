@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-quick wheel-smoke demo bench clean
 
 install: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
+# Everything (what CI runs); test-quick skips the tests marked slow (bundle runs, torchrun, kill -9, CLIs).
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Build the wheel, install it with its dependencies into a fresh venv, and use it from outside the
+# repository (presets, one tiny epoch of the mae_pretrain bundle). Writes only under a temporary folder.
+wheel-smoke:
+	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 
 # Short MAE pretraining on CPU with the synthetic phantoms (generated on first run), then
 # reconstruction of the validation volumes as NIfTI. Pictures: outputs/mae_pretrain_demo/reconstructions/
