@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from bundle_utils import REPO
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
@@ -17,7 +17,7 @@ from monai.handlers import StatsHandler, TensorBoardStatsHandler
 from test_engines import TINY, _data, _trainer
 
 from monai_mae import MAEViT
-from monai_mae.engines import AutoResume, BestModelSaver, EpochCheckpointer, list_checkpoints
+from monai_mae.engines import AutoResume, BestModelSaver, EpochCheckpointer
 from monai_mae.engines import handlers as handlers_module
 from monai_mae.utils import atomic_write, is_main_process, unwrap
 
