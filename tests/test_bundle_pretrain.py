@@ -68,6 +68,11 @@ def test_validation_loss_decreases(dataset, tmp_path):
     losses = _val_losses(result.stdout)
     assert len(losses) == 8
     assert min(losses[-3:]) < losses[0] * 0.8, losses
+    # "best" is the lowest loss in the log (the evaluator's key metric) and in model_best.pt's record
+    best_value, best_epoch = re.findall(r"Key metric: val_loss best value: ([0-9.eE+-]+) at epoch: (\d+)", result.stdout)[-1]
+    assert float(best_value) == pytest.approx(min(losses), abs=1e-4) and int(best_epoch) == losses.index(min(losses)) + 1
+    record = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint_epoch=8.pt", weights_only=True)["best"]
+    assert record["best_epoch"] == int(best_epoch) and record["best"] == pytest.approx(float(best_value))
 
 
 def test_named_folder_without_datalist_stops_unless_synthetic_data_is_asked_for(tmp_path):
