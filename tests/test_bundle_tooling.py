@@ -126,8 +126,10 @@ def test_inference_checks_its_input_files_like_training(bundle, dataset, tmp_pat
     assert "phantom_002.nii.gz: corrupt or truncated NIfTI" in str(cause) and "skip_bad_files" in str(cause)
 
 
-# Tiny settings of each fine-tuning network for a quick export; the pure-ViT ViTSeg joins this table
-# (with its "architecture" setting) once the bundle offers it.
+# Tiny settings of each fine-tuning network for a quick export (config overrides, plus ckpt_export's own
+# arguments where needed). The pure-ViT ViTSeg joins this table with its "architecture" setting once the
+# bundle offers it; it does not script (a `tuple[int, ...]` annotation in mae.py) but traces, so its entry
+# needs "use_trace": True, "input_shape": [1, 1, 32, 32, 32].
 EXPORT_NETWORKS = {
     "unetr": {"roi_size": [32, 32, 32], "network_def#hidden_size": 48, "network_def#mlp_dim": 96,
               "network_def#num_heads": 4, "network_def#feature_size": 8},
