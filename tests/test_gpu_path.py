@@ -73,6 +73,7 @@ def test_build_optimizer_picks_the_fused_kernel_from_the_parameters_device():
 _HAS_CXX = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
 
 
+@pytest.mark.slow  # inductor runs the C++ compiler in subprocesses
 @pytest.mark.skipif(not _HAS_CXX, reason="torch.compile (inductor) needs a C++ compiler on the CPU")
 def test_torch_compile_matches_eager():
     # inductor compiles C++ kernels with g++: ~15 s with a warm cache (/tmp/torchinductor_$USER), up to ~1 min cold
