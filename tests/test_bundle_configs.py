@@ -17,13 +17,19 @@ import torch.distributed as dist
 from bundle_utils import REPO, TINY_NETWORK
 from monai.bundle import ConfigParser
 
-from monai_mae.data import write_synthetic_dataset
+from monai_mae import MAEViT
+from monai_mae.data import load_data_preset, write_synthetic_dataset
+from monai_mae.model_file import save_model
+from monai_mae.networks.vitseg import ViTSeg
 
-TINY_UNETR = {"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_heads": 4, "network_def#feature_size": 4}
+TINY_UNETR = {"architecture": "unetr", "encoder#hidden_size": 48, "encoder#mlp_dim": 96, "encoder#num_heads": 4,
+              "unetr#feature_size": 4}  # fmt: skip
 TINY = {
     "mae_pretrain": {"roi_size": [16, 16, 16], "patch_size": [8, 8, 8], **TINY_NETWORK},
     "mae_finetune": {"roi_size": [32, 32, 32], **TINY_UNETR},
 }
+#: configs that rebuild the network and the preprocessing from the model file they load (``ckpt_path``)
+FROM_MODEL_FILE = ("inference.json", "evaluate.json")
 #: (bundle, config files layered in order, the workflow object that a run starts)
 CONFIGS = [
     ("mae_pretrain", ["train.json"], "train#trainer"),
@@ -52,6 +58,26 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    """Tiny self-describing model files as the bundles write them, for the configs that load one."""
+    root = tmp_path_factory.mktemp("models")
+    preset = {**load_data_preset("ct"), "pixdim": None, "spatial_dims": 3, "in_channels": 1}  # as the bundles record it
+    mae = MAEViT(1, 16, 8, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, decoder_hidden_size=16,
+                 decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2)  # fmt: skip
+    seg = ViTSeg(1, 3, 32, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, decoder_channels=[8, 8, 8])
+    return {
+        "mae_pretrain": save_model(mae, root / "mae.pt", data_preset={**preset, "roi_size": [16, 16, 16]}),
+        "mae_finetune": save_model(seg, root / "seg.pt", data_preset={**preset, "roi_size": [32, 32, 32], "num_classes": 3}),
+    }
+
+
+def _tiny(bundle: str, files: list[str], model_files: dict[str, Path]) -> dict:
+    if files[-1] in FROM_MODEL_FILE:  # the network and the crop size come from the file
+        return {"ckpt_path": str(model_files[bundle])}
+    return TINY[bundle]
+
+
 @pytest.fixture
 def single_process_group(monkeypatch):
     """The environment torchrun gives one process, so the multi-GPU configs' own ``init_process_group`` runs."""
@@ -69,15 +95,11 @@ def single_process_group(monkeypatch):
 @pytest.mark.parametrize("device", [None, "cpu"], ids=["default", "cpu"])
 @pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
 def test_every_config_runs_initialize_and_builds_its_workflow(
-    bundle, files, workflow, device, dataset, tmp_path, single_process_group, request
+    bundle, files, workflow, device, dataset, tmp_path, single_process_group, model_files
 ):
     """``--device cpu`` arrives as the string ``"cpu"``: every expression that needs a device object must cope."""
-    if bundle == "mae_finetune" and "multi_gpu_train.json" in files and device == "cpu":
-        # strict: passes (and so fails here) as soon as the entry is fixed; then drop this mark
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-            "mae_finetune multi_gpu_train.json network#device_ids still reads @device.type; it needs "
-            "torch.device(@device).type (the network entries belong to the networks work package)")))  # fmt: skip
-    overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 0, **TINY[bundle]}
+    overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 0,
+                 **_tiny(bundle, files, model_files)}  # fmt: skip
     if device is not None:
         overrides["device"] = device
     parser = _parser(bundle, files, **overrides)
@@ -96,9 +118,9 @@ def test_every_config_runs_initialize_and_builds_its_workflow(
 
 
 @pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
-def test_a_cuda_device_string_selects_nccl_amp_and_pinned_memory(bundle, files, workflow):
+def test_a_cuda_device_string_selects_nccl_amp_and_pinned_memory(bundle, files, workflow, model_files):
     """``--device cuda:1`` as a string: the device-dependent settings follow it (evaluated without a GPU)."""
-    parser = _parser(bundle, files, device="cuda:1")
+    parser = _parser(bundle, files, device="cuda:1", **_tiny(bundle, files, model_files))
     expected = {"backend": "nccl", "amp": True, "train#dataloader#pin_memory": True}
     present = {key: value for key, value in expected.items() if key in parser}
     if "inference.json" not in files:

@@ -18,14 +18,16 @@ from bundle_utils import REPO, run_bundle, write_overrides
 
 from monai_mae import MAEViT
 from monai_mae.data import write_synthetic_dataset
+from monai_mae.model_file import read_model, save_model
 
 pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
 
 NUM_CLASSES = 5
-TINY_UNETR = {"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_heads": 4, "network_def#feature_size": 4}
+TINY_UNETR = {"architecture": "unetr", "encoder#hidden_size": 48, "encoder#mlp_dim": 96, "encoder#num_heads": 4,
+              "unetr#feature_size": 4}  # fmt: skip
 TINY_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
                 sw_batch_size=2, progress_bar=False, **TINY_UNETR)  # fmt: skip
-TINY_INFER = dict(roi_size=[32, 32, 32], num_workers=0, sw_batch_size=2, **TINY_UNETR)
+TINY_INFER = dict(num_workers=0, sw_batch_size=2)  # the network and the preprocessing come from the model file
 CONFIGS = REPO / "bundles" / "mae_finetune" / "configs"
 
 
@@ -82,7 +84,13 @@ def test_finetune_loads_mae_encoder_and_keeps_it_frozen(finetuned):
     assert "MAE encoder transfer: 173 tensors loaded" in result.stdout and "0 missing" in result.stdout
     assert "ViT encoder frozen" in result.stdout and "Epoch[1] Complete" in result.stdout
     assert "val_mean_dice" in result.stdout and "val_dice_class_4" in result.stdout  # per-class Dice logged
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    model = read_model(out / "models" / "model.pt")
+    state = model.state_dict
+    # self-describing: class, constructor arguments and the data preset used
+    assert model.network["_target_"] == "monai.networks.nets.UNETR"
+    assert (model.network["hidden_size"], model.network["feature_size"], model.network["out_channels"]) == (48, 4, NUM_CLASSES)
+    assert model.data_preset["modality"] == "ct" and model.data_preset["roi_size"] == [32, 32, 32]
+    assert model.data_preset["a_min"] == -175.0 and model.run["bundle"] == "mae_finetune"
     vit_keys = [k for k in state if k.startswith("vit.")]
     assert len(vit_keys) == 173
     # residual_scale "auto": what writes into the residual stream is scaled by the logged factor
@@ -145,9 +153,66 @@ def test_verify_net_in_out():
     # tiny sizes here; the default ViT-B at 96^3 passes the same check (about 30 s on 2 CPU cores)
     tiny = [arg for key, value in TINY_UNETR.items() for arg in (f"--{key}", str(value))]
     cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
-           "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"),
+           "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.json"),
            "--bundle_root", str(CONFIGS.parent), "--roi_size", "[32, 32, 32]",
            "--_meta_#network_data_format#inputs#image#spatial_shape", "[32, 32, 32]", *tiny]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------- self-describing model files
+TINY_VITSEG_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
+                       sw_batch_size=2, progress_bar=False, max_epochs=1, **{"vitseg#decoder_channels": [8, 8, 8]})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def described_mae(tmp_path_factory):
+    """A RoPE/SwiGLU MAE saved as the pretraining bundle saves it, with an MRI data preset."""
+    path = tmp_path_factory.mktemp("described") / "mae.pt"
+    mae = MAEViT(1, 32, 8, hidden_size=24, mlp_dim=48, num_layers=2, num_heads=2, qkv_bias=True, cls_token=False,
+                 pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1, decoder_hidden_size=16,
+                 decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2)  # fmt: skip
+    preset = {"modality": "mri", "pixdim": [1.0, 1.0, 1.0], "num_samples": 1, "flip_prob": 0.1, "roi_size": [32, 32, 32],
+              "spatial_dims": 3, "in_channels": 1, "orientation": "RAS"}  # fmt: skip
+    save_model(mae, path, data_preset=preset, run={"bundle": "mae_pretrain"})
+    return path, mae
+
+
+def test_pretrained_ckpt_alone_configures_encoder_and_preprocessing(described_mae, dataset, tmp_path):
+    path, mae = described_mae
+    overrides = write_overrides(tmp_path / "tiny.json", **TINY_VITSEG_RUN)
+    result = run_bundle(
+        "mae_finetune", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
+        "--pretrained_ckpt", str(path),
+    )  # fmt: skip
+    assert "0 missing" in result.stdout
+    model = read_model(tmp_path / "out" / "models" / "model.pt")
+    assert model.network["_target_"] == "monai_mae.networks.vitseg.ViTSeg"
+    for key in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "pos_embed_type", "mlp_type", "layer_scale_init"):
+        assert model.network[key] == mae.init_args[key], key
+    assert model.data_preset["modality"] == "mri" and model.data_preset["pixdim"] == [1.0, 1.0, 1.0]
+    # inference needs only the model file and the data: network and preprocessing are rebuilt from it
+    infer = write_overrides(tmp_path / "infer.json", **TINY_INFER)
+    run_bundle("mae_finetune", "inference.json", infer, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"))
+    segmentations = sorted((tmp_path / "out" / "segmentations").glob("*_seg.nii.gz"))
+    assert len(segmentations) == 1 and nib.load(segmentations[0]).shape == (40, 40, 32)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--encoder#hidden_size", "48"), r"encoder settings contradict the checkpoint .*hidden_size=48 \(given\) vs hidden_size=24"),
+        (("--modality", "ct"), r"data settings contradict the checkpoint .*modality='ct' \(given\) vs modality='mri'"),
+        (("--architecture", "unetr"), r"cannot be built as MONAI's UNETR: num_layers=2 \(UNETR has 12\), patch_size=8"),
+    ],
+)
+def test_settings_that_contradict_the_checkpoint_stop_the_run(described_mae, dataset, tmp_path, args, message):
+    path, _ = described_mae
+    overrides = write_overrides(tmp_path / "tiny.json", **TINY_VITSEG_RUN)
+    result = run_bundle(
+        "mae_finetune", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
+        "--pretrained_ckpt", str(path), *args, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "out" / "models").exists()

@@ -13,6 +13,7 @@ import torch
 from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
 
 from monai_mae.data import write_synthetic_dataset
+from monai_mae.model_file import read_model
 
 pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
 
@@ -37,7 +38,7 @@ def test_two_epochs_end_to_end_then_resume(dataset, tmp_path):
     first = run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out), "--max_epochs", "2")
     assert "no checkpoint" in first.stdout and "Epoch[2] Complete" in first.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    state = read_model(out / "models" / "model.pt").state_dict
     assert "patch_embedding.patch_embeddings.weight" in state and "decoder_pred.weight" in state
     assert (out / "models" / "model_best.pt").exists()
     assert (out / "reconstructions" / "epoch_0002.png").exists() and any((out / "tensorboard").iterdir())
@@ -106,7 +107,7 @@ def test_2d_slices_train_and_reconstruct(dataset, tmp_path):
     )
     out = tmp_path / "out"
     run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
-    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    state = read_model(out / "models" / "model.pt").state_dict
     assert state["patch_embedding.patch_embeddings.weight"].shape == (48, 1, 8, 8)
     run_bundle("mae_pretrain", "inference.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
     source = nib.load(dataset / "imagesTr" / "phantom_003.nii.gz")

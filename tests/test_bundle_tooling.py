@@ -13,8 +13,9 @@ from bundle_utils import REPO
 from monai.bundle import ConfigParser, ckpt_export
 
 import monai_mae
-from monai_mae.data import write_synthetic_dataset
-from monai_mae.engines import atomic_save
+from monai_mae.data import load_data_preset, write_synthetic_dataset
+from monai_mae.model_file import save_model
+from monai_mae.networks.factory import segmentation_network
 
 BUNDLES = ("mae_pretrain", "mae_finetune")
 
@@ -126,35 +127,33 @@ def test_inference_checks_its_input_files_like_training(bundle, dataset, tmp_pat
     assert "phantom_002.nii.gz: corrupt or truncated NIfTI" in str(cause) and "skip_bad_files" in str(cause)
 
 
-# Tiny settings of each fine-tuning network for a quick export (config overrides, plus ckpt_export's own
-# arguments where needed). The pure-ViT ViTSeg joins this table with its "architecture" setting once the
-# bundle offers it; it does not script (a `tuple[int, ...]` annotation in mae.py) but traces, so its entry
-# needs "use_trace": True, "input_shape": [1, 1, 32, 32, 32].
+# Each fine-tuning architecture, tiny, with ckpt_export's own arguments. UNETR scripts; ViTSeg does not script
+# (a ``tuple[int, ...]`` annotation in mae.py, einops) but traces, so it exports with use_trace and an input shape.
 EXPORT_NETWORKS = {
-    "unetr": {"roi_size": [32, 32, 32], "network_def#hidden_size": 48, "network_def#mlp_dim": 96,
-              "network_def#num_heads": 4, "network_def#feature_size": 8},
+    "unetr": ({"encoder": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4}, "options": {"feature_size": 8}}, {}),
+    "vitseg": ({"encoder": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "num_layers": 2},
+                "options": {"decoder_channels": [16, 8, 8]}}, {"use_trace": True, "input_shape": [1, 1, 32, 32, 32]}),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("network", sorted(EXPORT_NETWORKS))
 def test_ckpt_export_gives_the_eager_output(network, tmp_path):
+    """``python -m monai.bundle ckpt_export --key_in_ckpt network``: the self-describing model file rebuilds the network."""
     bundle = REPO / "bundles" / "mae_finetune"
-    overrides = EXPORT_NETWORKS[network]
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(bundle), **overrides})
-    eager = parser.get_parsed_content("network_def").eval()
-    ckpt = atomic_save(eager.state_dict(), tmp_path / "models" / "model.pt")  # as FinalModelSaver writes it
+    settings, export_args = EXPORT_NETWORKS[network]
+    eager = segmentation_network(network, 1, 5, 32, **settings).eval()
+    preset = {**load_data_preset("ct"), "roi_size": [32, 32, 32], "num_classes": 5, "in_channels": 1}
+    ckpt = save_model(eager, tmp_path / "models" / "model.pt", data_preset=preset)  # as FinalModelSaver writes it
     ckpt_export(
-        net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(ckpt),
+        net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(ckpt), key_in_ckpt="network",
         meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(bundle / "configs" / "inference.json"),
-        bundle_root=str(bundle), **overrides,
+        bundle_root=str(bundle), ckpt_path=str(ckpt), **export_args,
     )  # fmt: skip
     extra = {"inference.json": "", "metadata.json": ""}
     scripted = torch.jit.load(str(tmp_path / "model.ts"), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == _metadata("mae_finetune")["version"]
-    x = torch.rand(1, 1, *overrides["roi_size"])
+    x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         expected, got = eager(x), scripted(x)
-    assert got.shape == (1, 5, *overrides["roi_size"])
+    assert got.shape == (1, 5, 32, 32, 32)
     assert torch.allclose(got, expected, atol=1e-5)

@@ -27,6 +27,7 @@ from monai_mae.engines import (
     scaled_lr,
 )
 from monai_mae.engines.pictures import reconstruction_views
+from monai_mae.model_file import read_model
 
 TINY = dict(hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4, decoder_hidden_size=24, decoder_mlp_dim=48,
             decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
@@ -175,7 +176,7 @@ def test_best_and_final_model_savers(tmp_path):
     FinalModelSaver(net, tmp_path / "final.pt").attach(engine)
     engine.run([0], max_epochs=3)
     assert best.state_dict() == {"best": 0.3, "best_epoch": 3}
-    assert set(torch.load(tmp_path / "best.pt", weights_only=True)) == {"weight", "bias"}
+    assert set(read_model(tmp_path / "best.pt").state_dict) == {"weight", "bias"}
     assert (tmp_path / "final.pt").exists()
     restored = BestModelSaver(net, tmp_path / "b2.pt")
     restored.load_state_dict(best.state_dict())

@@ -82,8 +82,17 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
     assert (cfg.finetune_steps, cfg.labeled_sizes, cfg.seeds) == (20, (2, 8), (4,))
     assert cfg.roi == pb.PRESETS["cpu"].roi
     assert pb.build_config(pb.parse_args(["--quick"])) == pb.PRESETS["quick"]
-    with pytest.raises(ValueError, match="roi must be a multiple of UNETR's patch size 16, got 40"):
+    with pytest.raises(ValueError, match="roi must be a multiple of the patch size 16, got 40"):
         pb.build_config(pb.parse_args(["--roi", "40"]))
+    # --architecture vitseg: the preset's long-sequence changes, then the flags
+    vitseg = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--finetune-steps", "50"]))
+    assert (vitseg.architecture, vitseg.patch, vitseg.num_layers, vitseg.mae_cls_token) == ("vitseg", 8, 6, False)
+    assert (vitseg.finetune_steps, vitseg.encoder_lr_scale, vitseg.roi) == (50, 0.3, pb.PRESETS["cpu"].roi)
+    assert vitseg.pretrain_key() != pb.PRESETS["cpu"].pretrain_key()
+    with pytest.raises(ValueError, match="UNETR fixes patch 16 and 12 layers, got patch 8, 12 layers"):
+        pb.build_config(pb.parse_args(["--patch", "8"]))
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        dataclasses.replace(pb.PRESETS["cpu"], architecture="swin").check()
     with pytest.raises(ValueError, match=r"labeled_sizes \(2, 16\) ask for more volumes than num_labeled_pool=8"):
         pb.build_config(pb.parse_args(["--labeled-sizes", "2", "16"]))
     with pytest.raises(ValueError, match="hidden_size=100 must be divisible by num_heads=3"):

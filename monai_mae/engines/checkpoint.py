@@ -20,6 +20,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
+from monai_mae.model_file import save_model
 from monai_mae.utils import atomic_write, is_main_process, unwrap
 
 __all__ = [
@@ -229,13 +230,24 @@ class BestModelSaver:
         path: the file, e.g. ``{output_dir}/models/model_best.pt``.
         metric_name: name in ``engine.state.metrics``. Defaults to ``"val_loss"``.
         mode: ``"min"`` (default: lower is better, for a loss) or ``"max"`` (e.g. Dice).
+        data_preset: the preprocessing used, written into the self-describing model file
+            (:func:`monai_mae.model_file.save_model`) with the network's class and arguments.
+        run: facts about the run for the model file (the epoch and metric are added).
 
     Raises:
         ValueError: for a ``mode`` other than ``"min"``/``"max"``; at ``attach``, when the evaluator ranks
             its key metric ``metric_name`` the other way; when ``metric_name`` is not among the metrics.
     """
 
-    def __init__(self, network: nn.Module, path: str | os.PathLike, metric_name: str = "val_loss", mode: str = "min"):
+    def __init__(
+        self,
+        network: nn.Module,
+        path: str | os.PathLike,
+        metric_name: str = "val_loss",
+        mode: str = "min",
+        data_preset: Mapping[str, Any] | None = None,
+        run: Mapping[str, Any] | None = None,
+    ):
         if mode not in ("min", "max"):
             raise ValueError(f"BestModelSaver: mode must be 'min' or 'max', got {mode!r}.")
         self.network = network
@@ -244,6 +256,7 @@ class BestModelSaver:
         self.mode = mode
         self.best = math.inf if mode == "min" else -math.inf
         self.best_epoch = 0
+        self.data_preset, self.run = data_preset, dict(run or {})
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -285,19 +298,29 @@ class BestModelSaver:
             return
         self.best, self.best_epoch = value, int(engine.state.epoch)
         if is_main_process():
-            atomic_save(unwrap(self.network).state_dict(), self.path)
+            run = {**self.run, "epoch": self.best_epoch, self.metric_name: value}
+            save_model(self.network, self.path, data_preset=self.data_preset, run=run)
             self.logger.info(f"BestModelSaver: {self.metric_name}={value:.6f} at epoch {self.best_epoch}, saved {self.path}.")
 
 
 class FinalModelSaver:
-    """Write the network's weights to ``path`` (atomic; rank 0 only) when training completes.
+    """Write the network to ``path`` (atomic; rank 0 only) when training completes.
 
+    The file is self-describing (:func:`monai_mae.model_file.save_model`): the weights under
+    ``"network"`` plus the network's class and constructor arguments, ``data_preset`` and ``run``.
     Nothing is written when the run was terminated early or a weight is not finite.
     """
 
-    def __init__(self, network: nn.Module, path: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        path: str | os.PathLike,
+        data_preset: Mapping[str, Any] | None = None,
+        run: Mapping[str, Any] | None = None,
+    ) -> None:
         self.network = network
         self.path = Path(path)
+        self.data_preset, self.run = data_preset, dict(run or {})
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -312,5 +335,5 @@ class FinalModelSaver:
             self.logger.error(f"FinalModelSaver: non-finite weights, {self.path} not written.")
             return
         if is_main_process():
-            atomic_save(state, self.path)
+            save_model(self.network, self.path, data_preset=self.data_preset, run={**self.run, "epoch": engine.state.epoch})
             self.logger.info(f"FinalModelSaver: saved {self.path}.")

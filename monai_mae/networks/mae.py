@@ -257,7 +257,9 @@ class MAEViT(nn.Module):
         rope_theta: float = 100.0,
         cls_token: bool = True,
     ) -> None:
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_args = init_args  # the constructor's arguments, written into self-describing model files
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if in_channels < 1:

@@ -106,7 +106,9 @@ class ViTSeg(nn.Module):
         rope_theta: float = 100.0,
         activation_checkpointing: bool = False,
     ) -> None:
+        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_args = init_args  # the constructor's arguments, written into self-describing model files
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("num_layers", num_layers)):

@@ -1,0 +1,305 @@
+"""Self-describing model files: weights plus everything needed to rebuild the network and its input.
+
+A model file is ``{"network": state_dict, "monai_mae": description}`` where the description holds
+the network's class and constructor arguments (``{"_target_": "monai_mae.networks.mae.MAEViT",
+"hidden_size": 768, ...}``), the data preset actually used (modality, spacing, orientation,
+intensity window or normalisation, crop size, channels), the package version and what run produced
+it. The next stage reads it: fine-tuning takes the encoder's architecture and the preprocessing
+from the pretrained file (:func:`encoder_settings`, :func:`data_preset_for`), evaluation and
+inference rebuild the trained network (:func:`build_network`). Plain state dicts (older runs,
+MONAI's own classes, other tools) still load; they just describe nothing.
+
+Settings the user passes that contradict the file stop the run with a ``ValueError`` naming both
+values: a silent mismatch would fine-tune a different architecture, or preprocess differently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from monai_mae.utils import atomic_write, unwrap
+
+__all__ = [
+    "ModelFile",
+    "PREPROCESSING_KEYS",
+    "ENCODER_KEYS",
+    "network_spec",
+    "save_model",
+    "read_model",
+    "build_network",
+    "encoder_settings",
+    "data_preset_for",
+]
+
+DESCRIPTION_KEY = "monai_mae"
+WEIGHTS_KEY = "network"
+#: Data-preset entries that decide the preprocessing (a conflict in these stops the run).
+PREPROCESSING_KEYS = ("modality", "pixdim", "a_min", "a_max", "orientation", "spatial_dims", "in_channels")
+#: Encoder settings a fine-tuning network takes from a pretrained MAE file (MAEViT / ViTSeg names).
+ENCODER_KEYS = ("in_channels", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "qkv_bias",
+                "proj_type", "pos_embed_type", "mlp_type", "layer_scale_init", "rope_theta", "spatial_dims")  # fmt: skip
+
+
+@dataclass
+class ModelFile:
+    """What :func:`read_model` found.
+
+    Attributes:
+        state_dict: the weights (prefixes such as ``module.`` kept as saved).
+        network: ``{"_target_": class path, **constructor arguments}``, or None for a plain state dict.
+        data_preset: the data preset the weights were trained with, or None.
+        version: the monai-mae version that wrote the file, or None.
+        run: free-form facts about the run (bundle, output folder, epoch, ...), or None.
+        source: where it was read from (for messages).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    network: dict[str, Any] | None = None
+    data_preset: dict[str, Any] | None = None
+    version: str | None = None
+    run: dict[str, Any] | None = None
+    source: str = "model file"
+
+    @property
+    def describes(self) -> bool:
+        """True when the file says which network it holds."""
+        return self.network is not None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like copy (tuples become lists; loadable with ``weights_only=True``)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} ({value!r}) in a model description.")
+
+
+def network_spec(network: nn.Module) -> dict[str, Any] | None:
+    """``{"_target_": "module.Class", **constructor arguments}`` of ``network``, or None when unknown.
+
+    Known for networks that record their arguments (``init_args``: :class:`MAEViT`,
+    :class:`ViTSeg`) or that were built by :func:`~monai_mae.networks.factory.segmentation_network`
+    (``network_spec``); DDP and ``torch.compile`` wrappers are unwrapped.
+    """
+    network = unwrap(network)
+    spec = getattr(network, "network_spec", None)
+    if isinstance(spec, Mapping):
+        return _plain(spec)
+    args = getattr(network, "init_args", None)
+    if isinstance(args, Mapping):
+        cls = type(network)
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **_plain(args)}
+    return None
+
+
+def save_model(
+    network: nn.Module,
+    path: str | os.PathLike,
+    data_preset: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a self-describing model file (atomically, fsynced): weights, network spec, data preset, version, run.
+
+    Args:
+        network: the trained network (DDP / compile wrappers are unwrapped).
+        path: the ``.pt`` file; folders are created.
+        data_preset: the preprocessing used (e.g. the bundle's ``data_preset`` plus ``roi_size``).
+        run: facts about the run (bundle name, output folder, epoch, metric...).
+
+    Returns:
+        The path written.
+    """
+    from monai_mae import __version__
+
+    network = unwrap(network)
+    description = {
+        "network": network_spec(network),
+        "data_preset": _plain(dict(data_preset)) if data_preset is not None else None,
+        "version": __version__,
+        "run": _plain(dict(run)) if run is not None else None,
+    }
+    content = {WEIGHTS_KEY: network.state_dict(), DESCRIPTION_KEY: description}
+    return atomic_write(path, lambda f: torch.save(content, f))
+
+
+def read_model(source: str | os.PathLike | Mapping[str, Any]) -> ModelFile:
+    """Read a model file written by :func:`save_model`, or any state dict (then it describes nothing).
+
+    Args:
+        source: a path (``torch.load(map_location="cpu", weights_only=True)``) or an already loaded mapping.
+
+    Raises:
+        FileNotFoundError: for a missing path.
+        ValueError: when the file cannot be loaded or holds no mapping of tensors.
+    """
+    name = "checkpoint"
+    obj: Any = source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = f"'{path}'"
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {name}.")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle / zip errors come in many types
+            raise ValueError(f"could not load the model file {name} with torch.load(weights_only=True): {err}.") from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"the model file {name} holds a {type(obj).__name__}, expected a state dict.")
+    description = obj.get(DESCRIPTION_KEY)
+    weights = obj.get(WEIGHTS_KEY, obj) if isinstance(description, Mapping) or WEIGHTS_KEY in obj else obj
+    if isinstance(weights, nn.Module):
+        weights = weights.state_dict()
+    if not isinstance(weights, Mapping) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"the model file {name} holds no weights (top-level keys: {list(obj)[:8]}).")
+    description = description if isinstance(description, Mapping) else {}
+    return ModelFile(
+        state_dict={k: v for k, v in weights.items() if isinstance(v, torch.Tensor)},
+        network=description.get("network"),
+        data_preset=description.get("data_preset"),
+        version=description.get("version"),
+        run=description.get("run"),
+        source=name,
+    )
+
+
+def _instantiate(spec: Mapping[str, Any], source: str) -> nn.Module:
+    target = str(spec.get("_target_", ""))
+    module_name, _, class_name = target.rpartition(".")
+    if not module_name.startswith(("monai_mae.", "monai.")):
+        raise ValueError(f"{source} names network class {target!r}; only monai_mae and monai classes are rebuilt.")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{source} names network class {target!r}, which cannot be imported: {err}.") from err
+    return cls(**{k: v for k, v in spec.items() if k != "_target_"})
+
+
+def _conflicts(given: Mapping[str, Any], recorded: Mapping[str, Any], keys: Any, what: str, source: str) -> None:
+    """Raise ``ValueError`` naming every key in ``keys`` where a given (not None) value differs from the recorded one."""
+    problems = []
+    for key in keys:
+        if key in given and given[key] is not None and key in recorded and _plain(given[key]) != _plain(recorded[key]):
+            problems.append(f"{key}={_plain(given[key])!r} (given) vs {key}={_plain(recorded[key])!r} (in {source})")
+    if problems:
+        raise ValueError(
+            f"{what} contradict the checkpoint {source}: " + "; ".join(problems)
+            + ". Leave these settings out to take them from the checkpoint, or use another checkpoint."
+        )
+
+
+def build_network(source: str | os.PathLike | ModelFile, load_weights: bool = True, **overrides: Any) -> nn.Module:
+    """Rebuild the network described by a model file and (by default) load its weights.
+
+    Args:
+        source: a model file written by :func:`save_model` (or its :class:`ModelFile`).
+        load_weights: load the file's weights (strict). Defaults to True.
+        overrides: constructor arguments to set; None values are ignored. A value that differs from
+            the recorded one raises, except for arguments that do not change the weights' shapes
+            (``img_size`` for inference on other crops, dropout, drop path, activation checkpointing).
+
+    Raises:
+        ValueError: when the file describes no network, names a class outside monai / monai_mae, or an
+            override contradicts it.
+    """
+    model = source if isinstance(source, ModelFile) else read_model(source)
+    if not model.describes:
+        raise ValueError(
+            f"{model.source} is a plain state dict without a network description; build the network in the config "
+            "(network_def) instead, or re-save it with monai_mae.model_file.save_model."
+        )
+    spec = dict(model.network)
+    free = {"img_size", "dropout_rate", "drop_path_rate", "activation_checkpointing", "save_attn"}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _conflicts(given, spec, [k for k in given if k not in free], "network settings", model.source)
+    spec.update(given)
+    network = _instantiate(spec, model.source)
+    if load_weights:
+        network.load_state_dict(model.state_dict)
+    return network
+
+
+def encoder_settings(
+    pretrained_ckpt: str | os.PathLike | None,
+    architecture: str = "vitseg",
+    given: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The encoder settings for fine-tuning: from the pretrained MAE file, checked against ``given``.
+
+    Args:
+        pretrained_ckpt: an MAE model file written by the ``mae_pretrain`` bundle; ``""`` / None (training
+            from scratch) or a plain state dict returns ``given`` as it is.
+        architecture: ``"vitseg"`` or ``"unetr"`` (UNETR fixes 12 layers and 16^3 patches and has no
+            RoPE / SwiGLU / LayerScale: such an encoder raises).
+        given: settings the user passed (None values count as not passed).
+        defaults: settings used where neither ``given`` nor the file has a value (e.g. the bundle's
+            ``qkv_bias: true`` for training from scratch or from a plain state dict).
+
+    Returns:
+        ``{hidden_size, mlp_dim, num_layers, num_heads, patch_size, qkv_bias, ...}``: keyword arguments of
+        :func:`~monai_mae.networks.factory.segmentation_network`'s ``encoder``.
+
+    Raises:
+        ValueError: when a given setting contradicts the file (both values named), or the encoder cannot
+            be built as ``architecture``.
+    """
+    given = {k: v for k, v in dict(given or {}).items() if v is not None}
+    recorded: dict[str, Any] = {}
+    source = "the settings"
+    if pretrained_ckpt is not None and os.fspath(pretrained_ckpt).strip():
+        model = read_model(pretrained_ckpt)
+        source = model.source
+        if model.describes:
+            recorded = {k: model.network[k] for k in ENCODER_KEYS if k in model.network}
+            _conflicts(given, recorded, ENCODER_KEYS, "encoder settings", model.source)
+    settings = {**dict(defaults or {}), **recorded, **given}
+    if architecture == "unetr":
+        from monai_mae.networks.factory import unetr_encoder_args
+
+        return unetr_encoder_args(settings, source)
+    return settings
+
+
+def data_preset_for(
+    ckpt: str | os.PathLike | None, modality: str | None = None, **given: Any
+) -> dict[str, Any]:
+    """The data preset of a run that starts from ``ckpt``: the file's, checked against what is given.
+
+    Without a file, or with a file that records no preset, the packaged preset of ``modality``
+    (default ``"ct"``) with ``given`` applied.
+
+    Args:
+        ckpt: a model file (pretrained MAE for fine-tuning, trained network for evaluation/inference); ``""`` / None for none.
+        modality: ``"ct"`` / ``"mri"``, or None to take the file's.
+        given: other preset entries passed by the user (None values count as not passed).
+
+    Raises:
+        ValueError: when ``modality`` or a preprocessing entry (:data:`PREPROCESSING_KEYS`) contradicts the file.
+    """
+    from monai_mae.data import load_data_preset
+
+    given = {k: v for k, v in {"modality": modality, **given}.items() if v is not None}
+    recorded = None
+    if ckpt is not None and os.fspath(ckpt).strip() and Path(ckpt).is_file():
+        model = read_model(ckpt)
+        recorded = model.data_preset
+        if recorded:
+            _conflicts(given, recorded, PREPROCESSING_KEYS, "data settings", model.source)
+            return {**recorded, **given}
+    preset = load_data_preset(given.get("modality", "ct"))
+    return {**preset, **given}
