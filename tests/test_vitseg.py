@@ -516,3 +516,22 @@ def test_freeze_encoder_on_vitseg_with_engine():
         assert {n for n, flag in seen[epoch].items() if flag} == {n for n, _ in net.named_parameters()} - encoder
     assert {n for n, flag in seen[3].items() if flag} == {n for n, _ in net.named_parameters()} - {POS}
     assert not net.patch_embedding.position_embeddings.requires_grad  # fixed table stays fixed
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_rope_and_table_encoders_do_not_transfer_into_each_other(tmp_path, as_file):
+    """A RoPE encoder's zero table copied into a table-based target would leave it without positions."""
+    from monai_mae import MAEViT
+    from monai_mae.model_file import save_model
+    from monai_mae.networks.transfer import load_mae_encoder
+
+    small = dict(hidden_size=24, mlp_dim=32, num_layers=2, num_heads=2, qkv_bias=True)
+    rope = MAEViT(1, 32, 8, **small, decoder_hidden_size=16, decoder_num_heads=2, decoder_num_layers=1, cls_token=False,
+                  pos_embed_type="rope")  # fmt: skip
+    source = save_model(rope, tmp_path / "rope.pt") if as_file else rope
+    target = ViTSeg(1, 3, 32, 8, **small)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"position embedding differs: checkpoint has pos_embed_type='rope', target has 'sincos'"):
+        load_mae_encoder(target, source, verbose=False)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    assert load_mae_encoder(ViTSeg(1, 3, 32, 8, **small, pos_embed_type="rope"), source, verbose=False).missing == []

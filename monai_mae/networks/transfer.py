@@ -137,8 +137,19 @@ def _find_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], tuple[int, ...] | None]:
-    """Unwrapped, prefix-free state dict of ``checkpoint``, and its patch grid when known (a module)."""
+def _position_kind(checkpoint: Any) -> str | None:
+    """The ``pos_embed_type`` of a module or of a self-describing model file (``{"monai_mae": {"network": ...}}``)."""
+    if isinstance(checkpoint, nn.Module):
+        return getattr(getattr(checkpoint, "patch_embedding", None), "pos_embed_type", None)
+    if isinstance(checkpoint, Mapping):
+        network = (checkpoint.get("monai_mae") or {}).get("network") if isinstance(checkpoint.get("monai_mae"), Mapping) else None
+        return network.get("pos_embed_type") if isinstance(network, Mapping) else None
+    return None
+
+
+def _read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], tuple[int, ...] | None, str | None]:
+    """Unwrapped, prefix-free state dict of ``checkpoint``, its patch grid when known (a module), and its
+    position-embedding kind when known (a module or a self-describing model file)."""
     grid = None
     if isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint)
@@ -163,13 +174,14 @@ def _read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], t
         )
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors).")
+    kind = _position_kind(checkpoint if isinstance(checkpoint, nn.Module) else obj)
     state = _find_state_dict(obj)
     if state is None:
         raise ValueError(
             f"no encoder weights (patch_embedding.*, blocks.*, norm.*) found in the {source}, nor under any of "
             f"{list(NEST_KEYS)}; its top-level keys are {_short([str(k) for k in obj])}."
         )
-    return state, (tuple(int(g) for g in grid) if grid is not None else None)
+    return state, (tuple(int(g) for g in grid) if grid is not None else None), kind
 
 
 def _rename_monai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,7 +243,7 @@ def extract_encoder_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor
         ['blocks.0.attn.out_proj.bias', 'blocks.0.attn.out_proj.weight']
         >>> encoder = extract_encoder_state_dict("runs/mae/model_final.pt")  # {"network": ..., "optimizer": ...}
     """
-    state, _ = _read_checkpoint(checkpoint)
+    state, _, _ = _read_checkpoint(checkpoint)
     return _split_encoder(state)[0]
 
 
@@ -423,11 +435,16 @@ def load_mae_encoder(
         ['patch_embedding.patch_embeddings.1.weight', 'patch_embedding.position_embeddings']
     """
     vit, prefix = _find_vit(network)
-    state, grid_hint = _read_checkpoint(checkpoint)
+    state, grid_hint, source_kind = _read_checkpoint(checkpoint)
     source, others = _split_encoder(state)
     target = {k: v for k, v in vit.state_dict(keep_vars=True).items() if _is_encoder_key(k)}
     grids = (_grid(source_grid) or grid_hint, _grid(target_grid) or _target_grid(vit, network))
     plan = _plan_transfer(source, target, _target_patch_size(vit, network), grids, interpolate, prefix)
+    target_kind = getattr(vit.patch_embedding, "pos_embed_type", None)
+    if source_kind and target_kind and (source_kind == "rope") != (target_kind == "rope"):
+        # a RoPE encoder keeps a zero table: copied into a table-based target it would leave it without positions
+        plan.errors.insert(0, f"position embedding differs: checkpoint has pos_embed_type={source_kind!r}, target has "
+                              f"{target_kind!r} (rotary embeddings do not transfer into a position table or back)")  # fmt: skip
     plan.check(strict, prefix)
     with torch.no_grad():  # in place: the target keeps its requires_grad, device and dtype
         for key, value in plan.values.items():
