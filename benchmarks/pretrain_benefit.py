@@ -24,7 +24,7 @@ a masked 16^3 patch cannot be predicted from its neighbours, so the MAE has noth
 organs (its loss stopped improving after 40 of 200 epochs in our runs).
 
 Prints a markdown table (mean +- sample std over seeds, and the mean paired difference) and writes
-``{out_dir}/pretrain_benefit.{md,json,png}`` (the PNG is drawn with Pillow). Generated data and the
+``{out_dir}/pretrain_benefit_<architecture>.{md,json,png}`` (the PNG is drawn with matplotlib). Generated data and the
 pretrained MAE are kept in ``{work_dir}`` and reused by a later run with the same settings; so is
 every finished fine-tune (``runs_<settings>.jsonl``), so an interrupted run continues where it stopped.
 
@@ -87,7 +87,6 @@ from monai.networks.nets import UNETR
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import AsDiscreted, Compose, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityRanged
 from monai.utils import set_determinism
-from PIL import Image, ImageDraw, ImageFont
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.networks.vitseg import ViTSeg
@@ -106,6 +105,7 @@ __all__ = [
     "summarise",
     "format_markdown",
     "draw_chart",
+    "combine",
     "main",
 ]
 
@@ -507,65 +507,90 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
     return "\n".join(lines) + "\n"
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
+ARM_STYLE = {("scratch", 0): "#c8462f", ("pretrained", 0): "#2864be", ("scratch", 1): "#e69f00", ("pretrained", 1): "#009e73"}
 
 
-def draw_chart(rows: list[dict], path: Path, title: str) -> Path:
-    """A line chart of mean Dice (+- std error bars) against the number of labeled volumes, one line per arm."""
-    width, height = 900, 560
-    left, right, top, bottom = 90, 40, 70, 90
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = _font(18), _font(15)
-    colours = {"scratch": (200, 70, 50), "pretrained": (40, 100, 190)}
-    lows = [r[a]["mean"] - r[a]["std"] for r in rows for a in ARMS]
-    highs = [r[a]["mean"] + r[a]["std"] for r in rows for a in ARMS]
-    y_min = max(0.0, math.floor((min(lows) - 0.02) * 10) / 10) if rows else 0.0
-    y_max = min(1.0, math.ceil((max(highs) + 0.02) * 10) / 10) if rows else 1.0
-    if y_max - y_min < 0.1:
-        y_min, y_max = max(0.0, y_max - 0.1), max(y_max, 0.1)
-    plot_w, plot_h = width - left - right, height - top - bottom
+def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Mean Dice (+- std error bars) against the number of labeled volumes: one line per architecture and arm.
 
-    def y_px(value: float) -> float:
-        return top + plot_h * (1.0 - (value - y_min) / (y_max - y_min))
+    Args:
+        results: ``{architecture label: rows of summarise()}``, at most two architectures.
+        path: the PNG (folders are created).
+        title: the chart's title.
+    """
+    from monai_mae.engines.pictures import require_matplotlib
 
-    def x_px(index: int) -> float:
-        return left + plot_w * (index + 0.5) / max(len(rows), 1)
-
-    draw.text((width / 2, 25), title, fill="black", font=font, anchor="mm")
-    ticks = 5
-    for t in range(ticks + 1):
-        value = y_min + (y_max - y_min) * t / ticks
-        y = y_px(value)
-        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        draw.text((left - 8, y), f"{value:.2f}", fill="black", font=small, anchor="rm")
-    draw.line([(left, top), (left, top + plot_h), (width - right, top + plot_h)], fill="black", width=2)
-    for i, row in enumerate(rows):
-        draw.text((x_px(i), top + plot_h + 12), str(row["n_labeled"]), fill="black", font=small, anchor="mt")
-    draw.text((left + plot_w / 2, height - 35), "labeled training volumes", fill="black", font=font, anchor="mm")
-    draw.text((20, top + plot_h / 2), "Dice", fill="black", font=font, anchor="lm")
-    for k, arm in enumerate(ARMS):
-        shift = (k - 0.5) * 10  # keep the error bars of the two arms apart
-        points = [(x_px(i) + shift, y_px(r[arm]["mean"])) for i, r in enumerate(rows)]
-        if len(points) > 1:
-            draw.line(points, fill=colours[arm], width=3)
-        for (x, y), row in zip(points, rows):
-            lo, hi = y_px(row[arm]["mean"] - row[arm]["std"]), y_px(row[arm]["mean"] + row[arm]["std"])
-            draw.line([(x, lo), (x, hi)], fill=colours[arm], width=2)
-            draw.line([(x - 6, lo), (x + 6, lo)], fill=colours[arm], width=2)
-            draw.line([(x - 6, hi), (x + 6, hi)], fill=colours[arm], width=2)
-            draw.ellipse([(x - 6, y - 6), (x + 6, y + 6)], fill=colours[arm])
-        ly = top + 12 + 24 * k
-        draw.line([(left + 20, ly), (left + 50, ly)], fill=colours[arm], width=3)
-        draw.ellipse([(left + 30, ly - 5), (left + 40, ly + 5)], fill=colours[arm])
-        draw.text((left + 60, ly), {"scratch": "from scratch", "pretrained": "MAE-pretrained encoder"}[arm], fill="black", font=small, anchor="lm")
+    Figure, Canvas = require_matplotlib()
+    figure = Figure(figsize=(9, 5.6), dpi=100)
+    Canvas(figure)
+    axes = figure.add_subplot()
+    sizes = sorted({row["n_labeled"] for rows in results.values() for row in rows})
+    width = 0.08 * max(len(results) * len(ARMS) - 1, 1)
+    for k, (label, rows) in enumerate(results.items()):
+        for j, arm in enumerate(ARMS):
+            offset = (k * len(ARMS) + j) * 0.08 - width / 2  # keep the error bars apart
+            xs = [sizes.index(row["n_labeled"]) + offset for row in rows]
+            axes.errorbar(
+                xs, [row[arm]["mean"] for row in rows], yerr=[row[arm]["std"] for row in rows], color=ARM_STYLE[(arm, k)],
+                marker="o" if arm == "pretrained" else "s", linewidth=2.5, capsize=5,
+                linestyle="-" if arm == "pretrained" else "--",
+                label=f"{label}, {'MAE-pretrained encoder' if arm == 'pretrained' else 'from scratch'}",
+            )  # fmt: skip
+    axes.set_xticks(range(len(sizes)), [str(n) for n in sizes])
+    axes.set_xlabel("labeled training volumes")
+    axes.set_ylabel("mean Dice on held-out phantoms")
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(loc="best", fontsize=9)
+    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    figure.savefig(path)
     return path
+
+
+def format_combined(reports: dict[str, dict]) -> str:
+    """One markdown table of every architecture and arm from the JSON reports of several runs."""
+    lines = [
+        "| labeled volumes | " + " | ".join(f"{a} scratch | {a} pretrained | {a} difference (better)" for a in reports) + " |",
+        "| ---: |" + " :---: | :---: | :---: |" * len(reports),
+    ]
+    sizes = sorted({row["n_labeled"] for report in reports.values() for row in report["summary"]})
+    for n in sizes:
+        cells = []
+        for report in reports.values():
+            row = next((r for r in report["summary"] if r["n_labeled"] == n), None)
+            if row is None:
+                cells += ["-"] * 3
+                continue
+            s, p, d = row["scratch"], row["pretrained"], row["difference"]
+            cells += [f"{s['mean']:.3f} +- {s['std']:.3f}", f"{p['mean']:.3f} +- {p['std']:.3f}",
+                      f"{d['mean']:+.3f} ({row['pretrained_better']}/{len(row['seeds'])})"]  # fmt: skip
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    budget = []
+    for label, report in reports.items():
+        runs = report.get("runs", [])
+        if runs:
+            steps = sorted({r["steps"] for r in runs})
+            seconds = [r["seconds"] for r in runs]
+            budget.append(f"{label}: {'/'.join(map(str, steps))} steps per fine-tune, "
+                          f"{statistics.fmean(seconds):.0f} s on average ({min(seconds):.0f}-{max(seconds):.0f} s)")  # fmt: skip
+    return "\n".join(lines) + ("\n\nFine-tuning budget: " + "; ".join(budget) + ".\n" if budget else "\n")
+
+
+def combine(paths: Sequence[Path], out_dir: Path) -> Path:
+    """Read the JSON reports of runs with different ``--architecture`` and write one table and one chart."""
+    reports = {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        reports[ARCH_NAMES[report["config"].get("architecture", "unetr")]] = report
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = format_combined(reports)
+    (out_dir / "pretrain_benefit_combined.md").write_text(markdown)
+    seeds = sorted({s for report in reports.values() for row in report["summary"] for s in row["seeds"]})
+    draw_chart({label: report["summary"] for label, report in reports.items()}, out_dir / "pretrain_benefit_combined.png",
+               f"Dice on held-out phantoms, {' vs '.join(reports)} ({len(seeds)} seeds)")  # fmt: skip
+    print(markdown, flush=True)
+    return out_dir / "pretrain_benefit_combined.md"
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -575,6 +600,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="unetr",
                         help="segmentation network: unetr (patch 16) or vitseg (pure ViT, patch 8; the preset's VITSEG_CHANGES)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="REPORT_JSON",
+                        help="only write one table and chart from the JSON reports of earlier runs (e.g. unetr and vitseg)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="retrain the MAE and every fine-tune (implied by --quick)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
@@ -656,6 +683,8 @@ def build_config(args: argparse.Namespace) -> BenefitConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.combine:
+        return {"combined": str(combine(args.combine, args.out_dir))}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     warnings.filterwarnings("ignore", message="torch.meshgrid")
     _quiet_engine_logs()
@@ -715,7 +744,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.md").write_text(markdown)
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    draw_chart(rows, args.out_dir / f"{name}.png", f"{ARCH_NAMES[cfg.architecture]} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")
+    draw_chart({ARCH_NAMES[cfg.architecture]: rows}, args.out_dir / f"{name}.png",
+               f"{ARCH_NAMES[cfg.architecture]} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")  # fmt: skip
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md, .json and .png")
     return report

@@ -58,13 +58,29 @@ def test_summary_pairs_seeds_and_reports_mean_std_and_differences():
     assert "(reused from an earlier run)" in text and "61 min in all" in text
 
 
-def test_chart_is_a_png_with_both_arms(tmp_path):
-    cfg = pb.PRESETS["cpu"]
-    path = pb.draw_chart(pb.summarise(_runs(), cfg), tmp_path / "chart" / "benefit.png", "title")
+def test_chart_is_a_png_with_every_architecture_and_arm(tmp_path):
+    rows = pb.summarise(_runs(), pb.PRESETS["cpu"])
+    path = pb.draw_chart({"UNETR": rows, "ViTSeg": rows}, tmp_path / "chart" / "benefit.png", "title")
     image = Image.open(path).convert("RGB")
     assert image.size == (900, 560)
-    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
-    assert {(200, 70, 50), (40, 100, 190)} <= colours  # scratch and pretrained lines
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20)}
+    expected = {tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in pb.ARM_STYLE.values()}
+    assert expected <= colours  # scratch and pretrained lines of both architectures
+
+
+def test_combined_table_reads_the_reports_of_both_architectures(tmp_path):
+    cfg = pb.PRESETS["cpu"]
+    runs = [{**run, "steps": 300, "seconds": 200.0} for run in _runs()]
+    reports = []
+    for arch in ("unetr", "vitseg"):
+        path = tmp_path / f"{arch}.json"
+        path.write_text(json.dumps({"config": {"architecture": arch}, "summary": pb.summarise(runs, cfg), "runs": runs}))
+        reports.append(path)
+    markdown = pb.combine(reports, tmp_path / "out").read_text()
+    assert "| labeled volumes | UNETR scratch | UNETR pretrained |" in markdown and "ViTSeg difference (better)" in markdown
+    assert "| 2 | 0.200 +- 0.100 | 0.250 +- 0.050 | +0.050 (2/3) | 0.200 +- 0.100 |" in markdown
+    assert "UNETR: 300 steps per fine-tune, 200 s on average (200-200 s)" in markdown
+    assert (tmp_path / "out" / "pretrain_benefit_combined.png").is_file()
 
 
 def test_finished_runs_are_read_back_and_a_torn_line_is_skipped(tmp_path):
