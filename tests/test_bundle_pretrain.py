@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
+from monai.bundle import ConfigParser
 
-from monai_mae.data import write_synthetic_dataset
-from monai_mae.model_file import read_model
+from monai_mae import MAEViT
+from monai_mae.data import load_data_preset, write_synthetic_dataset
+from monai_mae.model_file import read_model, save_model
 
 pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
 
@@ -90,11 +92,16 @@ def test_named_folder_without_datalist_stops_unless_synthetic_data_is_asked_for(
     assert (empty / "datalist.json").exists() and len(list((empty / "imagesTr").iterdir())) == 8
 
 
-def test_verify_net_in_out():
+def test_verify_net_in_out(tmp_path):
+    """inference.json rebuilds the MAE from the model file it loads: the default ViT-B, written as the bundle writes it."""
     bundle = REPO / "bundles" / "mae_pretrain"
+    settings = ConfigParser.load_config_file(str(bundle / "configs" / "train.json"))["network_def"]
+    mae = MAEViT(**{k: v for k, v in settings.items() if not k.startswith("_") and not str(v).startswith("@")},
+                 img_size=96, patch_size=16)  # fmt: skip
+    ckpt = save_model(mae, tmp_path / "model.pt", data_preset={**load_data_preset("ct"), "roi_size": [96, 96, 96]})
     cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "reconstructor",
            "--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", str(bundle / "configs" / "inference.json"),
-           "--bundle_root", str(bundle)]  # fmt: skip
+           "--bundle_root", str(bundle), "--ckpt_path", str(ckpt)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
