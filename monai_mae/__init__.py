@@ -19,8 +19,7 @@ from monai_mae.networks import (
     restore_patches,
     unpatchify,
 )
-
-__version__ = "0.1.0"
+from monai_mae.version import __version__
 
 __all__ = [
     "MAEViT", "MAEReconstructor", "MaskGenerator", "MaskingResult", "MaskedReconstructionLoss", "MAE_PRESETS", "content_aware_weights",

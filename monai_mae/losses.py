@@ -1,4 +1,8 @@
-"""Masked reconstruction loss and the helpers that turn predictions back into images."""
+"""Masked reconstruction loss (MSE over the masked patches only).
+
+The display helpers :func:`reconstruct_image` and :func:`masked_input` live in
+:mod:`monai_mae.networks.display` and are re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
-from monai_mae.networks.patching import patchify, unpatchify
+from monai_mae.networks.display import masked_input, reconstruct_image
+from monai_mae.networks.patching import patchify
 
 __all__ = ["MaskedReconstructionLoss", "normalize_patches", "reconstruct_image", "masked_input"]
 
@@ -76,53 +81,3 @@ class MaskedReconstructionLoss(nn.Module):
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
-
-def reconstruct_image(
-    pred: torch.Tensor,
-    mask: torch.Tensor,
-    images: torch.Tensor,
-    patch_size: Sequence[int] | int,
-    norm_pix_loss: bool = False,
-    paste_visible: bool = False,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Turn predicted patches back into an image for display.
-
-    With ``norm_pix_loss`` the predictions are per-patch normalised; they are brought back to
-    intensities with the statistics of the *visible* patches (mean of their means and of their
-    standard deviations, per sample), so nothing hidden from the network is used.
-
-    Args:
-        pred: ``(B, N, prod(P) * C)``.
-        mask: ``(B, N)``, 1 = masked.
-        images: ``(B, C, *S)`` the input.
-        patch_size: per-axis patch size.
-        norm_pix_loss: whether ``pred`` is in the normalised space.
-        paste_visible: put the input's visible patches back, showing only masked ones predicted.
-        eps: variance floor.
-
-    Returns:
-        ``(B, C, *S)`` reconstruction.
-    """
-    patch = tuple(ensure_tuple_rep(patch_size, images.ndim - 2))
-    target = patchify(images.float(), patch)  # (B, N, K)
-    pred = pred.detach().float()
-    visible = (1.0 - mask.float()).unsqueeze(-1)  # (B, N, 1)
-    if norm_pix_loss:
-        n_visible = visible.sum(dim=1).clamp_min(1.0)  # (B, 1)
-        mean = (target.mean(-1, keepdim=True) * visible).sum(1) / n_visible  # (B, 1)
-        std = ((target.var(-1, keepdim=True, unbiased=False) + eps).sqrt() * visible).sum(1) / n_visible
-        pred = pred * std.unsqueeze(1) + mean.unsqueeze(1)
-    if paste_visible:
-        pred = torch.where(visible.bool(), target, pred)
-    return unpatchify(pred, patch, images.shape[2:], images.shape[1])
-
-
-def masked_input(
-    images: torch.Tensor, mask: torch.Tensor, patch_size: Sequence[int] | int, fill: float = 0.0
-) -> torch.Tensor:
-    """The input with its masked patches replaced by ``fill``: ``(B, C, *S)``."""
-    patch = tuple(ensure_tuple_rep(patch_size, images.ndim - 2))
-    patches = patchify(images, patch)
-    patches = torch.where(mask.bool().unsqueeze(-1), torch.full_like(patches, fill), patches)
-    return unpatchify(patches, patch, images.shape[2:], images.shape[1])

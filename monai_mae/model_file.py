@@ -25,7 +25,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from monai_mae.data.transforms import load_data_preset
+from monai_mae.networks.factory import unetr_encoder_args
 from monai_mae.utils import atomic_write, unwrap
+from monai_mae.version import __version__
 
 __all__ = [
     "ModelFile",
@@ -124,8 +127,6 @@ def save_model(
     Returns:
         The path written.
     """
-    from monai_mae import __version__
-
     network = unwrap(network)
     description = {
         "network": network_spec(network),
@@ -269,8 +270,6 @@ def encoder_settings(
             _conflicts(given, recorded, ENCODER_KEYS, "encoder settings", model.source)
     settings = {**dict(defaults or {}), **recorded, **given}
     if architecture == "unetr":
-        from monai_mae.networks.factory import unetr_encoder_args
-
         return unetr_encoder_args(settings, source)
     return settings
 
@@ -291,8 +290,6 @@ def data_preset_for(
     Raises:
         ValueError: when ``modality`` or a preprocessing entry (:data:`PREPROCESSING_KEYS`) contradicts the file.
     """
-    from monai_mae.data import load_data_preset
-
     given = {k: v for k, v in {"modality": modality, **given}.items() if v is not None}
     recorded = None
     if ckpt is not None and os.fspath(ckpt).strip() and Path(ckpt).is_file():

@@ -21,7 +21,7 @@ from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 from PIL import Image
 
-from monai_mae.losses import masked_input, reconstruct_image
+from monai_mae.networks.display import masked_input, reconstruct_image
 from monai_mae.utils import is_main_process
 
 __all__ = [

@@ -15,7 +15,7 @@ from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep, look_up_option
 
 from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
-
+from monai_mae.networks.display import reconstruct_image
 from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking
 from monai_mae.networks.patching import patch_grid, patch_pattern, patchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
@@ -51,7 +51,7 @@ def _pos_embed_for_grid(table: torch.Tensor, kind: str, built: tuple[int, ...], 
         return table
     if kind == "sincos":
         # rebuilt exactly for the new grid, times the stored table's scale (1 unless the residual stream was
-        # rescaled: see monai_mae.networks.transfer.rescale_residual_stream)
+        # rescaled: see monai_mae.networks.residual.rescale_residual_stream)
         unit = sincos_pos_embed(built, table.shape[-1], device=table.device)
         scale = (table.float() * unit).sum() / unit.square().sum()
         return (sincos_pos_embed(grid, table.shape[-1], device=table.device) * scale).to(table.dtype)
@@ -522,8 +522,6 @@ class MAEReconstructor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S)`` -> ``(B, C, *S)`` reconstruction."""
-        from monai_mae.losses import reconstruct_image  # the loss module imports the networks
-
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         pred, mask = self.mae(x, self.masking_ratio, generator=generator)
         return reconstruct_image(
