@@ -2,7 +2,10 @@
 
 Both networks are built with the same architecture (same constructor arguments, same number of
 weights) and trained on the same random input in one process, their steps interleaved
-(MONAI, MAEViT, MONAI, MAEViT, ...) so that machine noise hits both alike. Printed as markdown:
+(MONAI, MAEViT, MONAI, MAEViT, ...) so that machine noise hits both alike. Config ``c`` instead gives
+MAEViT its Primus-style block options (RoPE, SwiGLU, LayerScale, no class token), which MONAI's
+class does not have: the same widths and depths, not the same architecture. A model that runs out of
+memory is reported as such. Printed as markdown:
 
 * training step time: forward + masked loss + backward + AdamW step (fused kernel for both models, as
   ``build_optimizer`` picks; ``--no-fused-adamw``: torch's per-tensor loop), median over ``--steps`` timed
@@ -19,6 +22,7 @@ Examples::
     python benchmarks/bench_vs_monai.py --quick                  # smoke run, < 1 minute
     python benchmarks/bench_vs_monai.py --steps 8 --warmup 2 --json bench.json
     python benchmarks/bench_vs_monai.py --configs b --threads 2
+    python benchmarks/bench_vs_monai.py --configs c --steps 3 --warmup 1   # long sequence, block options
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import monai
 import torch
@@ -53,6 +58,8 @@ __all__ = [
     "build_models",
     "make_input",
     "train_step",
+    "first_steps",
+    "is_out_of_memory",
     "encoder_step",
     "time_interleaved",
     "peak_memory_child",
@@ -86,6 +93,10 @@ class BenchConfig:
         speed_target: MAEViT must be at least this many times faster (``None``: no target).
         memory_target: MAEViT's step peak memory must be at least this many times smaller.
         encoder_target: encoding the visible tokens only must be at least this many times faster than all.
+        qkv_bias: bias on the qkv projections (both models).
+        ours_options: MAEViT-only constructor arguments as ``(name, value)`` pairs (block options MONAI's
+            class lacks, or a value that replaces a shared one such as ``mlp_dim``); when set, the two
+            models are not the same architecture and their weight counts may differ.
     """
 
     name: str
@@ -106,6 +117,8 @@ class BenchConfig:
     speed_target: float | None = None
     memory_target: float | None = None
     encoder_target: float | None = None
+    qkv_bias: bool = False
+    ours_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +130,7 @@ class BenchConfig:
         """Visible patches per volume, counted as both models count them."""
         return int(self.num_tokens * (1 - self.masking_ratio))
 
-    def model_kwargs(self) -> dict[str, int | float]:
+    def model_kwargs(self) -> dict[str, Any]:
         """Constructor arguments shared by ``MaskedAutoEncoderViT`` and ``MAEViT``."""
         return {
             "in_channels": self.in_channels,
@@ -132,7 +145,12 @@ class BenchConfig:
             "decoder_mlp_dim": self.decoder_mlp_dim,
             "decoder_num_layers": self.decoder_num_layers,
             "decoder_num_heads": self.decoder_num_heads,
+            "qkv_bias": self.qkv_bias,
         }
+
+    def kwargs_for(self, name: str) -> dict[str, Any]:
+        """Constructor arguments of model ``name``: the shared ones, plus :attr:`ours_options` for MAEViT."""
+        return {**self.model_kwargs(), **dict(self.ours_options)} if name == OURS else self.model_kwargs()
 
 
 CONFIGS: dict[str, BenchConfig] = {
@@ -174,9 +192,37 @@ CONFIGS: dict[str, BenchConfig] = {
             memory_target=3.0,
             encoder_target=PAPER_ENCODER_SPEEDUP,
         ),
+        BenchConfig(
+            name="c",
+            title="384 x 6 + decoder 288 x 4, patch 8, 128^3 (4096 tokens), batch 1; MAEViT: RoPE, SwiGLU, "
+            "LayerScale 0.1, no class token (MONAI's class has none: GELU MLP, sin-cos table, class token)",
+            img_size=128,
+            patch_size=8,
+            batch_size=1,
+            hidden_size=384,
+            mlp_dim=1536,
+            num_layers=6,
+            num_heads=6,
+            decoder_hidden_size=288,
+            decoder_mlp_dim=1152,
+            decoder_num_layers=4,
+            decoder_num_heads=6,
+            qkv_bias=True,
+            # SwiGLU with 8/3 x width hidden units holds the weights of MONAI's 4 x width GELU MLP (as Primus)
+            ours_options=(
+                ("pos_embed_type", "rope"), ("mlp_type", "swiglu"), ("layer_scale_init", 0.1), ("cls_token", False),
+                ("mlp_dim", 1024), ("decoder_mlp_dim", 768),
+            ),
+        ),
         # --quick: the same shapes in miniature (no targets)
         BenchConfig("a-quick", "smoke: 32^3, patch 8, batch 2", 32, 8, 2, 96, 384, 2, 4, 48, 192, 2, 4),
         BenchConfig("b-quick", "smoke: 32^3, patch 4 (512 tokens), batch 1", 32, 4, 1, 48, 192, 2, 2, 48, 192, 1, 4),
+        BenchConfig(
+            "c-quick", "smoke: 32^3, patch 4 (512 tokens), batch 1, MAEViT block options", 32, 4, 1, 48, 192, 2, 2,
+            48, 192, 1, 4, qkv_bias=True,
+            ours_options=(("pos_embed_type", "rope"), ("mlp_type", "swiglu"), ("layer_scale_init", 0.1),
+                          ("cls_token", False), ("mlp_dim", 128), ("decoder_mlp_dim", 128)),
+        ),  # fmt: skip
     )
 }
 
@@ -194,7 +240,7 @@ class Timing:
 
 @dataclass
 class ModelResult:
-    """Everything measured for one (config, model)."""
+    """Everything measured for one (config, model); ``error`` says why a model has no timings (out of memory)."""
 
     model: str
     params: int
@@ -203,6 +249,7 @@ class ModelResult:
     flops_per_step: int
     gflops_per_s: float
     fraction_of_matmul: float
+    error: str = ""
     peak_rss_mib: float = float("nan")
     rss_after_build_mib: float = float("nan")
     step_peak_mib: float = float("nan")
@@ -226,18 +273,19 @@ class ConfigResult:
 def build_model(config: BenchConfig, name: str, seed: int = 0) -> nn.Module:
     """One model (``"monai"`` or ``"monai_mae"``) of ``config`` in train mode, seeded."""
     torch.manual_seed(seed)
-    return MODEL_CLASSES[name](**config.model_kwargs()).train()
+    return MODEL_CLASSES[name](**config.kwargs_for(name)).train()
 
 
 def build_models(config: BenchConfig, seed: int = 0) -> dict[str, nn.Module]:
     """MONAI's and monai_mae's model of ``config``, both in train mode.
 
     Raises:
-        ValueError: if the two do not hold the same number of weights (they should be the same architecture).
+        ValueError: if the two do not hold the same number of weights (they should be the same architecture;
+            not checked when ``config.ours_options`` gives MAEViT options MONAI's class lacks).
     """
     models = {name: build_model(config, name, seed) for name in (MONAI, OURS)}
     counts = {name: count_params(model) for name, model in models.items()}
-    if counts[MONAI] != counts[OURS]:
+    if counts[MONAI] != counts[OURS] and not config.ours_options:
         raise ValueError(f"config {config.name}: parameter counts differ, {counts}.")
     return models
 
@@ -295,7 +343,7 @@ def encoder_step(model: MAEViT, images: torch.Tensor, masking_ratio: float) -> N
         images: ``(B, C, H, W, D)``.
     """
     model.zero_grad(set_to_none=True)
-    latent = model.forward_encoder(images, masking_ratio=masking_ratio)  # (B, 1 + N_keep, D)
+    latent = model.forward_encoder(images, masking_ratio=masking_ratio)  # (B, prefix + N_keep, D), prefix 0 or 1
     latent.float().pow(2).mean().backward()
 
 
@@ -431,6 +479,32 @@ def peak_memory_child(
 
 
 # ----------------------------------------------------------------------------------------------- running
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA or CPU allocator, or Python's ``MemoryError``)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def first_steps(models: dict[str, nn.Module], step: Callable[[str], object]) -> dict[str, str]:
+    """One untimed training step of each model; returns ``{name: error}`` for those out of memory.
+
+    Raises:
+        BaseException: any error of a step that is not an allocation failure.
+    """
+    failed = {}
+    for name in list(models):
+        try:
+            step(name)
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            failed[name] = "out of memory: " + str(error).strip().splitlines()[0][:160]
+            gc.collect()
+    return failed
+
+
 def run_config(
     config: BenchConfig,
     n_steps: int,
@@ -440,18 +514,29 @@ def run_config(
     memory: bool = True,
     fused_adamw: bool = False,
 ) -> ConfigResult:
-    """All measurements for one config: interleaved training steps, FLOPs, encoder speedup, memory."""
+    """All measurements for one config: interleaved training steps, FLOPs, encoder speedup, memory.
+
+    The first warm-up round runs each model alone; a model out of memory there is reported
+    (``ModelResult.error``) and left out of the rest, whose ratios are then NaN.
+    """
     models = build_models(config)
     images = make_input(config)
     loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
     optimizers = {name: make_optimizer(model, fused_adamw) for name, model in models.items()}
     ratio = config.masking_ratio
+    result = ConfigResult(config)
+    nan = float("nan")
 
     def stepper(name: str) -> Callable[[], float]:
         return lambda: train_step(models[name], optimizers[name], loss_fn, images, ratio)
 
-    timings = time_interleaved({name: stepper(name) for name in models}, n_steps, warmup)
-    result = ConfigResult(config)
+    failed = first_steps(models, lambda name: stepper(name)())
+    for name, error in failed.items():
+        result.models[name] = ModelResult(name, count_params(models[name]), [], nan, 0, nan, nan, error=error)
+        print(f"config {config.name}: {MODEL_LABELS[name]} {error}", file=sys.stderr, flush=True)
+        del models[name], optimizers[name]
+    gc.collect()
+    timings = time_interleaved({name: stepper(name) for name in models}, n_steps, max(warmup - 1, 0))
     for name, model in models.items():
         flops = flops_per_step(model, loss_fn, images, ratio)
         rate = flops / timings[name].median / 1e9
@@ -464,26 +549,35 @@ def run_config(
             gflops_per_s=rate,
             fraction_of_matmul=rate / matmul_rate,
         )
-    result.speedup = timings[MONAI].median / timings[OURS].median
-    result.best_speedup = min(timings[MONAI].times) / min(timings[OURS].times)
+    if not failed:
+        result.speedup = timings[MONAI].median / timings[OURS].median
+        result.best_speedup = min(timings[MONAI].times) / min(timings[OURS].times)
 
-    ours = models[OURS]
+    ours = models.get(OURS)
     del models, optimizers
     gc.collect()
-    encoder = time_interleaved(
-        {"masked": lambda: encoder_step(ours, images, ratio), "full": lambda: encoder_step(ours, images, 0.0)},
-        n_steps,
-        warmup,
-    )
-    result.encoder_masked_times_s = encoder["masked"].times
-    result.encoder_full_times_s = encoder["full"].times
-    result.encoder_speedup = encoder["full"].median / encoder["masked"].median
+    if ours is not None:
+        encoder = time_interleaved(
+            {"masked": lambda: encoder_step(ours, images, ratio), "full": lambda: encoder_step(ours, images, 0.0)},
+            n_steps,
+            warmup,
+        )
+        result.encoder_masked_times_s = encoder["masked"].times
+        result.encoder_full_times_s = encoder["full"].times
+        result.encoder_speedup = encoder["full"].median / encoder["masked"].median
     del ours
     gc.collect()
 
     if memory:
         for name in (MONAI, OURS):
-            for key, value in peak_memory_child(config, name, threads, fused_adamw=fused_adamw).items():
+            if name in failed:
+                continue
+            try:
+                figures = peak_memory_child(config, name, threads, fused_adamw=fused_adamw)
+            except RuntimeError as error:  # e.g. the child killed by the kernel's out-of-memory killer
+                result.models[name].error = "memory child failed: " + str(error).splitlines()[0]
+                continue
+            for key, value in figures.items():
                 setattr(result.models[name], key, value)
         result.memory_ratio = result.models[MONAI].step_peak_mib / result.models[OURS].step_peak_mib
     return result
@@ -509,6 +603,8 @@ def _verdict(value: float, target: float | None) -> str:
 
 
 def _fmt_times(times: Sequence[float]) -> str:
+    if not times:
+        return "n/a"
     return f"{statistics.median(times):.3f} [{min(times):.3f}, {max(times):.3f}]"
 
 
@@ -542,7 +638,7 @@ def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_r
                         f"{cfg.name}: {cfg.title}",
                         MODEL_LABELS[name],
                         f"{m.params / 1e6:.2f}",
-                        _fmt_times(m.step_times_s),
+                        _fmt_times(m.step_times_s) + (f" ({m.error})" if m.error else ""),
                         f"{res.speedup:.2f}x (best {res.best_speedup:.2f}x)" if is_ours else "1.00x",
                         _verdict(res.speedup, cfg.speed_target) if is_ours else "",
                         f"{m.peak_rss_mib:.0f}",
@@ -577,12 +673,23 @@ def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_r
         "MAEViT step peak memory.",
         "- step peak mem = peak RSS (VmHWM) of a fresh process running 2 training steps minus its RSS after "
         "building model, AdamW, loss and input (so it includes gradients and AdamW state, the same for both).",
-        "- decoder width is 384, not the MAE paper's 512: MONAI's 3D sin-cos table needs the width divisible "
+        "- a, b: decoder width is 384, not the MAE paper's 512: MONAI's 3D sin-cos table needs the width divisible "
         "by 6 (MAEViT builds sin-cos tables for any width).",
         "- GFLOP/step: forward + backward FLOPs from torch.utils.flop_counter.FlopCounterMode; fused attention "
         "(MAEViT) is counted like the CUDA kernels, so its backward includes the recomputed scores. "
         "'of matmul' = GFLOP/s / the torch.mm rate above.",
     ]
+    options = [res.config for res in results if res.config.ours_options]
+    if options:
+        lines.append(
+            "- MAEViT-only options ("
+            + "; ".join(f"{cfg.name}: " + ", ".join(f"{k}={v!r}" for k, v in cfg.ours_options) for cfg in options)
+            + "): MONAI's class has none of them, so the two are not the same network (their weights differ "
+            "slightly: LayerScale gammas, no class token, no unused cross-attention norms); the ratio compares "
+            "the two implementations at the same widths, depths and token count, each with its own blocks."
+        )
+    if any(m.error for res in results for m in res.models.values()):
+        lines.append("- a model out of memory has no timings; its ratios are n/a (nan).")
     return "\n".join(lines)
 
 
@@ -617,7 +724,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny smoke configurations (< 1 minute)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 8, --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, --quick 1)")
-    parser.add_argument("--configs", nargs="+", choices=("a", "b"), default=["a", "b"], help="configs to run")
+    parser.add_argument(
+        "--configs", nargs="+", choices=("a", "b", "c"), default=["a", "b"],
+        help="configs to run (default a b; c: long sequence with MAEViT's block options)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all)")
     parser.add_argument(
         "--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
