@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-quick wheel-smoke demo bench clean
+.PHONY: install test test-quick wheel-smoke demo demo-finetune bench clean
 
 install: $(STAMP)
 
@@ -43,6 +43,20 @@ demo: install
 		--bundle_root bundles/mae_pretrain --meta_file bundles/mae_pretrain/configs/metadata.json \
 		--logging_file bundles/mae_pretrain/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(DEMO_OUT)
 	@echo "Reconstruction pictures: $(DEMO_OUT)/reconstructions/ (latest.png); volumes: $(DEMO_OUT)/reconstructions_nifti/"
+
+# Fine-tune in one command from the demo's MAE (run `make demo` first): the encoder and the data preset come
+# from its model file; ViTSeg by default (ARCH=unetr for UNETR needs a 12-layer MAE), then inference.
+FT_OUT ?= outputs/finetune_demo
+ARCH   ?= vitseg
+demo-finetune: install
+	$(BIN)/python -m monai.bundle run --config_file "['bundles/mae_finetune/configs/train.json','configs/demo_finetune_cpu.json']" \
+		--bundle_root bundles/mae_finetune --meta_file bundles/mae_finetune/configs/metadata.json \
+		--logging_file bundles/mae_finetune/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(FT_OUT) \
+		--architecture $(ARCH) --pretrained_ckpt $(DEMO_OUT)/models/model.pt
+	$(BIN)/python -m monai.bundle run --config_file bundles/mae_finetune/configs/inference.json \
+		--bundle_root bundles/mae_finetune --meta_file bundles/mae_finetune/configs/metadata.json \
+		--logging_file bundles/mae_finetune/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(FT_OUT)
+	@echo "Overlays: $(FT_OUT)/overlays/; segmentations: $(FT_OUT)/segmentations/"
 
 bench: install
 	$(BIN)/python benchmarks/bench_vs_monai.py

@@ -577,6 +577,38 @@ def format_combined(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + ("\n\nFine-tuning budget: " + "; ".join(budget) + ".\n" if budget else "\n")
 
 
+def step_times(preset: str, steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per fine-tuning step of each architecture at ``preset``'s sizes, measured interleaved.
+
+    One step: a batch of ``finetune_batch`` volumes x ``finetune_samples`` random crops, DiceCE, backward,
+    AdamW. Interleaving the two networks step by step exposes both to the same machine load, so the
+    ratio (what sets equal wall-clock budgets, e.g. ``VITSEG_CHANGES[preset]["finetune_steps"]``) holds
+    on a busy machine too.
+    """
+    configs = {arch: dataclasses.replace(PRESETS[preset], **(VITSEG_CHANGES[preset] if arch == "vitseg" else {}))
+               for arch in ARCHITECTURES}  # fmt: skip
+    torch.manual_seed(0)
+    cfg = configs["unetr"]
+    batch = cfg.finetune_batch * cfg.finetune_samples
+    image = torch.rand(batch, 1, cfg.roi, cfg.roi, cfg.roi, device=device)
+    label = torch.randint(0, cfg.num_organs + 1, (batch, 1, cfg.roi, cfg.roi, cfg.roi), device=device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    nets = {arch: build_network(c).to(device) for arch, c in configs.items()}
+    optimizers = {arch: build_optimizer(net, lr=1e-4) for arch, net in nets.items()}
+    times: dict[str, list[float]] = {arch: [] for arch in nets}
+    for step in range(steps + 2):  # the first two steps warm up allocators and kernels
+        for arch, net in nets.items():
+            start = time.perf_counter()
+            loss_fn(net(image), label).backward()
+            optimizers[arch].step()
+            optimizers[arch].zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= 2:
+                times[arch].append(time.perf_counter() - start)
+    return {arch: statistics.median(values) for arch, values in times.items()}
+
+
 def combine(paths: Sequence[Path], out_dir: Path) -> Path:
     """Read the JSON reports of runs with different ``--architecture`` and write one table and one chart."""
     reports = {}
@@ -600,6 +632,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="unetr",
                         help="segmentation network: unetr (patch 16) or vitseg (pure ViT, patch 8; the preset's VITSEG_CHANGES)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
+    parser.add_argument("--step-times", type=int, default=None, metavar="STEPS",
+                        help="only measure the seconds per fine-tuning step of UNETR and ViTSeg at the preset's sizes (interleaved)")
     parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="REPORT_JSON",
                         help="only write one table and chart from the JSON reports of earlier runs (e.g. unetr and vitseg)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="retrain the MAE and every fine-tune (implied by --quick)")
@@ -685,6 +719,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.combine:
         return {"combined": str(combine(args.combine, args.out_dir))}
+    if args.step_times:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        preset = "quick" if args.quick else args.preset
+        times = step_times(preset, args.step_times, device)
+        unetr_steps = PRESETS[preset].finetune_steps
+        print(f"seconds per fine-tuning step ({preset} preset, {device}, {torch.get_num_threads()} threads, median of "
+              f"{args.step_times}): UNETR {times['unetr']:.3f}, ViTSeg {times['vitseg']:.3f}, ratio {times['unetr'] / times['vitseg']:.2f}; "
+              f"UNETR's {unetr_steps} steps = {unetr_steps * times['unetr'] / times['vitseg']:.0f} ViTSeg steps", flush=True)  # fmt: skip
+        return times
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     warnings.filterwarnings("ignore", message="torch.meshgrid")
     _quiet_engine_logs()

@@ -140,3 +140,8 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
             pb.parse_args(["--residual-scale", bad])
     with pytest.raises(ValueError, match="residual_scale must be 'auto' or a positive number, got 'half'"):
         dataclasses.replace(base, residual_scale="half").check()
+
+
+def test_step_times_of_both_architectures_at_the_preset_sizes():
+    times = pb.step_times("quick", steps=1, device=pb.torch.device("cpu"))
+    assert set(times) == {"unetr", "vitseg"} and all(t > 0 for t in times.values())
