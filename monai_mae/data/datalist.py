@@ -11,7 +11,6 @@ dropped with a warning naming it.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import math
 import os
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 from nibabel.filebasedimages import ImageFileError
+
+from monai_mae.utils import read_json
 
 __all__ = ["check_nifti", "check_volume", "load_datalist", "validate_datalist"]
 
@@ -43,17 +44,6 @@ def _as_paths(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
         return [os.fspath(v) for v in value]
     return []
-
-
-def _read_json(path: Path) -> Any:
-    """Parse ``path`` as JSON, raising a ValueError with the file, line and column on bad syntax."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text JSON file ({err}).") from err
 
 
 def load_datalist(
@@ -93,11 +83,13 @@ def load_datalist(
 
     Examples::
 
-        >>> from monai_mae.data import ensure_dataset, load_datalist
-        >>> ensure_dataset("./data/synthetic", synthetic_if_missing=True)
-        >>> train_files = load_datalist("./data/synthetic", "training", require_label=True)
-        >>> train_files[0]["image"]
-        '/abs/path/data/synthetic/imagesTr/phantom_000.nii.gz'
+        >>> import tempfile
+        >>> from monai_mae.data import write_synthetic_dataset
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = write_synthetic_dataset(folder, num=2, num_validation=1, shape=(32, 32, 24))
+        ...     train_files = load_datalist(folder, "training", require_label=True)
+        ...     [Path(train_files[0][key]).relative_to(folder).as_posix() for key in ("image", "label")]
+        ['imagesTr/phantom_000.nii.gz', 'labelsTr/phantom_000.nii.gz']
     """
     root = Path(dataset_dir)
     path = root / datalist_name
@@ -107,7 +99,7 @@ def load_datalist(
             "(For synthetic phantoms there, run python -m monai_mae.data.synthetic DATASET_DIR, or "
             "call monai_mae.data.ensure_dataset(dataset_dir, synthetic_if_missing=True).)"
         )
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object with a {key!r} list, got {type(raw).__name__}.")
     if key not in raw:
@@ -222,8 +214,7 @@ def check_nifti(path: str | os.PathLike[str]) -> tuple[int, ...]:
 
     Examples::
 
-        >>> check_nifti("imagesTr/phantom_000.nii.gz")
-        (96, 96, 64)
+        check_nifti("imagesTr/phantom_000.nii.gz")  # (96, 96, 64)
     """
     img = _open_nifti(path)
     _stream_voxels(Path(path), img)
@@ -406,8 +397,8 @@ def check_volume(
 
     Examples::
 
-        >>> check_volume("imagesTr/phantom_000.nii.gz")
-        >>> check_volume("labelsTr/phantom_000.nii.gz", expect_label=True, num_classes=5)
+        check_volume("imagesTr/phantom_000.nii.gz")
+        check_volume("labelsTr/phantom_000.nii.gz", expect_label=True, num_classes=5)
     """
     _check_volume(path, expect_label, num_classes, in_channels, allow_nonfinite)
 
@@ -505,9 +496,9 @@ def validate_datalist(
 
     Examples::
 
-        >>> items = load_datalist("./data/synthetic", require_label=True)
-        >>> items = validate_datalist(items, keys=("image", "label"), num_classes=5)
-        >>> items = validate_datalist(items, skip_bad_files=True)  # drop bad entries with a warning
+        items = load_datalist("./data/synthetic", require_label=True)
+        items = validate_datalist(items, keys=("image", "label"), num_classes=5)
+        items = validate_datalist(items, skip_bad_files=True)  # drop bad entries with a warning
     """
     _check_counts(num_classes, in_channels)
     keys = (keys,) if isinstance(keys, str) else tuple(keys)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -40,6 +39,8 @@ from monai.transforms import (
     SqueezeDimd,
 )
 from monai.utils import ensure_tuple_rep, look_up_option
+
+from monai_mae.utils import read_json
 
 __all__ = [
     "CACHE_MODES",
@@ -98,7 +99,13 @@ class ReplaceNonFinited(MapTransform):
 
     Examples::
 
-        >>> t = Compose([LoadImaged("image", ensure_channel_first=True), ReplaceNonFinited("image", value=-175.0)])
+        >>> clean = ReplaceNonFinited("image", value=-175.0)
+        >>> clean({"image": torch.tensor([1.0, float("nan"), -float("inf")])})["image"]
+        tensor([   1., -175., -175.])
+
+    In a chain, right after loading::
+
+        t = Compose([LoadImaged("image", ensure_channel_first=True), ReplaceNonFinited("image", value=-175.0)])
     """
 
     def __init__(self, keys: KeysCollection, value: float = 0.0, allow_missing_keys: bool = False) -> None:
@@ -191,14 +198,24 @@ def get_pretrain_transforms(
 
     Examples::
 
-        >>> # 3D CT pretraining: two 96^3 crops per volume
-        >>> t = get_pretrain_transforms("ct", roi_size=(96, 96, 96), num_samples=2)
-        >>> [s["image"].shape for s in t({"image": "ct.nii.gz"})]
-        [torch.Size([1, 96, 96, 96]), torch.Size([1, 96, 96, 96])]
-        >>> # 2D MRI slices for validation
-        >>> t = get_pretrain_transforms("mri", roi_size=(128, 128), spatial_dims=2, pixdim=None, train=False)
-        >>> t({"image": "t1.nii.gz"})["image"].shape
-        torch.Size([1, 128, 128])
+        >>> import tempfile
+        >>> from monai_mae.data.synthetic import write_synthetic_dataset
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = write_synthetic_dataset(folder, num=1, num_validation=0, shape=(32, 32, 24))
+        ...     volume = {"image": f"{folder}/imagesTr/phantom_000.nii.gz"}
+        ...     # 3D CT pretraining: two 16^3 crops per volume, intensities windowed to [0, 1]
+        ...     crops = get_pretrain_transforms("ct", roi_size=(16, 16, 16), num_samples=2)(volume)
+        ...     # 2D slices for validation (MRI normalisation, no resampling)
+        ...     middle = get_pretrain_transforms("mri", roi_size=(16, 16), spatial_dims=2, pixdim=None, train=False)(volume)
+        >>> [crop["image"].shape for crop in crops], middle["image"].shape
+        ([torch.Size([1, 16, 16, 16]), torch.Size([1, 16, 16, 16])], torch.Size([1, 16, 16]))
+        >>> 0.0 <= float(crops[0]["image"].min()) <= float(crops[0]["image"].max()) <= 1.0
+        True
+
+    Full size, e.g. 96^3 CT crops::
+
+        t = get_pretrain_transforms("ct", roi_size=(96, 96, 96), num_samples=2)
+        [s["image"].shape for s in t({"image": "ct.nii.gz"})]  # [torch.Size([1, 96, 96, 96])] * 2
     """
     try:
         modality = look_up_option(modality.lower() if isinstance(modality, str) else modality, MODALITIES)
@@ -298,8 +315,8 @@ def get_dataset(
 
     Examples::
 
-        >>> items = load_datalist("./data/synthetic")
-        >>> ds = get_dataset(items, get_pretrain_transforms("ct"), cache="persistent", cache_dir="./cache")
+        items = load_datalist("./data/synthetic")
+        ds = get_dataset(items, get_pretrain_transforms("ct"), cache="persistent", cache_dir="./cache")
     """
     try:
         mode = look_up_option(cache, CACHE_MODES)
@@ -322,21 +339,22 @@ def data_preset_names() -> list[str]:
     return sorted(entry.name[: -len(".json")] for entry in _PRESETS.iterdir() if entry.name.endswith(".json"))
 
 
-def _read_preset(name_or_path: str | os.PathLike[str]) -> tuple[str, str]:
-    """Return ``(source, JSON text)`` of a packaged preset name (``ct``, ``data_ct``) or of a file path."""
+def _read_preset(name_or_path: str | os.PathLike[str]) -> tuple[str, Any]:
+    """Return ``(source, parsed JSON)`` of a packaged preset name (``ct``, ``data_ct``) or of a file path."""
     text = os.fspath(name_or_path)
     path = Path(text)
     if path.suffix == ".json" or os.sep in text or (os.altsep is not None and os.altsep in text) or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"data preset file {path} not found.")
-        return str(path), path.read_text(encoding="utf-8")
+        return str(path), read_json(path)
     name = text[len("data_") :] if text.startswith("data_") else text
     if name not in data_preset_names():
         raise ValueError(
             f"unknown data preset {text!r}; available presets: {data_preset_names()} "
             "(also as data_<name>), or pass a path to a JSON file."
         )
-    return f"monai_mae/data/presets/{name}.json", (_PRESETS / f"{name}.json").read_text(encoding="utf-8")
+    source = f"monai_mae/data/presets/{name}.json"
+    return source, read_json(_PRESETS / f"{name}.json", name=source)
 
 
 def load_data_preset(name_or_path: str | os.PathLike[str], **overrides: Any) -> dict[str, Any]:
@@ -369,11 +387,7 @@ def load_data_preset(name_or_path: str | os.PathLike[str], **overrides: Any) -> 
         (-175.0, 250.0)
         >>> train_transforms = get_pretrain_transforms(**kwargs, train=True)
     """
-    path, text = _read_preset(name_or_path)
-    try:
-        preset = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
+    path, preset = _read_preset(name_or_path)
     if not isinstance(preset, dict):
         raise ValueError(
             f"{path}: a data preset must be a JSON object of keyword arguments, got {type(preset).__name__}."

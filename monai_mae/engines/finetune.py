@@ -26,42 +26,13 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
-from monai_mae.engines.handlers import unwrap
-from monai_mae.networks.transfer import (
-    is_positive_finite,
-    load_mae_encoder,
-    match_residual_stream,
-    rescale_residual_stream,
-    residual_stream_norm,
-)
+from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
+from monai_mae.networks.transfer import load_mae_encoder
+from monai_mae.utils import find_vit, is_positive_finite, no_weight_decay, unwrap
 
 __all__ = ["layerwise_lr_groups", "encoder_parameters", "FreezeEncoder", "load_pretrained", "save_metrics_json"]
 
 logger = logging.getLogger(__name__)
-
-_NO_DECAY_NAMES = ("cls_token", "position_embeddings", "pos_embedding")
-
-
-def _find_vit(network: nn.Module) -> nn.Module:
-    """The ViT encoder of ``network``: ``network.vit`` (UNETR) or ``network`` itself (ViT).
-
-    A ViT is recognised by its ``patch_embedding`` module and ``blocks`` ``ModuleList``.
-
-    Raises:
-        ValueError: when neither holds a ViT (the message names the type).
-    """
-    network = unwrap(network)
-    for candidate in (getattr(network, "vit", None), network):
-        if (
-            isinstance(candidate, nn.Module)
-            and isinstance(getattr(candidate, "blocks", None), nn.ModuleList)
-            and isinstance(getattr(candidate, "patch_embedding", None), nn.Module)
-        ):
-            return candidate
-    raise ValueError(
-        f"expected a MONAI UNETR, a MONAI ViT or a module with a ViT at `.vit`, got {type(network).__name__}."
-    )
-
 
 def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
     """The parameters of the ViT encoder: patch embedding, ``cls_token``, ``blocks`` and final ``norm``.
@@ -79,7 +50,7 @@ def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
     Raises:
         ValueError: when ``network`` holds no ViT.
     """
-    vit = _find_vit(network)
+    vit, _ = find_vit(network, "encoder_parameters")
     parts = [getattr(vit, name, None) for name in ("patch_embedding", "cls_token", "blocks", "norm")]
     encoder = {id(p) for part in parts if isinstance(part, nn.Module) for p in part.parameters()}
     encoder |= {id(part) for part in parts if isinstance(part, nn.Parameter)}
@@ -136,7 +107,8 @@ def layerwise_lr_groups(
 
     Examples::
 
-        >>> net = UNETR(1, 5, (96, 96, 96), hidden_size=768, mlp_dim=3072, num_heads=12, qkv_bias=True)
+        >>> from monai.networks.nets import UNETR
+        >>> net = UNETR(1, 5, 32, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=4, qkv_bias=True)  # 12 blocks
         >>> groups = layerwise_lr_groups(net, lr=1e-4, layer_decay=0.75)
         >>> optimizer = torch.optim.AdamW(groups, lr=1e-4)
         >>> groups[0]["lr"], groups[-1]["lr"]  # decoder and norm; patch embedding (0.75 ** 13)
@@ -151,8 +123,8 @@ def layerwise_lr_groups(
     if not 0.0 < encoder_lr_scale <= 1.0:
         raise ValueError(f"encoder_lr_scale must be in (0, 1], got {encoder_lr_scale!r}.")
     network = unwrap(network)
+    vit, _ = find_vit(network, "layerwise_lr_groups")
     encoder = {id(p) for p in encoder_parameters(network)}
-    vit = _find_vit(network)
     num_layers = len(vit.blocks)
     layer_of: dict[int, int] = {id(p): 0 for p in vit.patch_embedding.parameters()}
     cls_token = getattr(vit, "cls_token", None)
@@ -166,7 +138,7 @@ def layerwise_lr_groups(
         if not param.requires_grad:
             continue
         layer_id = layer_of.get(id(param), num_layers + 1)
-        decay = not (param.ndim <= 1 or any(key in name for key in _NO_DECAY_NAMES))
+        decay = not no_weight_decay(name, param)
         in_encoder = id(param) in encoder and encoder_lr_scale != 1.0  # one group per layer unless scaled
         key = (layer_id, decay, in_encoder)
         if key not in groups:
@@ -207,8 +179,15 @@ class FreezeEncoder:
 
     Examples::
 
-        >>> freezer = FreezeEncoder(unetr, epochs=5)
-        >>> freezer.attach(trainer)  # epochs 1-5: decoder only; from epoch 6: everything
+        >>> from ignite.engine import Engine
+        >>> from monai.networks.nets import UNETR
+        >>> unetr = UNETR(1, 2, 32, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=4)
+        >>> seen = []  # whether the encoder is trainable at each step
+        >>> trainer = Engine(lambda engine, batch: seen.append(unetr.vit.norm.weight.requires_grad))
+        >>> FreezeEncoder(unetr, epochs=2).attach(trainer)
+        >>> _ = trainer.run([0], max_epochs=4)
+        >>> seen  # epochs 1-2: decoder only; from epoch 3: everything
+        [False, False, True, True]
     """
 
     def __init__(self, network: nn.Module, epochs: int = 0) -> None:
@@ -282,10 +261,10 @@ def load_pretrained(
         strict: raise on any misfit (default). False skips tensors that do not fit (see the report).
         interpolate: resample the position table when the patch grids differ. Defaults to True.
         residual_scale: after loading, multiply the encoder's residual stream by this factor with
-            :func:`~monai_mae.networks.transfer.rescale_residual_stream` (the encoder computes the
+            :func:`~monai_mae.networks.residual.rescale_residual_stream` (the encoder computes the
             same function; its hidden states, UNETR's skip inputs, scale by the factor). ``"auto"``
             matches the stream's size to the freshly built ``network``'s on a fixed reference batch
-            (:func:`~monai_mae.networks.transfer.match_residual_stream`); 1.0 (default) leaves the
+            (:func:`~monai_mae.networks.residual.match_residual_stream`); 1.0 (default) leaves the
             weights as loaded. Ignored when training from scratch.
 
     Returns:
@@ -299,9 +278,15 @@ def load_pretrained(
 
     Examples::
 
-        >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "outputs/mae/models/model.pt")
-        >>> unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "mae/models/model.pt", residual_scale="auto")
-        >>> unetr = load_pretrained(UNETR(1, 5, 96), "")  # from scratch
+        >>> from monai.networks.nets import UNETR
+        >>> net = UNETR(1, 5, 32, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=4)
+        >>> load_pretrained(net, "") is net  # no checkpoint: from scratch, the weights stay as built
+        True
+
+    With the model file of the ``mae_pretrain`` bundle::
+
+        unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "outputs/mae/models/model.pt")
+        unetr = load_pretrained(UNETR(1, 5, 96, qkv_bias=True), "mae/models/model.pt", residual_scale="auto")
     """
     auto = isinstance(residual_scale, str) and residual_scale.strip().lower() == "auto"
     if not auto and not is_positive_finite(residual_scale):
@@ -363,8 +348,8 @@ def save_metrics_json(engine: Engine, path: str | os.PathLike, **extra: Any) -> 
 
     Examples::
 
-        >>> evaluator.run()
-        >>> save_metrics_json(evaluator, "outputs/eval/metrics.json", checkpoint="models/model_best.pt")
+        evaluator.run()
+        save_metrics_json(evaluator, "outputs/eval/metrics.json", checkpoint="models/model_best.pt")
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from monai_mae.utils import no_weight_decay
+
 __all__ = ["param_groups", "build_optimizer", "fused_adamw_supported", "scaled_lr"]
 
 _TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-
-_NO_DECAY_NAMES = ("cls_token", "mask_tokens", "position_embeddings", "pos_embedding")
 
 
 def param_groups(network: nn.Module, weight_decay: float = 0.05) -> list[dict]:
@@ -23,7 +23,7 @@ def param_groups(network: nn.Module, weight_decay: float = 0.05) -> list[dict]:
     for name, param in network.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or any(key in name for key in _NO_DECAY_NAMES):
+        if no_weight_decay(name, param):
             no_decay.append(param)
         else:
             decay.append(param)

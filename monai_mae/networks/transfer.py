@@ -1,37 +1,47 @@
-"""Load a pretrained MAE encoder into MONAI's ``UNETR`` or ``ViT`` for fine-tuning.
+"""Fit a pretrained MAE encoder into MONAI's ``UNETR`` or ``ViT``, or a ``ViTSeg``, for fine-tuning.
 
 The encoder of :class:`~monai_mae.networks.mae.MAEViT` is named as in MONAI's ``ViT``
 (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``, ``norm.*``), so most tensors copy across
-unchanged. This module adds what a plain ``load_state_dict`` does not do:
+unchanged. On top of reading the checkpoint (:mod:`monai_mae.networks.checkpoint_io`: nested bundle /
+Ignite checkpoints, ``module.`` / ``_orig_mod.`` prefixes, MONAI's ``MaskedAutoEncoderViT`` layout,
+decoder dropped), :func:`load_mae_encoder` does what a plain ``load_state_dict`` does not do:
 
-* unwrap bundle / Ignite checkpoints (``{"network": ..., "optimizer": ...}``) and strip the
-  ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes;
-* accept MONAI's ``MaskedAutoEncoderViT`` layout (final encoder norm at ``blocks.{L}.*``);
-* drop the decoder (``decoder_*``, ``mask_tokens``) and a ``cls_token`` the target has no use for;
+* drop a ``cls_token`` the target has no use for;
 * interpolate the position table when the target is built for another patch grid;
 * convert the patch projection between ``conv`` and ``perceptron`` (same function, other layout);
-* check the whole fit (width, depth, patch size, channels, every shape) before writing anything;
+* check the whole fit (width, depth, patch size, channels, position kind, every shape) before
+  writing anything, and report what it did (:class:`TransferReport`).
 
-and, for after the transfer, :func:`rescale_residual_stream` / :func:`match_residual_stream`: scale
-a pre-norm ViT's residual stream by a constant without changing what the encoder computes (see there).
+Rescaling the residual stream after the transfer is :mod:`monai_mae.networks.residual`'s job. The
+public names of both modules are re-exported here, so ``monai_mae.networks.transfer.X`` keeps working
+(``extract_encoder_state_dict``, ``residual_stream_norm``, ``rescale_residual_stream``,
+``match_residual_stream``; ``is_positive_finite`` from :mod:`monai_mae.utils`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
+from monai_mae.networks.checkpoint_io import (
+    BLOCK_KEY,
+    Checkpoint,
+    extract_encoder_state_dict,
+    is_encoder_key,
+    read_checkpoint,
+    short_keys,
+    split_encoder,
+)
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
+from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
+from monai_mae.networks.vit_geometry import GRID_AXES, cubic_grid, vit_grid, vit_patch_size
+from monai_mae.utils import find_vit, is_positive_finite, unwrap  # noqa: F401  (is_positive_finite: re-exported)
 
 __all__ = [
     "TransferReport",
@@ -44,17 +54,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Checkpoint = Union[str, os.PathLike, Mapping[str, Any], nn.Module]
-
-NEST_KEYS = ("network", "model", "state_dict", "net")  # where bundles / Ignite / Lightning nest weights
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
-ENCODER_PREFIXES = ("patch_embedding.", "blocks.", "norm.")
 POS_KEY = "patch_embedding.position_embeddings"
 CONV_WEIGHT, CONV_BIAS = "patch_embedding.patch_embeddings.weight", "patch_embedding.patch_embeddings.bias"
 LINEAR_WEIGHT, LINEAR_BIAS = "patch_embedding.patch_embeddings.1.weight", "patch_embedding.patch_embeddings.1.bias"
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _UNUSED_NORM = ".norm_cross_attn."
-_GRID_AXES = ("p1", "p2", "p3")
 
 
 @dataclass
@@ -93,204 +96,12 @@ class TransferReport:
         for name in ("interpolated", "converted", "missing", "skipped"):
             keys = getattr(self, name)
             if keys:
-                lines.append(f"  {name}: {_short(keys)}")
+                lines.append(f"  {name}: {short_keys(keys)}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------- reading
-def _short(keys: Sequence[str], limit: int = 6) -> str:
-    """``a, b, c (+N more)`` for messages."""
-    keys = list(keys)
-    text = ", ".join(keys[:limit])
-    return text + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _strip_prefixes(key: str) -> str:
-    """Remove leading ``module.`` / ``_orig_mod.`` wrappers, in any order and number."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
-
-
-def _is_encoder_key(key: str) -> bool:
-    return key == "cls_token" or key.startswith(ENCODER_PREFIXES)
-
-
-def _find_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The first mapping, at this level or nested under :data:`NEST_KEYS`, that holds encoder tensors."""
-    tensors = {_strip_prefixes(k): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if any(_is_encoder_key(k) for k in tensors):
-        return tensors
-    for key in NEST_KEYS:
-        value = obj.get(key)
-        if isinstance(value, nn.Module):
-            value = value.state_dict()
-        if isinstance(value, Mapping):
-            found = _find_state_dict(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _position_kind(checkpoint: Any) -> str | None:
-    """The ``pos_embed_type`` of a module or of a self-describing model file (``{"monai_mae": {"network": ...}}``)."""
-    if isinstance(checkpoint, nn.Module):
-        return getattr(getattr(checkpoint, "patch_embedding", None), "pos_embed_type", None)
-    if isinstance(checkpoint, Mapping):
-        network = (checkpoint.get("monai_mae") or {}).get("network") if isinstance(checkpoint.get("monai_mae"), Mapping) else None
-        return network.get("pos_embed_type") if isinstance(network, Mapping) else None
-    return None
-
-
-def _read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], tuple[int, ...] | None, str | None]:
-    """Unwrapped, prefix-free state dict of ``checkpoint``, its patch grid when known (a module), and its
-    position-embedding kind when known (a module or a self-describing model file)."""
-    grid = None
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"MAE checkpoint file not found: '{path}'.")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle / zip errors come in many types
-            raise ValueError(
-                f"could not load the checkpoint '{path}' with torch.load(weights_only=True): {err}. "
-                "Re-save it as tensors only, e.g. torch.save(net.state_dict(), path)."
-            ) from err
-        source = f"checkpoint file '{path}'"
-    elif isinstance(checkpoint, nn.Module):
-        grid = getattr(checkpoint, "grid_size", None)
-        obj, source = checkpoint.state_dict(), f"{type(checkpoint).__name__} module"
-    elif isinstance(checkpoint, Mapping):
-        obj, source = checkpoint, "checkpoint"
-    else:
-        raise ValueError(
-            f"checkpoint must be a path, a state dict or a module, got {type(checkpoint).__name__}."
-        )
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{source} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors).")
-    kind = _position_kind(checkpoint if isinstance(checkpoint, nn.Module) else obj)
-    state = _find_state_dict(obj)
-    if state is None:
-        raise ValueError(
-            f"no encoder weights (patch_embedding.*, blocks.*, norm.*) found in the {source}, nor under any of "
-            f"{list(NEST_KEYS)}; its top-level keys are {_short([str(k) for k in obj])}."
-        )
-    return state, (tuple(int(g) for g in grid) if grid is not None else None), kind
-
-
-def _rename_monai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MONAI's ``MaskedAutoEncoderViT`` keeps the final encoder norm at ``blocks.{L}.*``: move it to ``norm.*``.
-
-    The norm is recognised as the last block index whose entries are only ``weight`` / ``bias``.
-    """
-    subkeys: dict[int, set[str]] = {}
-    for key in state:
-        match = _BLOCK_KEY.match(key)
-        if match:
-            subkeys.setdefault(int(match.group(1)), set()).add(match.group(2))
-    if not subkeys or "norm.weight" in state:
-        return state
-    last = max(subkeys)
-    if not subkeys[last] <= {"weight", "bias"}:
-        return state
-    old = f"blocks.{last}."
-    return {("norm." + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
-
-
-def _split_encoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Encoder tensors (MAEViT naming) and the names of everything else (decoder, stale keys)."""
-    state = _rename_monai_layout(state)
-    encoder, others = {}, []
-    for key, value in state.items():
-        if _is_encoder_key(key) and ".cross_attn." not in key:  # old MONAI saved unused cross-attention
-            encoder[key] = value
-        else:
-            others.append(key)
-    return encoder, others
-
-
-def extract_encoder_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """The encoder of an MAE checkpoint as a plain state dict in ``MAEViT`` / MONAI ``ViT`` naming.
-
-    Unwraps bundle and Ignite checkpoints (weights nested under ``network``, ``model``,
-    ``state_dict`` or ``net``, possibly beside an optimizer), strips ``module.`` / ``_orig_mod.``
-    prefixes, renames MONAI ``MaskedAutoEncoderViT``'s final norm (``blocks.{L}.*``) to ``norm.*``
-    and drops the decoder (``decoder_*``, ``mask_tokens``).
-
-    Args:
-        checkpoint: a ``.pt`` / ``.pth`` path (read with ``torch.load(map_location="cpu",
-            weights_only=True)``), a state dict, or a module (its ``state_dict()``).
-
-    Returns:
-        ``{"patch_embedding.*", "cls_token", "blocks.N.*", "norm.*": tensor}`` (the tensors are not copied).
-
-    Raises:
-        FileNotFoundError: when the path does not exist.
-        ValueError: when the file cannot be loaded with ``weights_only=True``, or no encoder
-            weights are found (the message lists the top-level keys).
-
-    Examples::
-
-        >>> net = MAEViT(1, (96, 96, 96), 16)
-        >>> encoder = extract_encoder_state_dict(net.state_dict())
-        >>> sorted(encoder)[:2]
-        ['blocks.0.attn.out_proj.bias', 'blocks.0.attn.out_proj.weight']
-        >>> encoder = extract_encoder_state_dict("runs/mae/model_final.pt")  # {"network": ..., "optimizer": ...}
-    """
-    state, _, _ = _read_checkpoint(checkpoint)
-    return _split_encoder(state)[0]
-
-
 # ---------------------------------------------------------------------------------------- target
-def _is_vit(module: Any) -> bool:
-    """Duck-typed MONAI ``ViT``: ``patch_embedding`` with a projection and a position table, ``blocks``, ``norm``."""
-    patch = getattr(module, "patch_embedding", None)
-    return (
-        isinstance(module, nn.Module)
-        and isinstance(getattr(module, "blocks", None), nn.ModuleList)
-        and isinstance(getattr(module, "norm", None), nn.Module)
-        and isinstance(patch, nn.Module)
-        and hasattr(patch, "patch_embeddings")
-        and isinstance(getattr(patch, "position_embeddings", None), torch.Tensor)
-    )
-
-
-def _find_vit(network: Any) -> tuple[nn.Module, str]:
-    """The ViT to load into and the prefix of its keys in ``network.state_dict()``."""
-    if _is_vit(network):
-        return network, ""
-    if isinstance(network, nn.Module) and _is_vit(getattr(network, "vit", None)):
-        return network.vit, "vit."
-    raise ValueError(
-        f"load_mae_encoder expects a MONAI UNETR, a MONAI ViT or a module holding a ViT at `.vit`, "
-        f"got {type(network).__name__}."
-    )
-
-
-def _target_patch_size(vit: nn.Module, network: nn.Module) -> tuple[int, ...] | None:
-    """Patch size of a perceptron target: from its einops ``Rearrange`` or the network's ``patch_size``."""
-    for module in vit.patch_embedding.patch_embeddings.modules():
-        lengths = getattr(module, "axes_lengths", None)
-        if isinstance(lengths, Mapping) and lengths and all(a in lengths for a in _GRID_AXES[: len(lengths)]):
-            return tuple(int(lengths[a]) for a in _GRID_AXES[: len(lengths)])
-    size = getattr(network, "patch_size", None)
-    return tuple(int(p) for p in size) if isinstance(size, Sequence) else None
-
-
-def _target_grid(vit: nn.Module, network: nn.Module) -> tuple[int, ...] | None:
-    for owner, name in ((network, "feat_size"), (vit.patch_embedding, "grid_size")):
-        grid = getattr(owner, name, None)
-        if isinstance(grid, Sequence) and grid:
-            return tuple(int(g) for g in grid)
-    return None
-
-
 def _factorizations(n: int, dims: int) -> list[tuple[int, ...]]:
     """Every ordered ``(g1, ..., g_dims)`` with product ``n``."""
     if dims == 1:
@@ -307,17 +118,6 @@ def _sincos_grid(table: torch.Tensor, dims: int | None) -> tuple[int, ...] | Non
     for grid in _factorizations(n_tokens, dims):
         if torch.allclose(values, sincos_pos_embed(grid, width, device=table.device), atol=1e-5):
             return grid
-    return None
-
-
-def _cubic_grid(n_tokens: int, dims: int | None) -> tuple[int, ...] | None:
-    """``(g,) * dims`` when ``n_tokens == g ** dims``."""
-    if not dims:
-        return None
-    side = round(n_tokens ** (1.0 / dims))
-    for g in (side - 1, side, side + 1):
-        if g > 0 and g**dims == n_tokens:
-            return (g,) * dims
     return None
 
 
@@ -353,7 +153,7 @@ def _hidden_width(state: Mapping[str, torch.Tensor]) -> int | None:
 
 
 def _depth(state: Mapping[str, torch.Tensor]) -> int:
-    return len({int(m.group(1)) for m in map(_BLOCK_KEY.match, state) if m})
+    return len({int(m.group(1)) for m in map(BLOCK_KEY.match, state) if m})
 
 
 def _conv_to_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -363,7 +163,7 @@ def _conv_to_linear(weight: torch.Tensor) -> torch.Tensor:
 
 def _linear_to_conv(weight: torch.Tensor, patch_size: Sequence[int], in_channels: int) -> torch.Tensor:
     """``(D, prod(P) * C) -> (D, C, *P)``: ``o (p1 p2 p3 c) -> o c p1 p2 p3``."""
-    axes = _GRID_AXES[: len(patch_size)]
+    axes = GRID_AXES[: len(patch_size)]
     sizes = {a: int(p) for a, p in zip(axes, patch_size)}
     return rearrange(weight, f"o ({' '.join(axes)} c) -> o c {' '.join(axes)}", c=in_channels, **sizes)
 
@@ -422,24 +222,34 @@ def load_mae_encoder(
 
     Examples::
 
-        # 3D: pretrain MAEViT on 96^3 crops with 16^3 patches, fine-tune UNETR on 128^3 crops
-        >>> mae = MAEViT(1, (96, 96, 96), 16, hidden_size=768, mlp_dim=3072, num_heads=12)
-        >>> unetr = UNETR(1, 14, (128, 128, 128), hidden_size=768, mlp_dim=3072, num_heads=12)
-        >>> report = load_mae_encoder(unetr, "runs/mae/model_final.pt")
+        >>> from monai.networks.nets import UNETR, ViT
+        >>> from monai_mae.networks.mae import MAEViT
+        >>> width = dict(hidden_size=48, mlp_dim=96, num_heads=4)
+        >>> decoder = dict(decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4)
+        >>> # 3D: pretrain MAEViT on 32^3 crops with 16^3 patches, fine-tune UNETR (12 blocks) on 64^3 crops
+        >>> mae = MAEViT(1, 32, 16, num_layers=12, **width, **decoder)
+        >>> unetr = UNETR(1, 3, 64, feature_size=8, **width)
+        >>> report = load_mae_encoder(unetr, mae.state_dict())
         >>> report.interpolated
         ['vit.patch_embedding.position_embeddings']
-        # 2D classification ViT (perceptron projection) from a conv MAE; the head stays as built
-        >>> mae2d = MAEViT(3, (224, 224), 16, spatial_dims=2)
-        >>> vit = ViT(3, (224, 224), 16, mlp_dim=512, proj_type="perceptron", spatial_dims=2, classification=True)
+        >>> # 2D classification ViT (perceptron projection) from a conv MAE; the head stays as built
+        >>> mae2d = MAEViT(3, (32, 32), 16, num_layers=2, spatial_dims=2, **width, **decoder)
+        >>> vit = ViT(3, (32, 32), 16, num_layers=2, proj_type="perceptron", spatial_dims=2, classification=True, **width)
         >>> load_mae_encoder(vit, mae2d).converted
         ['patch_embedding.patch_embeddings.1.weight', 'patch_embedding.position_embeddings']
+
+    From the pretraining bundle's model file::
+
+        report = load_mae_encoder(unetr, "runs/mae/models/model.pt")
+        print(report)  # tensors loaded, interpolated and converted; keys ignored, missing and skipped
     """
-    vit, prefix = _find_vit(network)
-    state, grid_hint, source_kind = _read_checkpoint(checkpoint)
-    source, others = _split_encoder(state)
-    target = {k: v for k, v in vit.state_dict(keep_vars=True).items() if _is_encoder_key(k)}
-    grids = (_grid(source_grid) or grid_hint, _grid(target_grid) or _target_grid(vit, network))
-    plan = _plan_transfer(source, target, _target_patch_size(vit, network), grids, interpolate, prefix)
+    vit, prefix = find_vit(network, "load_mae_encoder")
+    state, grid_hint, source_kind = read_checkpoint(checkpoint)
+    source, others = split_encoder(state)
+    target = {k: v for k, v in vit.state_dict(keep_vars=True).items() if is_encoder_key(k)}
+    owner = unwrap(network)  # the network's own attributes (UNETR.feat_size, patch_size), not a DDP wrapper's
+    grids = (_grid(source_grid) or grid_hint, _grid(target_grid) or vit_grid(vit, owner))
+    plan = _plan_transfer(source, target, vit_patch_size(vit, owner), grids, interpolate, prefix)
     target_kind = getattr(vit.patch_embedding, "pos_embed_type", None)
     if source_kind and target_kind and (source_kind == "rope") != (target_kind == "rope"):
         # a RoPE encoder keeps a zero table: copied into a table-based target it would leave it without positions
@@ -484,10 +294,10 @@ class _Plan:
             if not problems:  # per-tensor detail only when the structure fits (otherwise it repeats the cause)
                 problems += [f"{prefix}{k}: {why}" for k, why in self.misfits]
                 if self.missing:
-                    missing = _short([prefix + k for k in self.missing])
+                    missing = short_keys([prefix + k for k in self.missing])
                     problems.append(f"target keys missing from the checkpoint: {missing}")
                 if self.unexpected:
-                    problems.append(f"checkpoint encoder keys with no place in the target: {_short(self.unexpected)}")
+                    problems.append(f"checkpoint encoder keys with no place in the target: {short_keys(self.unexpected)}")
             if problems:
                 raise ValueError("MAE encoder does not fit the target network: " + "; ".join(problems) + ".")
         elif not self.values:
@@ -626,7 +436,7 @@ def _position_table(
         tgt_grid = None if tgt.requires_grad else _sincos_grid(tgt, dims)
     value = src
     if n_src != n_tgt or (src_grid is not None and tgt_grid is not None and src_grid != tgt_grid):
-        src_grid, tgt_grid = src_grid or _cubic_grid(n_src, dims), tgt_grid or _cubic_grid(n_tgt, dims)
+        src_grid, tgt_grid = src_grid or cubic_grid(n_src, dims), tgt_grid or cubic_grid(n_tgt, dims)
         where = f"checkpoint has {n_src} positions (grid {src_grid}), target {n_tgt} (grid {tgt_grid})"
         if not interpolate:
             plan.errors.append(f"patch grid differs: {where}; pass interpolate=True to resample the position table")
@@ -651,160 +461,3 @@ def _position_table(
             plan.converted.append(key)
     return value
 
-
-# ------------------------------------------------------------------------------ residual stream
-def is_positive_finite(value: Any) -> bool:
-    """True for an int or float (not a bool) that is finite and > 0."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _residual_writers(vit: nn.Module) -> list[nn.Module]:
-    """The last linear layer of every residual branch of ``vit.blocks`` (attention, cross-attention, MLP).
-
-    Raises:
-        ValueError: when a block is not a pre-norm MONAI ``TransformerBlock`` whose branches end in
-            an ``nn.Linear`` (then scaling the stream would change the function).
-    """
-    writers: list[nn.Module] = []
-    for i, block in enumerate(vit.blocks):
-        branches = [getattr(block, "attn", None), getattr(block, "mlp", None)]
-        norms = ["norm1", "norm2"]
-        if getattr(block, "with_cross_attention", False):
-            branches.append(getattr(block, "cross_attn", None))
-            norms.append("norm_cross_attn")
-        lasts = [getattr(b, "out_proj", None) or getattr(b, "linear2", None) for b in branches]
-        if not all(isinstance(last, nn.Linear) for last in lasts) or not all(
-            isinstance(getattr(block, name, None), nn.LayerNorm) for name in norms
-        ):
-            raise ValueError(
-                f"blocks.{i} ({type(block).__name__}) is not a pre-norm transformer block whose residual branches "
-                "end in nn.Linear (e.g. built with include_fc=False); its residual stream cannot be rescaled exactly."
-            )
-        writers.extend(lasts)
-    return writers
-
-
-def _reference_input(vit: nn.Module, network: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """Uniform noise in [0, 1] (the range of the package's intensity transforms) of the ViT's input size."""
-    embed = vit.patch_embedding
-    weight = getattr(embed.patch_embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() >= 4:  # conv projection: (hidden, in_channels, *patch)
-        patch, channels = tuple(int(p) for p in weight.shape[2:]), int(weight.shape[1])
-    else:  # perceptron: Rearrange + Linear(in_channels * prod(patch), hidden)
-        patch = _target_patch_size(vit, network)
-        linear = [m for m in embed.patch_embeddings.modules() if isinstance(m, nn.Linear)]
-        channels = linear[0].in_features // math.prod(patch) if patch and linear else None
-    n_tokens = int(embed.position_embeddings.shape[1])
-    grid = _target_grid(vit, network)
-    if patch is not None and (grid is None or math.prod(grid) != n_tokens):
-        grid = _cubic_grid(n_tokens, len(patch))
-    if grid is None or patch is None or not channels:
-        raise ValueError(
-            f"cannot infer the input size of {type(network).__name__} (patch grid unknown) for the reference batch; "
-            "pass images= explicitly (or, in load_pretrained, a numeric residual_scale instead of 'auto')."
-        )
-    generator = torch.Generator().manual_seed(seed)  # leaves the global RNG alone
-    shape = (batch, channels, *(g * p for g, p in zip(grid, patch)))
-    table = embed.position_embeddings
-    return torch.rand(shape, generator=generator).to(device=table.device, dtype=table.dtype)
-
-
-@torch.no_grad()
-def residual_stream_norm(network: nn.Module, images: torch.Tensor | None = None) -> float:
-    """Mean L2 norm of the ViT's tokens over the outputs of all its blocks (what ``UNETR`` taps for skips).
-
-    The block outputs are read with forward hooks, so any network whose encoder has ``blocks``
-    works, whatever its ``forward`` returns (MONAI ``ViT`` / ``UNETR``, :class:`ViTSeg`).
-
-    Args:
-        network: MONAI ``UNETR``, MONAI ``ViT``, :class:`~monai_mae.networks.vitseg.ViTSeg` or a
-            module with a ViT at ``.vit``.
-        images: input batch ``(B, C, *spatial)`` at the ViT's input size; None uses a fixed batch of
-            uniform noise in [0, 1] (seeded; the global RNG is not touched).
-
-    Returns:
-        The mean over blocks, batch and tokens of ``||hidden_state||_2``.
-    """
-    vit, _ = _find_vit(network)
-    if images is None:
-        images = _reference_input(vit, network)
-    norms: list[torch.Tensor] = []
-    hooks = [block.register_forward_hook(lambda _m, _i, out: norms.append(out.float().norm(dim=-1).mean())) for block in vit.blocks]
-    was_training = vit.training
-    vit.eval()
-    try:
-        vit(images)
-    finally:
-        vit.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return float(torch.stack(norms).mean())
-
-
-@torch.no_grad()
-def rescale_residual_stream(network: nn.Module, factor: float) -> nn.Module:
-    """Multiply a pre-norm ViT's residual stream by ``factor`` without changing its output.
-
-    Scales everything that writes into the stream (patch projection, position table, ``cls_token``,
-    and the last linear layer of every attention / MLP branch). Each block reads the stream through a
-    LayerNorm, which ignores a common factor (up to its ``eps``, negligible unless the stream is
-    tiny), so every branch's contribution and the final ``norm(x)`` stay the same, while every hidden
-    state (UNETR's skip inputs) is ``factor`` times as large.
-
-    Why: an MAE pretrained on [0, 1] intensities can end with a residual stream tens of times larger
-    than a freshly initialised ViT's (the position table alone is a sin-cos table of amplitude 1).
-    Fine-tuned as is, AdamW's steps (about ``lr`` per weight, whatever the weight's size) change
-    such an encoder only slowly, and UNETR's decoder receives skip features far larger than the ones
-    it is initialised for. Matching the stream to a fresh network's size
-    (:func:`match_residual_stream`) keeps what the encoder learned and removes both effects.
-
-    Args:
-        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
-        factor: positive, finite scale.
-
-    Returns:
-        ``network`` itself.
-
-    Raises:
-        ValueError: for a factor that is not positive and finite, a network without a ViT, or blocks
-            whose stream cannot be scaled exactly (see ``_residual_writers``).
-    """
-    if not is_positive_finite(factor):
-        raise ValueError(f"factor must be a positive finite number, got {factor!r}.")
-    vit, _ = _find_vit(network)
-    writers = _residual_writers(vit)
-    tensors = [*vit.patch_embedding.patch_embeddings.parameters(), vit.patch_embedding.position_embeddings]
-    if isinstance(getattr(vit, "cls_token", None), torch.Tensor):
-        tensors.append(vit.cls_token)
-    for writer in writers:
-        tensors.extend(writer.parameters())
-    for tensor in tensors:
-        tensor.mul_(float(factor))
-    return network
-
-
-def match_residual_stream(network: nn.Module, target_norm: float, images: torch.Tensor | None = None) -> float:
-    """Rescale ``network``'s residual stream so :func:`residual_stream_norm` equals ``target_norm``.
-
-    Args:
-        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
-        target_norm: the mean token norm wanted, e.g. ``residual_stream_norm`` of the same network
-            freshly initialised (what :func:`monai_mae.engines.finetune.load_pretrained` does with
-            ``residual_scale="auto"``).
-        images: as for :func:`residual_stream_norm` (measure both norms on the same images).
-
-    Returns:
-        The factor applied.
-
-    Raises:
-        ValueError: for a ``target_norm`` that is not positive and finite, or as
-            :func:`rescale_residual_stream`.
-    """
-    if not is_positive_finite(target_norm):
-        raise ValueError(f"target_norm must be a positive finite number, got {target_norm!r}.")
-    current = residual_stream_norm(network, images)
-    if not is_positive_finite(current):
-        raise ValueError(f"the residual stream of {type(network).__name__} has norm {current}; cannot rescale it.")
-    factor = target_norm / current
-    rescale_residual_stream(network, factor)
-    return factor

@@ -1,0 +1,79 @@
+"""Package structure: no function-level imports of the package (no import cycles dodged), an import-light
+``monai_mae.utils``, and the names that moved still importable from their old homes."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+import monai_mae
+
+PACKAGE = Path(monai_mae.__file__).parent
+
+
+def _sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+class _FunctionImports(ast.NodeVisitor):
+    """Line numbers of ``import monai_mae...`` / ``from monai_mae... import`` / relative imports inside functions."""
+
+    def __init__(self) -> None:
+        self.depth, self.lines = 0, []
+
+    def visit_FunctionDef(self, node: ast.AST) -> None:
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Import(self, node: ast.Import) -> None:
+        if self.depth and any(a.name.split(".")[0] == "monai_mae" for a in node.names):
+            self.lines.append(node.lineno)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if self.depth and (node.level > 0 or (node.module or "").split(".")[0] == "monai_mae"):
+            self.lines.append(node.lineno)
+
+
+def test_no_function_level_imports_of_the_package():
+    """An import of ``monai_mae`` inside a function is the usual way to dodge an import cycle."""
+    offenders = []
+    for path in _sources():
+        visitor = _FunctionImports()
+        visitor.visit(ast.parse(path.read_text(encoding="utf-8")))
+        offenders += [f"{path.relative_to(PACKAGE.parent)}:{line}" for line in visitor.lines]
+    assert offenders == []
+
+
+@pytest.mark.skipif(not hasattr(sys, "stdlib_module_names"), reason="sys.stdlib_module_names needs Python >= 3.10")
+def test_utils_imports_only_the_standard_library_and_torch():
+    tree = ast.parse((PACKAGE / "utils.py").read_text(encoding="utf-8"))
+    modules = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert {m for m in modules if m not in sys.stdlib_module_names} == {"torch"}
+
+
+@pytest.mark.parametrize(
+    "module, names, home",
+    [
+        ("monai_mae", ["reconstruct_image", "masked_input"], "monai_mae.networks.display"),
+        ("monai_mae.losses", ["reconstruct_image", "masked_input"], "monai_mae.networks.display"),
+        ("monai_mae.networks.transfer", ["extract_encoder_state_dict"], "monai_mae.networks.checkpoint_io"),
+        ("monai_mae.networks.transfer", ["residual_stream_norm", "rescale_residual_stream", "match_residual_stream"],
+         "monai_mae.networks.residual"),
+        ("monai_mae.networks.transfer", ["is_positive_finite"], "monai_mae.utils"),
+        ("monai_mae.networks", ["extract_encoder_state_dict", "residual_stream_norm", "reconstruct_image"], None),
+        ("monai_mae", ["__version__"], "monai_mae.version"),
+    ],
+)  # fmt: skip
+def test_moved_names_keep_their_old_homes(module, names, home):
+    for name in names:
+        value = getattr(importlib.import_module(module), name)
+        if home is not None:
+            assert value is getattr(importlib.import_module(home), name)
