@@ -44,7 +44,11 @@ class MaskedReconstructionLoss(nn.Module):
     Examples::
 
         >>> loss_fn = MaskedReconstructionLoss(patch_size=16, spatial_dims=3)
-        >>> loss = loss_fn(net(images), images)
+        >>> images = torch.ones(2, 1, 32, 32, 32)  # 8 patches of 16^3 voxels
+        >>> pred, mask = torch.zeros(2, 8, 4096), torch.zeros(2, 8)
+        >>> mask[:, :6] = 1.0  # 6 masked patches, predicted 0 where the image is 1
+        >>> loss_fn((pred, mask), images)  # in training: loss_fn(net(images), images)
+        tensor(1.)
     """
 
     def __init__(

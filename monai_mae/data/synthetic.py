@@ -363,9 +363,11 @@ def write_synthetic_dataset(
 
     Examples::
 
-        >>> path = write_synthetic_dataset("/tmp/phantoms", num=4, num_validation=1, shape=(32, 32, 24))
-        >>> json.loads(path.read_text())["training"][0]
-        {'image': 'imagesTr/phantom_000.nii.gz', 'label': 'labelsTr/phantom_000.nii.gz'}
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = write_synthetic_dataset(folder, num=2, num_validation=1, shape=(32, 32, 24))
+        ...     json.loads(path.read_text())["training"]
+        [{'image': 'imagesTr/phantom_000.nii.gz', 'label': 'labelsTr/phantom_000.nii.gz'}]
     """
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"num must be an int >= 1, got {num!r}.")
@@ -449,8 +451,15 @@ def ensure_dataset(dataset_dir: str | os.PathLike[str], synthetic_if_missing: bo
 
     Examples::
 
-        >>> datalist = ensure_dataset("./data/synthetic", synthetic_if_missing=True, num=4, shape=(64, 64, 48))
-        >>> ensure_dataset("./data/my_ct")  # no datalist.json there: FileNotFoundError, nothing written
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     ensure_dataset(folder, synthetic_if_missing=True, num=2, num_validation=1, shape=(32, 32, 24)).name
+        'datalist.json'
+        >>> with tempfile.TemporaryDirectory() as folder:  # no datalist.json there: stops, nothing written
+        ...     ensure_dataset(folder)
+        Traceback (most recent call last):
+            ...
+        FileNotFoundError: dataset_dir '...' ...: expected ...datalist.json (a Decathlon-style datalist). ...
     """
     generate = _as_flag(synthetic_if_missing, "synthetic_if_missing")
     datalist_path = Path(dataset_dir) / "datalist.json"

@@ -215,16 +215,29 @@ class MAEViT(nn.Module):
 
     Examples::
 
-        # 3D CT, 96^3 crops, ViT-B encoder
-        >>> net = MAEViT(in_channels=1, img_size=(96, 96, 96), patch_size=(16, 16, 16))
-        >>> pred, mask = net(torch.randn(2, 1, 96, 96, 96))  # pred (2, 216, 4096), mask (2, 216)
-        # anisotropic patches
-        >>> net = MAEViT(1, (128, 128, 64), (16, 16, 8), hidden_size=384, num_heads=6)
-        # Primus-style: 8^3 patches, RoPE, SwiGLU, LayerScale
-        >>> net = MAEViT(1, 64, 8, hidden_size=192, num_heads=4, pos_embed_type="rope", mlp_type="swiglu",
-        ...              layer_scale_init=0.1)
-        # 2D, 3 channels
-        >>> net = MAEViT(3, (224, 224), 16, spatial_dims=2, masking_ratio=0.5)
+        >>> tiny = dict(hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4,
+        ...             decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4)
+        >>> # 3D: 32^3 crops, 16^3 patches: 8 tokens, 6 of them masked (ratio 0.75)
+        >>> net = MAEViT(1, (32, 32, 32), 16, **tiny)
+        >>> pred, mask = net(torch.randn(2, 1, 32, 32, 32))
+        >>> pred.shape, mask.shape, mask.sum(1).tolist()
+        (torch.Size([2, 8, 4096]), torch.Size([2, 8]), [6.0, 6.0])
+        >>> # anisotropic patches
+        >>> MAEViT(1, (32, 32, 16), (16, 16, 8), **tiny)(torch.randn(1, 1, 32, 32, 16))[0].shape
+        torch.Size([1, 8, 2048])
+        >>> # Primus-style: 8^3 patches, RoPE, SwiGLU, LayerScale
+        >>> net = MAEViT(1, 32, 8, **tiny, pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1)
+        >>> net(torch.randn(1, 1, 32, 32, 32))[0].shape
+        torch.Size([1, 64, 512])
+        >>> # 2D, 3 channels, half the patches masked
+        >>> pred, mask = MAEViT(3, (32, 32), 16, spatial_dims=2, masking_ratio=0.5, **tiny)(torch.randn(1, 3, 32, 32))
+        >>> pred.shape, mask.sum().item()
+        (torch.Size([1, 4, 768]), 2.0)
+
+    Full size, e.g. a ViT-B encoder on 96^3 CT crops (named sizes: :mod:`monai_mae.networks.presets`)::
+
+        net = MAEViT(in_channels=1, img_size=(96, 96, 96), patch_size=(16, 16, 16))
+        pred, mask = net(torch.randn(2, 1, 96, 96, 96))  # pred (2, 216, 4096), mask (2, 216)
     """
 
     def __init__(

@@ -122,9 +122,17 @@ def mae_vit(
 
     Examples::
 
-        >>> net = mae_vit("base", img_size=96, patch_size=16)              # 3D ViT-B, 216 tokens
-        >>> net = mae_vit("small", img_size=224, patch_size=16, spatial_dims=2)
-        >>> net = mae_vit("primus_b", img_size=160, patch_size=8)          # 8000 tokens, 2000 visible
+        >>> import torch
+        >>> with torch.device("meta"):  # shapes only: no memory, no initialisation (drop it to train)
+        ...     base = mae_vit("base", img_size=96, patch_size=16)
+        ...     small_2d = mae_vit("small", img_size=224, patch_size=16, spatial_dims=2)
+        ...     primus = mae_vit("primus_b", img_size=160, patch_size=8)
+        >>> base.grid_size, base.hidden_size  # 3D ViT-B, 216 tokens
+        ((6, 6, 6), 768)
+        >>> small_2d.grid_size, small_2d.hidden_size
+        ((14, 14), 384)
+        >>> primus.grid_size, primus.masking_ratio  # 8000 tokens, 2000 visible
+        ((20, 20, 20), 0.75)
     """
     settings = get_preset(name, **overrides)
     return MAEViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, spatial_dims=spatial_dims, **settings)
@@ -147,8 +155,10 @@ def vitseg_preset(
 
     Examples::
 
-        >>> net = vitseg_preset("primus_s", 1, 5, img_size=96)            # 1728 tokens
-        >>> net(torch.randn(1, 1, 96, 96, 96)).shape
+        >>> import torch
+        >>> with torch.device("meta"):  # shapes only (drop it to train)
+        ...     net = vitseg_preset("primus_s", 1, 5, img_size=96)  # 1728 tokens
+        ...     net(torch.empty(1, 1, 96, 96, 96)).shape
         torch.Size([1, 5, 96, 96, 96])
     """
     settings = encoder_preset(name, **overrides)

@@ -73,13 +73,21 @@ class ViTSeg(nn.Module):
 
     Examples::
 
-        # 3D, 8^3 patches on 96^3 crops (1728 tokens), Primus-S-like encoder with RoPE
-        >>> net = ViTSeg(1, 5, 96, hidden_size=384, mlp_dim=1536, num_heads=6, pos_embed_type="rope",
-        ...              mlp_type="swiglu", layer_scale_init=0.1, drop_path_rate=0.1)
-        >>> net(torch.randn(1, 1, 96, 96, 96)).shape
-        torch.Size([1, 5, 96, 96, 96])
-        # 2D, 16^2 patches
-        >>> net = ViTSeg(1, 3, (256, 256), patch_size=16, hidden_size=192, num_heads=3, spatial_dims=2)
+        >>> tiny = dict(hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4)
+        >>> # 3D, 8^3 patches on 32^3 crops (64 tokens), Primus-like blocks: RoPE, SwiGLU, LayerScale
+        >>> net = ViTSeg(1, 5, 32, **tiny, pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1)
+        >>> net(torch.randn(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 5, 32, 32, 32])
+        >>> # 2D, 16^2 patches
+        >>> net = ViTSeg(1, 3, (64, 64), patch_size=16, spatial_dims=2, **tiny)
+        >>> net(torch.randn(2, 1, 64, 64)).shape
+        torch.Size([2, 3, 64, 64])
+
+    Full size, e.g. a Primus-S-like encoder on 96^3 crops (1728 tokens)::
+
+        net = ViTSeg(1, 5, 96, hidden_size=384, mlp_dim=1536, num_heads=6, pos_embed_type="rope",
+                     mlp_type="swiglu", layer_scale_init=0.1, drop_path_rate=0.1)
+        net(torch.randn(1, 1, 96, 96, 96)).shape  # torch.Size([1, 5, 96, 96, 96])
     """
 
     def __init__(
