@@ -14,13 +14,14 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from monai_mae.utils import atomic_write
 
 __all__ = ["LAYOUTS", "ORGAN_LAYOUT", "ORGAN_TYPES", "ensure_dataset", "main", "make_phantom", "write_synthetic_dataset"]
 
@@ -307,18 +308,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``obj`` as JSON to ``path`` with :func:`monai_mae.utils.atomic_write` (fsynced, then renamed)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
 
 
 def write_synthetic_dataset(

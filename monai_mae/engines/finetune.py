@@ -28,7 +28,7 @@ from ignite.engine import Engine, Events
 
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
 from monai_mae.networks.transfer import load_mae_encoder
-from monai_mae.utils import find_vit, is_positive_finite, no_weight_decay, unwrap
+from monai_mae.utils import atomic_write, find_vit, is_positive_finite, no_weight_decay, unwrap
 
 __all__ = ["layerwise_lr_groups", "encoder_parameters", "FreezeEncoder", "load_pretrained", "save_metrics_json"]
 
@@ -351,11 +351,7 @@ def save_metrics_json(engine: Engine, path: str | os.PathLike, **extra: Any) -> 
         evaluator.run()
         save_metrics_json(evaluator, "outputs/eval/metrics.json", checkpoint="models/model_best.pt")
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     content = {"metrics": _to_json(dict(engine.state.metrics)), **_to_json(extra)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path = atomic_write(path, lambda f: f.write(json.dumps(content, indent=2) + "\n"), mode="w")
     logger.info(f"save_metrics_json: {json.dumps(content['metrics'])} written to {path}.")
     return path
