@@ -162,7 +162,7 @@ def test_verify_net_in_out():
 
 
 # ------------------------------------------------------------------- self-describing model files
-TINY_VITSEG_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
+TINY_VITSEG_RUN = dict(architecture="vitseg", roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
                        sw_batch_size=2, progress_bar=False, max_epochs=1, **{"vitseg#decoder_channels": [8, 8, 8]})  # fmt: skip
 
 

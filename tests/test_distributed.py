@@ -191,8 +191,8 @@ def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
         tmp_path / "tiny.json", roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, lr=1e-3,
         warmup_epochs=1, val_interval=1, sw_batch_size=2, progress_bar=False, freeze_encoder_epochs=1,
         layer_decay=0.75,  # 14 distinct lr groups, to check the world-size scaling of each
-        **{"network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_heads": 4,
-           "network_def#feature_size": 4},
+        **{"architecture": "unetr", "encoder#hidden_size": 48, "encoder#mlp_dim": 96, "encoder#num_heads": 4,
+           "unetr#feature_size": 4},
     )  # fmt: skip
     recorder = write_overrides(tmp_path / "recorder.json", **FINETUNE_RECORDER)
     ckpt = ("--pretrained_ckpt", str(tmp_path / "mae.pt"))
