@@ -39,7 +39,7 @@ demo: install
 	$(BIN)/python -m monai.bundle run --config_file "['bundles/mae_pretrain/configs/train.json','configs/demo_pretrain_cpu.json']" \
 		--bundle_root bundles/mae_pretrain --meta_file bundles/mae_pretrain/configs/metadata.json \
 		--logging_file bundles/mae_pretrain/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(DEMO_OUT)
-	$(BIN)/python -m monai.bundle run --config_file "['bundles/mae_pretrain/configs/inference.json','configs/demo_pretrain_cpu.json']" \
+	$(BIN)/python -m monai.bundle run --config_file bundles/mae_pretrain/configs/inference.json \
 		--bundle_root bundles/mae_pretrain --meta_file bundles/mae_pretrain/configs/metadata.json \
 		--logging_file bundles/mae_pretrain/configs/logging.conf --dataset_dir $(DEMO_DATA) --output_dir $(DEMO_OUT)
 	@echo "Reconstruction pictures: $(DEMO_OUT)/reconstructions/ (latest.png); volumes: $(DEMO_OUT)/reconstructions_nifti/"

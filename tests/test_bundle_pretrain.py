@@ -53,7 +53,9 @@ def test_two_epochs_end_to_end_then_resume(dataset, tmp_path):
     assert (out / "checkpoints" / "checkpoint_epoch=3.pt").exists()
 
     # inference: one reconstruction per validation volume, in the input's space
-    infer = run_bundle("mae_pretrain", "inference.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    # (the network, crop size, masking and preprocessing come from the model file: no network overrides)
+    infer_overrides = write_overrides(tmp_path / "infer.json", num_workers=0)
+    infer = run_bundle("mae_pretrain", "inference.json", infer_overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
     assert infer.returncode == 0
     source = nib.load(dataset / "imagesTr" / "phantom_003.nii.gz")
     recon = nib.load(out / "reconstructions_nifti" / "phantom_003_recon.nii.gz")
@@ -116,7 +118,9 @@ def test_2d_slices_train_and_reconstruct(dataset, tmp_path):
     run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
     state = read_model(out / "models" / "model.pt").state_dict
     assert state["patch_embedding.patch_embeddings.weight"].shape == (48, 1, 8, 8)
-    run_bundle("mae_pretrain", "inference.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    assert read_model(out / "models" / "model.pt").data_preset["spatial_dims"] == 2  # inference rebuilds the 2D slicer from it
+    infer_overrides = write_overrides(tmp_path / "infer.json", num_workers=0)
+    run_bundle("mae_pretrain", "inference.json", infer_overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
     source = nib.load(dataset / "imagesTr" / "phantom_003.nii.gz")
     recon = nib.load(out / "reconstructions_nifti" / "phantom_003_recon.nii.gz")
     assert recon.shape == source.shape and np.allclose(recon.affine, source.affine)
