@@ -17,7 +17,7 @@ from monai.utils import ensure_tuple_rep, look_up_option
 from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
 from monai_mae.networks.display import reconstruct_image
 from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking
-from monai_mae.networks.patching import patch_grid, patch_pattern, patchify
+from monai_mae.networks.patching import check_image_input, patch_grid, patch_pattern, patchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 
 __all__ = ["MAEViT", "MAEReconstructor", "VisiblePatchEmbedding"]
@@ -372,13 +372,7 @@ class MAEViT(nn.Module):
             ValueError: wrong number of dimensions, wrong channel count, or a spatial size that the
                 patch size does not divide.
         """
-        if not isinstance(x, torch.Tensor) or x.ndim != self.spatial_dims + 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            axes = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, H, W, D)"
-            raise ValueError(f"MAEViT({self.spatial_dims}D) expects input {axes}, got {shape}.")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"MAEViT expects {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}).")
-        return patch_grid(x.shape[2:], self.patch_size, name="input")
+        return check_image_input(x, self.spatial_dims, self.in_channels, self.patch_size, "MAEViT")
 
     def mask(
         self,

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from monai.utils import ensure_tuple_rep
 
-__all__ = ["patchify", "unpatchify", "patch_grid", "patch_pattern"]
+__all__ = ["patchify", "unpatchify", "patch_grid", "patch_pattern", "check_image_input"]
 
 _GRID = ("h", "w", "d")
 _INNER = ("p1", "p2", "p3")
@@ -67,6 +67,29 @@ def patch_grid(
             )
         grid.append(size // p)
     return tuple(grid)
+
+
+def check_image_input(
+    x: torch.Tensor, spatial_dims: int, in_channels: int, patch_size: Sequence[int], owner: str
+) -> tuple[int, ...]:
+    """Validate a network input ``x`` of shape ``(B, C, *S)`` and return its patch grid ``S // P``.
+
+    Args:
+        x: the input.
+        spatial_dims, in_channels, patch_size: what the network expects.
+        owner: the network's name for the messages (e.g. ``"MAEViT"``).
+
+    Raises:
+        ValueError: wrong number of dimensions, wrong channel count, or a spatial size that the
+            patch size does not divide.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != spatial_dims + 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        axes = "(B, C, H, W)" if spatial_dims == 2 else "(B, C, H, W, D)"
+        raise ValueError(f"{owner}({spatial_dims}D) expects input {axes}, got {shape}.")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{owner} expects {in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}).")
+    return patch_grid(x.shape[2:], patch_size, name="input")
 
 
 def _check_dims(images: torch.Tensor, patch_size: Sequence[int] | int) -> tuple[int, tuple[int, ...]]:

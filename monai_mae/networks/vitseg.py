@@ -20,7 +20,7 @@ from monai.utils import ensure_tuple_rep
 
 from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
 from monai_mae.networks.mae import VisiblePatchEmbedding
-from monai_mae.networks.patching import patch_grid, patchify
+from monai_mae.networks.patching import check_image_input, patchify
 
 __all__ = ["ViTSeg", "upsampling_strides"]
 
@@ -186,13 +186,7 @@ class ViTSeg(nn.Module):
         Raises:
             ValueError: wrong number of dimensions, channels, or a size the patch does not divide.
         """
-        if not isinstance(x, torch.Tensor) or x.ndim != self.spatial_dims + 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            axes = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, H, W, D)"
-            raise ValueError(f"ViTSeg({self.spatial_dims}D) expects input {axes}, got {shape}.")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"ViTSeg expects {self.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}).")
-        return patch_grid(x.shape[2:], self.patch_size, name="input")
+        return check_image_input(x, self.spatial_dims, self.in_channels, self.patch_size, "ViTSeg")
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Encoder output ``(B, N, hidden_size)`` after the final norm, and the patch grid."""
