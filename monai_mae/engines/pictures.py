@@ -306,7 +306,11 @@ def segmentation_overlay_figure(
 
 class _PictureSaver:
     """Writes a rendered picture to ``{output_dir}/{folder}/epoch_NNNN.png`` and ``latest.png`` (rank 0)
-    and to TensorBoard; without matplotlib it warns once and does nothing."""
+    and to TensorBoard; without matplotlib it warns once and does nothing.
+
+    Attached to an engine, it keeps the first batch of each epoch (``_keep_first``, per subclass) and
+    draws it when the epoch completes (``__call__``).
+    """
 
     folder_name = ""
     tag = ""
@@ -319,7 +323,19 @@ class _PictureSaver:
         self.dpi = dpi
         self.last_path: Path | None = None
         self._warned = False
+        self._first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self._first = None
+
+    def _keep_first(self, engine: Engine) -> None:
+        raise NotImplementedError
 
     def _available(self) -> bool:
         try:
@@ -377,15 +393,6 @@ class ReconstructionSaver(_PictureSaver):
         self.patch_size = patch_size
         self.norm_pix_loss = norm_pix_loss
         self.a_min, self.a_max = a_min, a_max
-        self._first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def _reset(self, engine: Engine) -> None:
-        self._first = None
 
     def _keep_first(self, engine: Engine) -> None:
         if self._first is None:
@@ -445,15 +452,6 @@ class SegmentationOverlaySaver(_PictureSaver):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
         self.a_min, self.a_max, self.alpha = a_min, a_max, alpha
-        self._first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._keep_first)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def _reset(self, engine: Engine) -> None:
-        self._first = None
 
     def _keep_first(self, engine: Engine) -> None:
         if self._first is not None:
