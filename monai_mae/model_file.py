@@ -275,7 +275,7 @@ def encoder_settings(
 
 
 def data_preset_for(
-    ckpt: str | os.PathLike | None, modality: str | None = None, **given: Any
+    ckpt: str | os.PathLike | ModelFile | None, modality: str | None = None, **given: Any
 ) -> dict[str, Any]:
     """The data preset of a run that starts from ``ckpt``: the file's, checked against what is given.
 
@@ -283,7 +283,8 @@ def data_preset_for(
     (default ``"ct"``) with ``given`` applied.
 
     Args:
-        ckpt: a model file (pretrained MAE for fine-tuning, trained network for evaluation/inference); ``""`` / None for none.
+        ckpt: a model file (pretrained MAE for fine-tuning, trained network for evaluation/inference) or its
+            :class:`ModelFile` (read once, shared with :func:`build_network`); ``""`` / None for none.
         modality: ``"ct"`` / ``"mri"``, or None to take the file's.
         given: other preset entries passed by the user (None values count as not passed).
 
@@ -292,8 +293,8 @@ def data_preset_for(
     """
     given = {k: v for k, v in {"modality": modality, **given}.items() if v is not None}
     recorded = None
-    if ckpt is not None and os.fspath(ckpt).strip() and Path(ckpt).is_file():
-        model = read_model(ckpt)
+    if isinstance(ckpt, ModelFile) or (ckpt is not None and os.fspath(ckpt).strip() and Path(ckpt).is_file()):
+        model = ckpt if isinstance(ckpt, ModelFile) else read_model(ckpt)
         recorded = model.data_preset
         if recorded:
             _conflicts(given, recorded, PREPROCESSING_KEYS, "data settings", model.source)

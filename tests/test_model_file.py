@@ -64,6 +64,7 @@ def test_encoder_and_data_settings_come_from_the_file_and_conflicts_are_named(ma
     with pytest.raises(ValueError, match=r"cannot be built as MONAI's UNETR: num_layers=2 \(UNETR has 12\), patch_size=8"):
         encoder_settings(path, "unetr")
     assert data_preset_for(path)["modality"] == "mri"
+    assert data_preset_for(read_model(path)) == data_preset_for(path)  # a file read once serves both configs' items
     with pytest.raises(ValueError, match=r"modality='ct' \(given\) vs modality='mri'"):
         data_preset_for(path, "ct")
     assert data_preset_for("", None)["modality"] == "ct"  # no file: the packaged preset
