@@ -19,6 +19,8 @@ from monai.bundle import ConfigParser
 
 from monai_mae import MAEViT
 from monai_mae.data import load_data_preset, write_synthetic_dataset
+from monai_mae.engines import precision
+from monai_mae.engines.precision import AutocastInferer
 from monai_mae.model_file import save_model
 from monai_mae.networks.vitseg import ViTSeg
 
@@ -114,6 +116,29 @@ def test_every_config_runs_initialize_and_builds_its_workflow(
     if "train.json" in files:
         assert parser.get_parsed_content("train#dataloader").pin_memory is False
     for index in range(len(parser.get("finalize", []))):  # closes the TensorBoard writer, ends the process group
+        parser.get_parsed_content(f"finalize#{index}")
+
+
+@pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
+def test_amp_on_a_cpu_means_bf16_autocast_in_the_inferer(
+    bundle, files, workflow, dataset, tmp_path, model_files, monkeypatch, single_process_group
+):
+    """``--amp true --device cpu``: MONAI's engines get ``amp=False`` (their autocast is CUDA-only), the inferer autocasts."""
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: True)
+    overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 0, "device": "cpu",
+                 "amp": True, **_tiny(bundle, files, model_files)}  # fmt: skip
+    parser = _parser(bundle, files, **overrides)
+    for index in range(len(parser.get("initialize", []))):
+        parser.get_parsed_content(f"initialize#{index}")
+    engine = parser.get_parsed_content(workflow)
+    assert engine.amp is False
+    if (bundle, files) == ("mae_pretrain", ["inference.json"]):  # reconstructions stay fp32 (no amp setting)
+        assert not isinstance(engine.inferer, AutocastInferer)
+    else:
+        assert isinstance(engine.inferer, AutocastInferer) and engine.inferer.dtype == torch.bfloat16
+    if "validate#evaluator" in parser and workflow == "train#trainer":
+        assert isinstance(parser.get_parsed_content("validate#evaluator").inferer, AutocastInferer)
+    for index in range(len(parser.get("finalize", []))):
         parser.get_parsed_content(f"finalize#{index}")
 
 

@@ -19,6 +19,7 @@ from monai_mae.engines.checkpoint import (
 )
 from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
+from monai_mae.engines.precision import AutocastInferer, amp_inferer, cpu_bf16_supported, engine_amp
 from monai_mae.engines.prepare_batch import MAEPrepareBatch
 from monai_mae.engines.training import (
     GradientClipping,
@@ -30,8 +31,8 @@ from monai_mae.engines.training import (
 from monai_mae.utils import unwrap
 
 __all__ = [
-    "AutoResume", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
-    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "atomic_save", "build_optimizer", "fused_adamw_supported",
+    "AutoResume", "AutocastInferer", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
+    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "amp_inferer", "atomic_save", "build_optimizer", "cpu_bf16_supported", "engine_amp", "fused_adamw_supported",
     "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
     "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
 ]  # fmt: skip
