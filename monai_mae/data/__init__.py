@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 from monai_mae.data.datalist import check_nifti, check_volume, load_datalist, validate_datalist
+from monai_mae.data.preprocess import (
+    PreprocessedCropDataset,
+    check_manifest,
+    get_deterministic_transforms,
+    gpu_augment,
+    preprocess_dataset,
+    read_manifest,
+)
 from monai_mae.data.synthetic import ensure_dataset, make_phantom, write_synthetic_dataset
 from monai_mae.data.transforms import (
     ReplaceNonFinited,
@@ -13,16 +21,22 @@ from monai_mae.data.transforms import (
 )
 
 __all__ = [
+    "PreprocessedCropDataset",
     "ReplaceNonFinited",
+    "check_manifest",
     "check_nifti",
     "check_volume",
     "data_preset_names",
     "ensure_dataset",
     "get_dataset",
+    "get_deterministic_transforms",
     "get_pretrain_transforms",
+    "gpu_augment",
     "load_data_preset",
     "load_datalist",
     "make_phantom",
+    "preprocess_dataset",
+    "read_manifest",
     "validate_datalist",
     "write_synthetic_dataset",
 ]
