@@ -17,10 +17,16 @@ from monai_mae.engines.checkpoint import (
     atomic_save,
     list_checkpoints,
 )
+from monai_mae.engines.augment import GPUAugmentPrepareBatch, crop_augmentation
 from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
 from monai_mae.engines.precision import AutocastInferer, amp_inferer, cpu_bf16_supported, engine_amp
 from monai_mae.engines.prepare_batch import MAEPrepareBatch
+from monai_mae.engines.preprocessed import (
+    PreprocessedCentreCropDataset,
+    PreprocessedVolumeDataset,
+    check_preprocessed_dir,
+)
 from monai_mae.engines.training import (
     GradientClipping,
     LearningRateLogger,
@@ -35,4 +41,5 @@ __all__ = [
     "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "amp_inferer", "atomic_save", "build_optimizer", "cpu_bf16_supported", "engine_amp", "fused_adamw_supported",
     "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
     "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
+    "GPUAugmentPrepareBatch", "PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "crop_augmentation",
 ]  # fmt: skip

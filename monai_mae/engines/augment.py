@@ -1,0 +1,176 @@
+"""Random flips and intensity jitter of training crops, on the CPU (dataset transforms) or on the GPU (a batch hook).
+
+The bundles' ``preprocessed_dir`` path reads crops with
+:class:`~monai_mae.data.PreprocessedCropDataset`; the same augmentation then runs either per crop in
+the DataLoader workers (:func:`crop_augmentation`, MONAI dictionary transforms) or per batch on the
+device after the non-blocking copy (:class:`GPUAugmentPrepareBatch` around the trainer's
+``prepare_batch``, calling :func:`~monai_mae.data.gpu_augment`), so MONAI's ``SupervisedTrainer``
+stays unchanged. Both draw, per sample, a flip along each spatial axis with ``flip_prob`` (the label
+flipped with its image), then ``image * (1 + s) + o`` with ``s ~ U(-intensity_scale, intensity_scale)``
+and ``o ~ U(-intensity_shift, intensity_shift)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch, default_prepare_batch
+from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from monai.utils import CommonKeys
+
+from monai_mae.data.preprocess import gpu_augment
+
+__all__ = ["GPUAugmentPrepareBatch", "crop_augmentation"]
+
+
+def _check_options(flip_prob: float, intensity_shift: float, intensity_scale: float) -> None:
+    """The ranges :func:`~monai_mae.data.gpu_augment` accepts, checked when the run is built rather than at the first batch."""
+    if not 0.0 <= float(flip_prob) <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
+    if not (0.0 <= float(intensity_shift) and math.isfinite(float(intensity_shift))):
+        raise ValueError(f"intensity_shift must be a finite number >= 0, got {intensity_shift!r}.")
+    if not 0.0 <= float(intensity_scale) < 1.0:
+        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
+
+
+def crop_augmentation(
+    spatial_dims: int = 3,
+    flip_prob: float = 0.1,
+    intensity_shift: float = 0.0,
+    intensity_scale: float = 0.0,
+    with_label: bool = False,
+) -> Compose | None:
+    """The CPU form of the augmentation: MONAI dictionary transforms for one crop dict.
+
+    ``RandFlipd`` on each spatial axis with ``flip_prob`` (image and label, as the training chain of
+    :func:`~monai_mae.data.get_pretrain_transforms` does), then ``RandScaleIntensityd`` and
+    ``RandShiftIntensityd`` on the image (each only when its range is > 0).
+
+    Args:
+        spatial_dims: 2 or 3 (axes flipped). Defaults to 3.
+        flip_prob: probability of a flip along each spatial axis, in [0, 1]. Defaults to 0.1.
+        intensity_shift: largest offset added to the image, >= 0. Defaults to 0.0.
+        intensity_scale: largest relative change of the image's scale, in [0, 1). Defaults to 0.0.
+        with_label: flip ``"label"`` with ``"image"``. Defaults to False.
+
+    Returns:
+        A ``Compose`` for :class:`~monai_mae.data.PreprocessedCropDataset`'s ``transform``, or None
+        when every option is 0 (nothing to do).
+
+    Raises:
+        ValueError: for ``spatial_dims`` not 2 or 3 or an option out of range.
+
+    Examples::
+
+        >>> t = crop_augmentation(3, flip_prob=1.0, with_label=True)
+        >>> crop = {"image": torch.arange(8.0).reshape(1, 2, 2, 2), "label": torch.arange(8.0).reshape(1, 2, 2, 2)}
+        >>> out = t(crop)
+        >>> out["image"].flatten().tolist() == out["label"].flatten().tolist() == list(range(7, -1, -1))
+        True
+        >>> crop_augmentation(2, flip_prob=0.0) is None
+        True
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    _check_options(flip_prob, intensity_shift, intensity_scale)
+    keys = [CommonKeys.IMAGE, CommonKeys.LABEL] if with_label else [CommonKeys.IMAGE]
+    steps: list[Callable] = []
+    if float(flip_prob) > 0:
+        steps += [RandFlipd(keys=keys, prob=float(flip_prob), spatial_axis=axis) for axis in range(spatial_dims)]
+    if float(intensity_scale) > 0:
+        steps.append(RandScaleIntensityd(keys=CommonKeys.IMAGE, factors=float(intensity_scale), prob=1.0))
+    if float(intensity_shift) > 0:
+        steps.append(RandShiftIntensityd(keys=CommonKeys.IMAGE, offsets=float(intensity_shift), prob=1.0))
+    return Compose(steps) if steps else None
+
+
+class GPUAugmentPrepareBatch(PrepareBatch):
+    """A ``prepare_batch`` that copies the batch to the device, augments it there, then calls the wrapped one.
+
+    The image (and label) tensors of a dictionary batch go to ``device`` with the trainer's
+    ``non_blocking`` flag, :func:`~monai_mae.data.gpu_augment` flips and jitters them per sample on
+    that device, and the wrapped ``prepare_batch`` (e.g. :class:`~monai_mae.engines.MAEPrepareBatch`,
+    or MONAI's ``default_prepare_batch`` for supervised training) builds the network's inputs from the
+    augmented batch; its own copy to the device is then a no-op. Shapes and dtypes are unchanged.
+
+    Args:
+        prepare_batch: the hook to wrap, called as ``prepare_batch(batch, device, non_blocking, **kwargs)``.
+            Defaults to None, MONAI's ``default_prepare_batch`` (``(image, label)``).
+        flip_prob: probability of a flip along each spatial axis, in [0, 1]. Defaults to 0.1.
+        intensity_shift: largest offset added to the image, >= 0. Defaults to 0.0.
+        intensity_scale: largest relative change of the image's scale, in [0, 1). Defaults to 0.0.
+        generator: torch generator for reproducible draws (on any device). Defaults to None, the
+            default generator of the batch's device (seeded by ``monai.utils.set_determinism``).
+        image_key: keyword-only. Defaults to ``"image"``.
+        label_key: keyword-only; flipped with the image when the batch has it. Defaults to ``"label"``.
+
+    Raises:
+        TypeError: when ``prepare_batch`` is not callable, or at call time for a batch that is not a dict.
+        ValueError: for an option out of range (and the errors of ``gpu_augment`` for a bad batch).
+
+    Examples::
+
+        >>> from monai_mae.engines import MAEPrepareBatch
+        >>> hook = GPUAugmentPrepareBatch(MAEPrepareBatch(), flip_prob=1.0)
+        >>> images, targets, args, kwargs = hook({"image": torch.arange(8.0).reshape(1, 1, 2, 2, 2)}, "cpu")
+        >>> images.shape, images.flatten().tolist() == list(range(7, -1, -1)), images is targets
+        (torch.Size([1, 1, 2, 2, 2]), True, True)
+
+    In a bundle (``train.json``)::
+
+        "prepare_batch": {"_target_": "monai_mae.engines.GPUAugmentPrepareBatch",
+                          "prepare_batch": {"_target_": "monai_mae.engines.MAEPrepareBatch"}, "flip_prob": 0.1}
+    """
+
+    def __init__(
+        self,
+        prepare_batch: Callable[..., Any] | None = None,
+        flip_prob: float = 0.1,
+        intensity_shift: float = 0.0,
+        intensity_scale: float = 0.0,
+        generator: torch.Generator | None = None,
+        *,
+        image_key: str = CommonKeys.IMAGE,
+        label_key: str = CommonKeys.LABEL,
+    ) -> None:
+        if prepare_batch is not None and not callable(prepare_batch):
+            raise TypeError(f"prepare_batch must be callable or None, got {type(prepare_batch).__name__}.")
+        _check_options(flip_prob, intensity_shift, intensity_scale)
+        self.prepare_batch = prepare_batch if prepare_batch is not None else default_prepare_batch
+        self.flip_prob = float(flip_prob)
+        self.intensity_shift = float(intensity_shift)
+        self.intensity_scale = float(intensity_scale)
+        self.generator = generator
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """``batchdata``: dict with ``image`` (B, C, *S) and optionally ``label`` (B, C', *S); returns what the wrapped hook returns."""
+        if not isinstance(batchdata, Mapping):
+            raise TypeError(
+                f"GPUAugmentPrepareBatch needs a dict batch with {self.image_key!r} (and {self.label_key!r}), "
+                f"got {type(batchdata).__name__}."
+            )
+        batch = dict(batchdata)
+        for key in (self.image_key, self.label_key):
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = batch[key].to(device=device, non_blocking=non_blocking, **kwargs)
+        batch = gpu_augment(
+            batch,
+            flip_prob=self.flip_prob,
+            intensity_shift=self.intensity_shift,
+            intensity_scale=self.intensity_scale,
+            generator=self.generator,
+            image_key=self.image_key,
+            label_key=self.label_key,
+        )
+        return self.prepare_batch(batch, device, non_blocking, **kwargs)
