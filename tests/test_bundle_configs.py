@@ -178,3 +178,15 @@ def test_synthetic_data_only_for_the_bundle_default_dataset_dir(bundle, files, w
 def test_demo_configs_ask_for_synthetic_data(name):
     """``make demo`` names its dataset folder (data/synthetic), so the demo configs must ask for the phantoms."""
     assert json.loads((REPO / "configs" / f"{name}.json").read_text())["synthetic_if_missing"] is True
+
+
+def test_evaluate_refuses_a_preprocessed_dir(dataset, tmp_path, model_files):
+    """``evaluate.json`` scores NIfTI volumes; a ``--preprocessed_dir`` would half-switch it, so it stops naming both."""
+    files = ["train.json", "evaluate.json"]
+    parser = _parser("mae_finetune", files, dataset_dir=str(dataset), output_dir=str(tmp_path / "out"),
+                     preprocessed_dir=str(tmp_path / "pre"), **_tiny("mae_finetune", files, model_files))  # fmt: skip
+    with pytest.raises(RuntimeError) as raised:  # MONAI's parser wraps the expression's error
+        parser.get_parsed_content("initialize#0")
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert "evaluate.json" in str(raised.value.__cause__) and f"preprocessed_dir='{tmp_path / 'pre'}'" in str(raised.value.__cause__)
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ from monai.data import MetaTensor
 
 from monai_mae.data.preprocess import PreprocessedCropDataset, check_manifest, read_manifest
 
-__all__ = ["PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir"]
+__all__ = ["PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "refuse_preprocessed_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,20 @@ def check_preprocessed_dir(
             "dataset_dir is not read."
         )
     return manifest
+
+
+def refuse_preprocessed_dir(preprocessed_dir: Any, config: str) -> None:
+    """Stop a config that reads NIfTI volumes only (e.g. ``mae_finetune``'s ``evaluate.json``) when ``preprocessed_dir`` is set.
+
+    Raises:
+        ValueError: naming the config and the folder, so that a half-switched run (datalist from
+            ``dataset_dir``, volumes from the folder) never starts.
+    """
+    if preprocessed_dir:
+        raise ValueError(
+            f"{config} scores the NIfTI volumes of dataset_dir in their original space and does not read "
+            f"preprocessed_dir={str(preprocessed_dir)!r}; leave preprocessed_dir unset for it."
+        )
 
 
 class PreprocessedCentreCropDataset(PreprocessedCropDataset):
