@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock, TransformerBlock
 from monai.networks.layers import DropPath
 
@@ -20,6 +22,7 @@ from monai_mae.networks.blocks import (
     RoPEAttention,
     SwiGLU,
     apply_rope,
+    apply_rope_qkv,
     build_blocks,
     grid_coordinates,
     run_blocks,
@@ -198,6 +201,159 @@ def test_apply_rope_keeps_dtype_and_zero_angle_is_identity(dtype):
     out = apply_rope(x, rope(torch.zeros(1, 8, 3)))
     assert out.dtype == dtype
     assert torch.equal(out, x)
+
+
+# ------------------------------------------------------------------ straightforward references
+# The blocks are written for speed (one autograd node for the rotation, fused SDPA, split SwiGLU products);
+# these are the plain formulas they must match, values and gradients, with the same weights.
+def reference_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    cos, sin = rope
+    r = cos.shape[-1]
+    x1, x2, rest = x[..., :r], x[..., r : 2 * r], x[..., 2 * r :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def reference_attention(attn: RoPEAttention, x: torch.Tensor, rope=None) -> torch.Tensor:
+    """Explicit softmax attention with ``attn``'s weights: ``(B, M, D)`` -> ``(B, M, D)``."""
+    batch, n_tokens, width = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(batch, n_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    if rope is not None:
+        q, k = reference_rope(q, rope), reference_rope(k, rope)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(head_dim)).softmax(dim=-1)
+    return attn.out_proj((weights @ v).transpose(1, 2).reshape(batch, n_tokens, width))
+
+
+def reference_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    hidden = mlp.linear1(x)
+    if isinstance(mlp, SwiGLU):
+        gate, value = hidden.chunk(2, dim=-1)
+        return mlp.linear2(F.silu(gate) * value)
+    return mlp.linear2(F.gelu(hidden))
+
+
+def reference_block(block: EncoderBlock, x: torch.Tensor, rope=None) -> torch.Tensor:
+    """``x + ls1 * attn(norm1(x))``, then ``+ ls2 * mlp(norm2(.))`` (no LayerScale: factor 1)."""
+    g1 = block.ls1.gamma if isinstance(block.ls1, LayerScale) else 1.0
+    g2 = block.ls2.gamma if isinstance(block.ls2, LayerScale) else 1.0
+    h = x + g1 * reference_attention(block.attn, block.norm1(x), rope)
+    return h + g2 * reference_mlp(block.mlp, block.norm2(h))
+
+
+def values_and_grads(fn, inputs: list[torch.Tensor], module: nn.Module | None = None, seed: int = 0):
+    """``fn()`` and the gradients of a fixed random projection of it w.r.t. ``inputs`` and ``module``'s parameters."""
+    out = fn()
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    grads = torch.autograd.grad((out * weights).sum(), [*inputs, *params])
+    return out, grads
+
+
+def assert_same(ours, ref, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Values and gradients agree; ``atol`` applies to each tensor scaled to a largest entry of at most 1
+    (the gradients of the randomized weights reach tens, where float32 rounding alone exceeds 1e-5)."""
+    (out, grads), (ref_out, ref_grads) = ours, ref
+    assert len(grads) == len(ref_grads)
+    for value, ref_value in zip([out, *grads], [ref_out, *ref_grads]):
+        scale = max(1.0, ref_value.abs().max().item())
+        torch.testing.assert_close(value, ref_value, atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("head_dim, dims, prefix", [(12, 3, 0), (10, 3, 1), (16, 3, 0), (8, 2, 2), (10, 2, 0), (7, 3, 1)])
+def test_apply_rope_matches_reference_values_and_gradients(head_dim, dims, prefix):
+    torch.manual_seed(head_dim + dims)
+    rope = AxialRoPE(head_dim, dims, theta=10.0)(torch.randint(0, 7, (2, 9, dims)).float(), prefix_tokens=prefix)
+    x = torch.randn(2, 3, 9 + prefix, head_dim, requires_grad=True)
+    assert_same(values_and_grads(lambda: apply_rope(x, rope), [x]), values_and_grads(lambda: reference_rope(x, rope), [x]), atol=1e-6)
+    assert apply_rope(x, rope).is_contiguous()
+    # strided input (a view), as inside attention
+    base = torch.randn(2, 9 + prefix, 3, head_dim * 2, requires_grad=True)
+    view = base[..., :head_dim].transpose(1, 2)
+    assert_same(values_and_grads(lambda: apply_rope(view, rope), [base]), values_and_grads(lambda: reference_rope(view, rope), [base]), atol=1e-6)
+
+
+def test_apply_rope_gradcheck():
+    rope = AxialRoPE(10, 3)(torch.randint(0, 5, (1, 4, 3)).float(), prefix_tokens=1)
+    rope = tuple(t.double() for t in rope)
+    x = torch.randn(1, 2, 5, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, rope), (x,))
+    qkv = torch.randn(1, 5, 3, 2, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope_qkv(t, rope), (qkv,))
+
+
+@pytest.mark.parametrize("head_dim, prefix", [(12, 0), (10, 1), (6, 0)])
+def test_apply_rope_qkv_equals_rope_on_queries_and_keys(head_dim, prefix):
+    torch.manual_seed(head_dim)
+    batch, tokens, heads = 2, 6 + prefix, 3
+    rope = AxialRoPE(head_dim, 3)(torch.randint(0, 4, (batch, 6, 3)).float(), prefix_tokens=prefix)
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, requires_grad=True)
+    out = apply_rope_qkv(qkv, rope)
+    assert out.shape == (3, batch, heads, tokens, head_dim) and out.is_contiguous()
+
+    def reference():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return torch.stack([reference_rope(q, rope), reference_rope(k, rope), v])
+
+    assert_same(values_and_grads(lambda: apply_rope_qkv(qkv, rope), [qkv]), values_and_grads(reference, [qkv]), atol=1e-6)
+    assert torch.equal(out[2], qkv.permute(2, 0, 3, 1, 4)[2])  # values pass unchanged
+    # a token-major view of a wider projection (how attention calls it)
+    wide = torch.randn(batch, tokens, 3 * heads * head_dim + 5, requires_grad=True)
+    view = wide[..., 5:].view(batch, tokens, 3, heads, head_dim)
+    assert torch.equal(apply_rope_qkv(view, rope), apply_rope_qkv(view.contiguous(), rope))
+    grad = torch.autograd.grad(apply_rope_qkv(view, rope).square().sum(), wide)[0]
+    assert torch.equal(grad[..., :5], torch.zeros_like(grad[..., :5]))
+    ref_grad = torch.autograd.grad(apply_rope_qkv(view.contiguous(), rope).square().sum(), wide)[0]
+    assert torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+def test_apply_rope_bfloat16_in_float32(qkv):
+    torch.manual_seed(11)
+    rope = AxialRoPE(12, 3)(torch.randint(0, 8, (1, 5, 3)).float())
+    shape = (1, 5, 3, 2, 12) if qkv else (1, 2, 5, 12)
+    x = torch.randn(shape)
+    fn = apply_rope_qkv if qkv else apply_rope
+    low = x.bfloat16().requires_grad_()
+    out = fn(low, rope)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, fn(low.detach().float(), rope).bfloat16())  # rotated in float32, rounded once
+    out.float().sum().backward()
+    assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad.float()).all()
+
+
+@pytest.mark.parametrize("use_rope, prefix, qkv_bias", [(False, 0, True), (True, 0, True), (True, 1, False), (False, 1, False)])
+def test_rope_attention_matches_reference(use_rope, prefix, qkv_bias):
+    torch.manual_seed(12 + prefix)
+    attn = randomize_(RoPEAttention(36, 3, qkv_bias=qkv_bias)).eval()
+    rope = AxialRoPE(12, 3)(grid_coordinates((2, 2, 3)), prefix_tokens=prefix) if use_rope else None
+    x = torch.randn(2, 12 + prefix, 36, requires_grad=True)
+    assert_same(values_and_grads(lambda: attn(x, rope), [x], attn), values_and_grads(lambda: reference_attention(attn, x, rope), [x], attn))
+
+
+@pytest.mark.parametrize("mlp_class", [SwiGLU, GeluMLP])
+def test_mlp_matches_reference_values_and_gradients(mlp_class):
+    torch.manual_seed(13)
+    mlp = randomize_(mlp_class(16, 24)).eval()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    assert_same(values_and_grads(lambda: mlp(x), [x], mlp), values_and_grads(lambda: reference_mlp(mlp, x), [x], mlp))
+
+
+@pytest.mark.parametrize(
+    "options, use_rope",
+    [(dict(), False), (dict(mlp_type="swiglu", layer_scale_init=0.1), True), (dict(layer_scale_init=0.5), True),
+     (dict(mlp_type="swiglu"), False)],
+)  # fmt: skip
+def test_encoder_block_matches_reference(options, use_rope):
+    torch.manual_seed(14)
+    block = randomize_(EncoderBlock(36, 48, 3, qkv_bias=True, **options)).eval()
+    rope = AxialRoPE(12, 3)(grid_coordinates((2, 2, 4))) if use_rope else None
+    x = torch.randn(2, 16, 36, requires_grad=True)
+    ours = values_and_grads(lambda: block(x, rope), [x], block)
+    # the reference in float64 (the exact values, up to float32 rounding of ours)
+    block64, x64 = copy.deepcopy(block).double(), x.detach().double().requires_grad_()
+    rope64 = tuple(t.double() for t in rope) if use_rope else None
+    out64, grads64 = values_and_grads(lambda: reference_block(block64, x64, rope64), [x64], block64)
+    assert_same(ours, (out64.float(), [g.float() for g in grads64]))
 
 
 # ---------------------------------------------------------------------------------- RoPEAttention

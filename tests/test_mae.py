@@ -267,3 +267,48 @@ def test_overfits_one_volume(nd):
     with torch.no_grad():
         end = loss_fn(net(volume, generator=eval_gen()), volume).item()
     assert end < start / 10, (start, end)
+
+
+# ---------------------------------------------------------------- CPU bfloat16 autocast
+AUTOCAST_CASES = {
+    "default": dict(),
+    "primus": dict(pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1, cls_token=False),
+    "rope_cls": dict(pos_embed_type="rope", qkv_bias=True),
+    "perceptron_learnable": dict(proj_type="perceptron", pos_embed_type="learnable", decoder_pos_embed_type="learnable"),
+    "fourier_no_decoder_pos": dict(pos_embed_type="fourier", decoder_pos_embed_type="none"),
+    "save_attn": dict(save_attn=True),
+    "checkpointing_drop_path": dict(activation_checkpointing=True, drop_path_rate=0.1, mlp_type="swiglu"),
+}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("case", list(AUTOCAST_CASES))
+def test_bf16_autocast_forward_backward(case, dims):
+    """Training under ``torch.autocast("cpu", torch.bfloat16)`` runs with every option (no dtype error), gives
+    float32 gradients to every trainable weight, and stays close to the float32 computation."""
+    torch.manual_seed(20)
+    size = (32,) * dims
+    net = MAEViT(1, size, 8, spatial_dims=dims, **TINY, **AUTOCAST_CASES[case])
+    x = torch.randn(2, 1, *size)
+    n_tokens = 4**dims
+    mask = torch.zeros(2, n_tokens)
+    mask[:, torch.randperm(n_tokens)[: 3 * n_tokens // 4]] = 1.0
+    loss_fn = MaskedReconstructionLoss(8, spatial_dims=dims)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, out_mask = net(x, mask=mask)
+        loss = loss_fn((pred, out_mask), x)
+    assert pred.dtype == torch.bfloat16 and pred.shape == (2, n_tokens, 8**dims)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.dtype == torch.float32, name
+            assert torch.isfinite(param.grad).all(), name
+    net.eval()
+    with torch.no_grad():
+        reference = net(x, mask=mask)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x, mask=mask)[0]
+            features = net.forward_encoder(x)
+    assert features.shape == (2, net.num_prefix_tokens + n_tokens, 48)
+    assert (low.float() - reference).norm() / reference.norm() < 0.05

@@ -26,6 +26,7 @@ __all__ = [
     "MLP_TYPES",
     "AxialRoPE",
     "apply_rope",
+    "apply_rope_qkv",
     "grid_coordinates",
     "RoPEAttention",
     "SwiGLU",
@@ -105,13 +106,93 @@ class AxialRoPE(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate ``x`` ``(B, H, M, head_dim)``: channel ``j < R`` pairs with channel ``R + j``; the rest pass."""
-    cos, sin = rope
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """Write ``x`` rotated by ``sign * angle`` into ``out`` (same shape): channel ``j < R`` pairs with ``R + j``.
+
+    ``cos`` / ``sin`` broadcast against ``x[..., :R]``; channels from ``2R`` on are copied unchanged. The
+    products are formed in the wider of ``x``'s and the tables' dtypes (float32 for a bfloat16 ``x``) and
+    written in ``out``'s: no temporary of ``x``'s size when the dtypes agree.
+    """
     r = cos.shape[-1]
-    x1, x2, rest = x[..., :r].float(), x[..., r : 2 * r].float(), x[..., 2 * r :]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
+    x1, x2 = x[..., :r], x[..., r : 2 * r]
+    o1, o2 = out[..., :r], out[..., r : 2 * r]
+    if x.dtype == cos.dtype == out.dtype:
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)  # x1 cos - x2 sin
+        torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)  # x2 cos + x1 sin
+    else:
+        dtype = torch.promote_types(x.dtype, cos.dtype)
+        x1, x2 = x1.to(dtype), x2.to(dtype)
+        o1.copy_(torch.addcmul(x1 * cos, x2, sin, value=-sign))
+        o2.copy_(torch.addcmul(x2 * cos, x1, sin, value=sign))
+    if x.shape[-1] > 2 * r:
+        out[..., 2 * r :].copy_(x[..., 2 * r :])
+
+
+class _Rotate(torch.autograd.Function):
+    """Rotary embedding as one autograd node: the backward pass rotates the gradient back (a rotation's
+    transpose is the rotation by minus the angle), so only the shared ``(cos, sin)`` tables are saved and
+    forward and backward each write one output, without intermediate copies.
+
+    ``qkv=False``: ``x (..., hd)`` -> contiguous ``(..., hd)``. ``qkv=True``: ``x (B, M, 3, H, hd)`` (a fused
+    projection, token-major) -> contiguous head-major ``(3, B, H, M, hd)`` with queries and keys rotated
+    and values copied: the layout in which SDPA's CPU kernel runs fastest, at no extra pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qkv: bool) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.qkv = qkv
+        if not qkv:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            _rotate_into(out, x, cos, sin, 1.0)
+            return out
+        batch, n_tokens, _, heads, head_dim = x.shape
+        out = torch.empty(3, batch, heads, n_tokens, head_dim, dtype=x.dtype, device=x.device)
+        _Rotate.rotate_qkv(out.permute(1, 3, 0, 2, 4), x, cos, sin, 1.0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        if not ctx.qkv:
+            grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+            _rotate_into(grad_x, grad, cos, sin, -1.0)
+        else:
+            grad = grad.permute(1, 3, 0, 2, 4)  # (B, M, 3, H, hd) view
+            grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+            _Rotate.rotate_qkv(grad_x, grad, cos, sin, -1.0)
+        return grad_x, None, None, None
+
+    @staticmethod
+    def rotate_qkv(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+        """``out``, ``x``: ``(B, M, 3, H, hd)`` (any strides); ``cos`` / ``sin``: ``(B, M, 1, 1, R)``."""
+        _rotate_into(out[:, :, :2], x[:, :, :2], cos, sin, sign)  # queries and keys
+        out[:, :, 2].copy_(x[:, :, 2])  # values pass
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate ``x`` ``(B, H, M, head_dim)``: channel ``j < R`` pairs with channel ``R + j``; the rest pass.
+
+    Any ``x (..., head_dim)`` works with ``cos`` / ``sin`` that broadcast against ``x[..., :R]``. The result
+    is contiguous, in ``x``'s dtype (computed in float32 for bfloat16 ``x``).
+    """
+    cos, sin = rope
+    return _Rotate.apply(x, cos, sin, False)
+
+
+def apply_rope_qkv(qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate the queries and keys of a fused projection ``qkv`` ``(B, M, 3, H, head_dim)``; values pass.
+
+    Args:
+        qkv: the qkv projection viewed as ``(B, M, 3, H, head_dim)``.
+        rope: ``(cos, sin)`` from :class:`AxialRoPE`, each ``(B or 1, 1, M, R)``.
+
+    Returns:
+        contiguous ``(3, B, H, M, head_dim)``: ``q, k, v = out`` with ``q``, ``k`` equal to
+        :func:`apply_rope` of the queries and keys, in one pass forward and one backward.
+    """
+    cos, sin = (t.transpose(1, 2).unsqueeze(2) for t in rope)  # (B, M, 1, 1, R): broadcast over q/k and heads
+    return _Rotate.apply(qkv, cos, sin, True)
 
 
 class RoPEAttention(nn.Module):
@@ -135,9 +216,13 @@ class RoPEAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         """``(B, M, D)`` -> ``(B, M, D)``."""
         batch, n_tokens, width = x.shape
-        q, k, v = self.qkv(x).view(batch, n_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(batch, n_tokens, 3, self.num_heads, self.head_dim)  # (B, M, 3, H, hd)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k, v = apply_rope_qkv(qkv, rope)  # each (B, H, M, hd), contiguous
+        else:
+            # token-major views: SDPA reads them in place (and writes its output token-major, so merging the
+            # heads below is a view); the backward pass stacks the three gradients in one copy
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         dropout = self.dropout_rate if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, M, hd)
         return self.drop_output(self.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, width)))
@@ -154,7 +239,12 @@ class SwiGLU(nn.Module):
         self.drop2 = nn.Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.linear1(x).chunk(2, dim=-1)
+        # the two halves of linear1 as two products (views of its weight): the same values as chunking one
+        # product, without concatenating the halves' gradients into a (M, 2 * mlp_dim) copy in the backward pass
+        weight, bias = self.linear1.weight, self.linear1.bias
+        half = weight.shape[0] // 2
+        gate = F.linear(x, weight[:half], bias[:half])
+        value = F.linear(x, weight[half:], bias[half:])
         return self.drop2(self.linear2(self.drop1(F.silu(gate) * value)))
 
 

@@ -430,7 +430,8 @@ class MAEViT(nn.Module):
         pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)
         full = full + pos
         rope = self._rope(self.decoder_rope, grid, None, full.device)
-        x = run_blocks(self.decoder_blocks, torch.cat([x[:, :prefix], full], dim=1), rope, self.activation_checkpointing)  # (B, 1 + N, Dd)
+        tokens = torch.cat([x[:, :prefix], full], dim=1) if prefix else full  # (B, prefix + N, Dd)
+        x = run_blocks(self.decoder_blocks, tokens, rope, self.activation_checkpointing)
         return self.decoder_pred(self.decoder_norm(x[:, prefix:]))
 
     def forward_encoder(
