@@ -104,6 +104,7 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
     vitseg = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--finetune-steps", "50"]))
     assert (vitseg.architecture, vitseg.patch, vitseg.num_layers, vitseg.mae_cls_token) == ("vitseg", 8, 6, False)
     assert (vitseg.finetune_steps, vitseg.encoder_lr_scale, vitseg.roi) == (50, 0.3, pb.PRESETS["cpu"].roi)
+    assert (vitseg.norm_pix_loss, vitseg.pretrain_lr, vitseg.residual_scale) == (False, 5e-4, 1.0)
     assert vitseg.pretrain_key() != pb.PRESETS["cpu"].pretrain_key()
     with pytest.raises(ValueError, match="UNETR fixes patch 16 and 12 layers, got patch 8, 12 layers"):
         pb.build_config(pb.parse_args(["--patch", "8"]))
