@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -279,6 +281,58 @@ def test_apply_rope_gradcheck():
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, rope), (x,))
     qkv = torch.randn(1, 5, 3, 2, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope_qkv(t, rope), (qkv,))
+
+
+def test_apply_rope_tables_must_not_require_grad():
+    cos, sin = AxialRoPE(12, 3)(grid_coordinates((2, 2, 2)))
+    with pytest.raises(ValueError, match="must not require gradients"):
+        apply_rope(torch.randn(1, 2, 8, 12), (cos.requires_grad_(), sin))
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+def test_rope_traced_formula_equals_eager_node(monkeypatch, qkv):
+    """Under torch.compile the rotation is written as plain tensor ops (fused by the compiler): same values and gradients."""
+    import monai_mae.networks.blocks as blocks_module
+
+    torch.manual_seed(15)
+    rope = AxialRoPE(10, 3)(torch.randint(0, 5, (2, 6, 3)).float(), prefix_tokens=1)
+    x = torch.randn(*((2, 7, 3, 2, 10) if qkv else (2, 2, 7, 10)), requires_grad=True)
+    fn = apply_rope_qkv if qkv else apply_rope
+    eager = values_and_grads(lambda: fn(x, rope), [x])
+    monkeypatch.setattr(blocks_module, "_is_compiling", lambda: True)
+    traced = values_and_grads(lambda: fn(x, rope), [x])
+    assert_same(traced, eager, atol=1e-6)
+
+
+_HAS_CXX = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
+
+
+@pytest.mark.slow  # inductor runs the C++ compiler in subprocesses
+@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+def test_torch_compile_rope_training_step_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(16)
+    net = MAEViT(1, 16, 8, hidden_size=24, mlp_dim=32, num_layers=1, num_heads=2, decoder_hidden_size=24,
+                 decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2, pos_embed_type="rope",
+                 mlp_type="swiglu", layer_scale_init=0.1)  # fmt: skip
+    x = torch.rand(2, 1, 16, 16, 16)
+    mask = torch.zeros(2, 8)
+    mask[:, :6] = 1.0
+
+    def grads(model):
+        net.zero_grad()
+        pred, _ = model(x, mask=mask)
+        ((pred - 0.5).square() * mask[..., None]).mean().backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    try:
+        eager = grads(net)
+        compiled = grads(torch.compile(net))
+    finally:
+        torch._dynamo.reset()
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("head_dim, prefix", [(12, 0), (10, 1), (6, 0)])

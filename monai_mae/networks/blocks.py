@@ -128,6 +128,19 @@ def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: tor
         out[..., 2 * r :].copy_(x[..., 2 * r :])
 
 
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation as plain differentiable tensor operations (what :func:`torch.compile` traces and fuses)."""
+    r = cos.shape[-1]
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    x1, x2, rest = x[..., :r].to(dtype), x[..., r : 2 * r].to(dtype), x[..., 2 * r :]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
+
+
+# torch >= 2.3; before, compiled graphs break at the eager rotation's out= products (still correct)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
 class _Rotate(torch.autograd.Function):
     """Rotary embedding as one autograd node: the backward pass rotates the gradient back (a rotation's
     transpose is the rotation by minus the angle), so only the shared ``(cos, sin)`` tables are saved and
@@ -140,6 +153,8 @@ class _Rotate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qkv: bool) -> torch.Tensor:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise ValueError("the rotary (cos, sin) tables must not require gradients (AxialRoPE's never do).")
         ctx.save_for_backward(cos, sin)
         ctx.qkv = qkv
         if not qkv:
@@ -177,6 +192,8 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     is contiguous, in ``x``'s dtype (computed in float32 for bfloat16 ``x``).
     """
     cos, sin = rope
+    if _is_compiling():
+        return _rotated(x, cos, sin)
     return _Rotate.apply(x, cos, sin, False)
 
 
@@ -191,6 +208,9 @@ def apply_rope_qkv(qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
         contiguous ``(3, B, H, M, head_dim)``: ``q, k, v = out`` with ``q``, ``k`` equal to
         :func:`apply_rope` of the queries and keys, in one pass forward and one backward.
     """
+    if _is_compiling():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return torch.stack([_rotated(q, *rope), _rotated(k, *rope), v])
     cos, sin = (t.transpose(1, 2).unsqueeze(2) for t in rope)  # (B, M, 1, 1, R): broadcast over q/k and heads
     return _Rotate.apply(qkv, cos, sin, True)
 
