@@ -15,7 +15,16 @@ memory is reported as such. Printed as markdown:
 * the speedup of encoding only the visible 25% of the tokens over encoding all of them (MAEViT
   encoder forward + backward);
 * the FLOP rate of each model's training step (FLOPs counted with ``FlopCounterMode``, divided by
-  the median step time) as a fraction of a plain fp32 ``torch.mm``'s rate measured in the same run.
+  the median step time) as a fraction of a plain fp32 ``torch.mm``'s rate measured in the same run;
+* CPU bfloat16 autocast (``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward and loss): both
+  classes are tried; a class that fails under autocast is reported with its error instead of stopping
+  the run. Steps under autocast are timed (interleaved with the fp32 ones; their matmul fraction is
+  against a bf16 ``torch.mm``) when the CPU has native bf16 matrix instructions (``avx512_bf16`` or
+  AMX; ``--bf16 on`` forces it): without them bf16 matrix products fall back to slow loops, and only the
+  autocast check runs, on the config's miniature (``--quick`` size).
+
+The long-sequence configs (4096 tokens: ``b``, ``c``) get a summary table: MAEViT / MONAI step time,
+speedup and matmul fraction in fp32 and under bf16 autocast.
 
 Examples::
 
@@ -23,11 +32,13 @@ Examples::
     python benchmarks/bench_vs_monai.py --steps 8 --warmup 2 --json bench.json
     python benchmarks/bench_vs_monai.py --configs b --threads 2
     python benchmarks/bench_vs_monai.py --configs c --steps 3 --warmup 1   # long sequence, block options
+    python benchmarks/bench_vs_monai.py --configs b c --threads 1 --bf16 auto --no-memory
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -58,6 +69,9 @@ __all__ = [
     "build_models",
     "make_input",
     "train_step",
+    "autocast_context",
+    "autocast_check",
+    "cpu_bf16_support",
     "first_steps",
     "is_out_of_memory",
     "encoder_step",
@@ -71,6 +85,8 @@ __all__ = [
 MONAI = "monai"
 OURS = "monai_mae"
 MODEL_LABELS = {MONAI: "MONAI MaskedAutoEncoderViT", OURS: "monai_mae MAEViT"}
+BF16_SUFFIX = "@bf16"  # key of a model's variant trained under CPU bfloat16 autocast
+LONG_SEQUENCE_CONFIGS = ("b", "c")  # 4096 tokens (their --quick miniatures: 512): the summary table
 MODEL_CLASSES: dict[str, type[nn.Module]] = {MONAI: MaskedAutoEncoderViT, OURS: MAEViT}
 PAPER_ENCODER_SPEEDUP = 3.0  # MAE paper: encoding the visible 25% only trains >= 3x faster
 MIB = 1024**2
@@ -250,6 +266,7 @@ class ModelResult:
     gflops_per_s: float
     fraction_of_matmul: float
     error: str = ""
+    precision: str = "fp32"
     peak_rss_mib: float = float("nan")
     rss_after_build_mib: float = float("nan")
     step_peak_mib: float = float("nan")
@@ -257,7 +274,13 @@ class ModelResult:
 
 @dataclass
 class ConfigResult:
-    """Both models on one config, the ratios, and MAEViT's visible-only encoder speedup."""
+    """Both models on one config, the ratios, and MAEViT's visible-only encoder speedup.
+
+    ``models`` holds the fp32 runs under ``"monai"`` / ``"monai_mae"`` and, when bf16 steps were timed,
+    the autocast runs under ``"monai@bf16"`` / ``"monai_mae@bf16"``. ``autocast_errors`` maps each model
+    name to ``""`` (a training step under CPU bf16 autocast works) or the error it raised, checked at
+    config ``autocast_checked_at`` (this config, or its miniature when bf16 steps were not timed).
+    """
 
     config: BenchConfig
     models: dict[str, ModelResult] = field(default_factory=dict)
@@ -267,6 +290,9 @@ class ConfigResult:
     encoder_masked_times_s: list[float] = field(default_factory=list)
     encoder_full_times_s: list[float] = field(default_factory=list)
     encoder_speedup: float = float("nan")
+    autocast_errors: dict[str, str] = field(default_factory=dict)
+    autocast_checked_at: str = ""
+    bf16_timed: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -314,23 +340,31 @@ def make_optimizer(model: nn.Module, fused: bool = False) -> torch.optim.Optimiz
 
 
 # ----------------------------------------------------------------------------------------------- steps
+def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, dtype=torch.bfloat16)`` when ``bf16``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: MaskedReconstructionLoss,
     images: torch.Tensor,
     masking_ratio: float,
+    bf16: bool = False,
 ) -> float:
     """One training step: forward, masked loss, backward, optimiser step.
 
     Args:
         images: ``(B, C, H, W, D)``.
+        bf16: run forward and loss under bfloat16 autocast (the backward pass follows the forward's dtypes).
 
     Returns:
         the loss value.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(images, masking_ratio), images)
+    with autocast_context(images.device, bf16):
+        loss = loss_fn(model(images, masking_ratio), images)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -381,7 +415,7 @@ _EXTRA_FLOP_FORMULAS = {
 
 
 def flops_per_step(
-    model: nn.Module, loss_fn: MaskedReconstructionLoss, images: torch.Tensor, masking_ratio: float
+    model: nn.Module, loss_fn: MaskedReconstructionLoss, images: torch.Tensor, masking_ratio: float, bf16: bool = False
 ) -> int:
     """Matmul/conv/attention FLOPs of one forward + loss + backward (the optimiser's elementwise work is not counted).
 
@@ -389,21 +423,23 @@ def flops_per_step(
     """
     model.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-        loss_fn(model(images, masking_ratio), images).backward()
+        with autocast_context(images.device, bf16):
+            loss = loss_fn(model(images, masking_ratio), images)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> tuple[float, list[float]]:
-    """Rate of a plain fp32 ``torch.mm`` of two ``size x size`` matrices.
+def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> tuple[float, list[float]]:
+    """Rate of a plain ``torch.mm`` of two ``size x size`` matrices (fp32 unless ``dtype``).
 
     Returns:
         ``(GFLOP/s of the median time, all times in seconds)``.
     """
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up
     times = []
     for _ in range(repeats):
@@ -411,6 +447,57 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> tuple[float, list[floa
         torch.mm(a, b, out=out)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9, times
+
+
+# ----------------------------------------------------------------------------------------------- bf16
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU has native bfloat16 matrix instructions, and a one-line account of what was seen.
+
+    Native means the ``avx512_bf16`` or ``amx_bf16`` flag in ``/proc/cpuinfo`` (Linux; elsewhere: not
+    native). Without them torch's CPU bf16 matrix products fall back to slow reference loops.
+    """
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    text = (
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, CPU flags "
+        f"{' + '.join(native) if native else 'without avx512_bf16 / amx_bf16'}, oneDNN bf16 "
+        f"{'supported' if onednn else 'not supported'}"
+    )
+    return bool(native), text
+
+
+def _short_error(error: BaseException, limit: int = 120) -> str:
+    """``"Type: first line of the message"``, cut to ``limit`` characters."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:limit]}"
+
+
+def autocast_check(config: BenchConfig, name: str) -> str:
+    """One training step of model ``name`` at ``config``'s size under CPU bfloat16 autocast.
+
+    Returns:
+        ``""`` when it runs, else the error it raised as ``"Type: message"`` (the benchmark goes on).
+    """
+    model = build_model(config, name)
+    optimizer = make_optimizer(model)
+    loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
+    try:
+        train_step(model, optimizer, loss_fn, make_input(config), config.masking_ratio, bf16=True)
+    except Exception as error:  # noqa: BLE001 - any failure under autocast is a finding to report
+        return _short_error(error)
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -513,41 +600,74 @@ def run_config(
     matmul_rate: float,
     memory: bool = True,
     fused_adamw: bool = False,
+    bf16: bool = False,
+    bf16_matmul_rate: float = float("nan"),
+    smoke_config: BenchConfig | None = None,
 ) -> ConfigResult:
     """All measurements for one config: interleaved training steps, FLOPs, encoder speedup, memory.
 
     The first warm-up round runs each model alone; a model out of memory there is reported
     (``ModelResult.error``) and left out of the rest, whose ratios are then NaN.
+
+    Args:
+        bf16: also time each model under CPU bfloat16 autocast (keys ``"<model>@bf16"``, interleaved with
+            the fp32 steps, separate weights and optimiser); a model that fails under autocast is reported
+            in ``autocast_errors`` and left out. Without it, autocast is only checked with one step at
+            ``smoke_config`` (default: ``config``).
+        bf16_matmul_rate: GFLOP/s of a bf16 ``torch.mm``, the reference of the bf16 steps' matmul fraction.
     """
     models = build_models(config)
     images = make_input(config)
     loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
-    optimizers = {name: make_optimizer(model, fused_adamw) for name, model in models.items()}
     ratio = config.masking_ratio
     result = ConfigResult(config)
     nan = float("nan")
+    precision = {name: False for name in models}  # key -> under bf16 autocast
+    if bf16:
+        result.bf16_timed = True
+        result.autocast_checked_at = config.name
+        for name in (MONAI, OURS):
+            models[name + BF16_SUFFIX] = build_model(config, name)
+            precision[name + BF16_SUFFIX] = True
+    else:
+        check_at = smoke_config or config
+        result.autocast_checked_at = check_at.name
+        result.autocast_errors = {name: autocast_check(check_at, name) for name in (MONAI, OURS)}
+    optimizers = {key: make_optimizer(model, fused_adamw) for key, model in models.items()}
 
-    def stepper(name: str) -> Callable[[], float]:
-        return lambda: train_step(models[name], optimizers[name], loss_fn, images, ratio)
+    def stepper(key: str) -> Callable[[], float]:
+        return lambda: train_step(models[key], optimizers[key], loss_fn, images, ratio, bf16=precision[key])
 
-    failed = first_steps(models, lambda name: stepper(name)())
+    for key in [k for k in models if precision[k]]:  # bf16 first steps: any error is a finding, not a crash
+        name = key.removesuffix(BF16_SUFFIX)
+        try:
+            stepper(key)()
+            result.autocast_errors[name] = ""
+        except Exception as error:  # noqa: BLE001
+            result.autocast_errors[name] = _short_error(error)
+            print(f"config {config.name}: {MODEL_LABELS[name]} under bf16 autocast: {result.autocast_errors[name]}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            del models[key], optimizers[key]
+            gc.collect()
+    failed = first_steps({k: m for k, m in models.items() if not precision[k]}, lambda key: stepper(key)())
     for name, error in failed.items():
         result.models[name] = ModelResult(name, count_params(models[name]), [], nan, 0, nan, nan, error=error)
         print(f"config {config.name}: {MODEL_LABELS[name]} {error}", file=sys.stderr, flush=True)
         del models[name], optimizers[name]
     gc.collect()
-    timings = time_interleaved({name: stepper(name) for name in models}, n_steps, max(warmup - 1, 0))
-    for name, model in models.items():
-        flops = flops_per_step(model, loss_fn, images, ratio)
-        rate = flops / timings[name].median / 1e9
-        result.models[name] = ModelResult(
-            model=name,
+    timings = time_interleaved({key: stepper(key) for key in models}, n_steps, max(warmup - 1, 0))
+    for key, model in models.items():
+        flops = flops_per_step(model, loss_fn, images, ratio, bf16=precision[key])
+        rate = flops / timings[key].median / 1e9
+        result.models[key] = ModelResult(
+            model=key,
             params=count_params(model),
-            step_times_s=timings[name].times,
-            step_median_s=timings[name].median,
+            step_times_s=timings[key].times,
+            step_median_s=timings[key].median,
             flops_per_step=flops,
             gflops_per_s=rate,
-            fraction_of_matmul=rate / matmul_rate,
+            fraction_of_matmul=rate / (bf16_matmul_rate if precision[key] else matmul_rate),
+            precision="bf16" if precision[key] else "fp32",
         )
     if not failed:
         result.speedup = timings[MONAI].median / timings[OURS].median
@@ -599,6 +719,8 @@ def cpu_name() -> str:
 def _verdict(value: float, target: float | None) -> str:
     if target is None:
         return "-"
+    if value != value:  # NaN: not measured (--no-memory) or a model without timings
+        return f">= {target:g}x: not measured"
     return f">= {target:g}x: {'met' if value >= target else 'MISSED'}"
 
 
@@ -608,8 +730,80 @@ def _fmt_times(times: Sequence[float]) -> str:
     return f"{statistics.median(times):.3f} [{min(times):.3f}, {max(times):.3f}]"
 
 
-def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_rate: float) -> str:
-    """The markdown report: environment, training-step table, encoder table, notes."""
+def _model_label(key: str) -> str:
+    name = key.removesuffix(BF16_SUFFIX)
+    return MODEL_LABELS[name] + (", bf16 autocast" if key.endswith(BF16_SUFFIX) else "")
+
+
+def _speedup_cell(res: ConfigResult, key: str) -> str:
+    """MONAI's fp32 median step over this row's median (MAEViT fp32: also the fastest steps' ratio)."""
+    if key == MONAI:
+        return "1.00x"
+    if key == OURS:
+        return f"{res.speedup:.2f}x (best {res.best_speedup:.2f}x)"
+    monai, row = res.models.get(MONAI), res.models.get(key)
+    if monai is None or row is None:
+        return "n/a"
+    return f"{monai.step_median_s / row.step_median_s:.2f}x (vs MONAI fp32)"
+
+
+def _pct(fraction: float) -> str:
+    return "n/a" if fraction != fraction else f"{100 * fraction:.0f}%"
+
+
+def _bf16_cell(res: ConfigResult, name: str) -> str:
+    """What the long-sequence table says for ``name``'s bf16 step when it has no timing."""
+    error = res.autocast_errors.get(name)
+    where = "" if res.autocast_checked_at == res.config.name else f" (checked at {res.autocast_checked_at})"
+    if error:
+        return f"fails under CPU bf16 autocast: {error}{where}"
+    if not res.bf16_timed:
+        runs = f"; a training step under autocast runs{where}" if error == "" else ""
+        return "not timed (no native bf16 on this CPU)" + runs
+    return "n/a"
+
+
+def format_long_sequence_table(results: Sequence[ConfigResult]) -> list[str]:
+    """Markdown lines: MAEViT / MONAI step time, speedup and matmul fractions at fp32 and bf16 autocast,
+    for the long-sequence configs (``b``, ``c`` and their miniatures) among ``results``."""
+    rows = [res for res in results if res.config.name.split("-")[0] in LONG_SEQUENCE_CONFIGS]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Long sequences: MAEViT against MONAI, fp32 and CPU bf16 autocast",
+        "",
+        "| config | tokens | precision | MONAI step (s) | MAEViT step (s) | MAEViT / MONAI step time | speedup "
+        "| MONAI of matmul | MAEViT of matmul |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in rows:
+        cfg = res.config
+        for precision, suffix in (("fp32", ""), ("bf16 autocast", BF16_SUFFIX)):
+            monai, ours = res.models.get(MONAI + suffix), res.models.get(OURS + suffix)
+            reference, note = monai, ""
+            if suffix and monai is None and ours is not None:  # MONAI fails under autocast: compare with its fp32 step
+                reference, note = res.models.get(MONAI), " (vs MONAI fp32)"
+            ratio = ours.step_median_s / reference.step_median_s if ours and reference else float("nan")
+            cells = [
+                f"{cfg.name}",
+                f"{cfg.num_tokens}",
+                precision,
+                _fmt_times(monai.step_times_s) if monai else _bf16_cell(res, MONAI),
+                _fmt_times(ours.step_times_s) if ours else _bf16_cell(res, OURS),
+                "n/a" if ratio != ratio else f"{ratio:.2f}{note}",
+                "n/a" if ratio != ratio else f"{1 / ratio:.2f}x{note}",
+                _pct(monai.fraction_of_matmul) if monai else "n/a",
+                _pct(ours.fraction_of_matmul) if ours else "n/a",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_report(
+    results: Sequence[ConfigResult], env: dict[str, str], matmul_rate: float, bf16_matmul_rate: float = float("nan")
+) -> str:
+    """The markdown report: environment, training-step table, long-sequence summary, encoder table, notes."""
     lines = [
         "## monai_mae MAEViT vs MONAI MaskedAutoEncoderViT",
         "",
@@ -617,6 +811,12 @@ def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_r
         f"- torch {env['torch']}, monai {env['monai']}, Python {env['python']}",
         f"- CPU: {env['cpu']} ({env['cores']} logical cores), torch threads: {env['threads']}",
         f"- plain fp32 torch.mm 2048x2048: {matmul_rate:.1f} GFLOP/s (median of 10)",
+        f"- bf16: {env['bf16']}"
+        + (
+            f"; plain bf16 torch.mm: {bf16_matmul_rate:.1f} GFLOP/s ({env['bf16_matmul']})"
+            if bf16_matmul_rate == bf16_matmul_rate
+            else ""
+        ),
         f"- training steps: median [min, max] of {env['steps']} timed steps after {env['warmup']} warm-up, "
         f"MONAI and MAEViT interleaved in one process; optimiser: {env['optimizer']}",
         f"- load average (1 min) at start / end: {env['load_start']} / {env['load_end']} "
@@ -628,30 +828,39 @@ def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_r
     ]
     for res in results:
         cfg = res.config
-        for name in (MONAI, OURS):
+        for name in (MONAI, OURS, MONAI + BF16_SUFFIX, OURS + BF16_SUFFIX):
+            if name not in res.models:
+                continue
             m = res.models[name]
-            is_ours = name == OURS
+            is_ours, is_bf16 = name == OURS, name.endswith(BF16_SUFFIX)
             lines.append(
                 "| "
                 + " | ".join(
                     [
                         f"{cfg.name}: {cfg.title}",
-                        MODEL_LABELS[name],
+                        _model_label(name),
                         f"{m.params / 1e6:.2f}",
                         _fmt_times(m.step_times_s) + (f" ({m.error})" if m.error else ""),
-                        f"{res.speedup:.2f}x (best {res.best_speedup:.2f}x)" if is_ours else "1.00x",
+                        _speedup_cell(res, name),
                         _verdict(res.speedup, cfg.speed_target) if is_ours else "",
-                        f"{m.peak_rss_mib:.0f}",
-                        f"{m.step_peak_mib:.0f}",
-                        f"{res.memory_ratio:.2f}x" if is_ours else "1.00x",
+                        "-" if is_bf16 else f"{m.peak_rss_mib:.0f}",
+                        "-" if is_bf16 else f"{m.step_peak_mib:.0f}",
+                        "-" if is_bf16 else f"{res.memory_ratio:.2f}x" if is_ours else "1.00x",
                         _verdict(res.memory_ratio, cfg.memory_target) if is_ours else "",
                         f"{m.flops_per_step / 1e9:.1f}",
                         f"{m.gflops_per_s:.1f}",
-                        f"{100 * m.fraction_of_matmul:.0f}%",
+                        _pct(m.fraction_of_matmul),
                     ]
                 )
                 + " |"
             )
+        for name in (MONAI, OURS):
+            if res.autocast_errors.get(name):
+                lines.append(
+                    f"| {cfg.name}: {cfg.title} | {_model_label(name + BF16_SUFFIX)} | | {_bf16_cell(res, name)} "
+                    "| | | | | | | | | |"
+                )
+    lines += format_long_sequence_table(results)
     lines += [
         "",
         "MAEViT encoder, forward + backward: visible tokens only (75% masked) vs all tokens",
@@ -677,7 +886,12 @@ def format_report(results: Sequence[ConfigResult], env: dict[str, str], matmul_r
         "by 6 (MAEViT builds sin-cos tables for any width).",
         "- GFLOP/step: forward + backward FLOPs from torch.utils.flop_counter.FlopCounterMode; fused attention "
         "(MAEViT) is counted like the CUDA kernels, so its backward includes the recomputed scores. "
-        "'of matmul' = GFLOP/s / the torch.mm rate above.",
+        "'of matmul' = GFLOP/s / the torch.mm rate above (fp32 steps: the fp32 rate; bf16 autocast steps: the "
+        "bf16 rate).",
+        "- bf16 autocast: torch.autocast('cpu', dtype=torch.bfloat16) around forward and loss, backward outside, "
+        "separate weights and AdamW state; a speedup of a bf16 row is against MONAI's fp32 step. Steps under "
+        "autocast are timed only with native bf16 (avx512_bf16 / AMX) or --bf16 on; otherwise one autocast step "
+        "of each class is tried at the config's miniature, to report whether it runs.",
     ]
     options = [res.config for res in results if res.config.ours_options]
     if options:
@@ -708,6 +922,8 @@ def environment(args: argparse.Namespace, n_steps: int, warmup: int) -> dict[str
         "optimizer": "AdamW (fused, as build_optimizer picks)" if args.fused_adamw else "AdamW (torch's per-tensor loop)",
         "load_start": _load_average(),
         "load_end": "",
+        "bf16": "",
+        "bf16_matmul": "",
     }
 
 
@@ -733,6 +949,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
         help="AdamW(fused=True) for both models, as monai_mae.engines.build_optimizer picks (default); "
         "--no-fused-adamw: torch's per-tensor loop (on CPU 30-50%% of a ViT-B step, the same for both models)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bf16", choices=("auto", "on", "off"), default="auto",
+        help="time steps under CPU bf16 autocast too: auto (default) when the CPU has avx512_bf16 or AMX, on, off; "
+        "without timing, one autocast step of each class is still tried at the config's miniature",
     )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write all measurements to this JSON file")
@@ -760,17 +981,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     env = environment(args, n_steps, warmup)
     matmul_rate, matmul_times = matmul_gflops()
+    native_bf16, bf16_text = cpu_bf16_support()
+    time_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
+    env["bf16"] = (
+        f"{'native' if native_bf16 else 'no native'} bf16 matrix instructions ({bf16_text}); steps under bf16 "
+        f"autocast {'timed' if time_bf16 else 'not timed'} (--bf16 {args.bf16})"
+    )
+    if native_bf16 and args.bf16 != "off":
+        bf16_rate, bf16_times = matmul_gflops(dtype=torch.bfloat16)
+        env["bf16_matmul"] = "2048x2048, median of 10"
+    elif args.bf16 != "off":  # without native bf16 a 2048^2 product takes minutes: a small one shows the rate
+        bf16_rate, bf16_times = matmul_gflops(size=256, repeats=3, dtype=torch.bfloat16)
+        env["bf16_matmul"] = "256x256, median of 3"
+    else:
+        bf16_rate, bf16_times = float("nan"), []
     results = []
     for key in args.configs:
         config = CONFIGS[f"{key}-quick" if args.quick else key]
         print(f"running config {config.name} ({config.title}) ...", file=sys.stderr, flush=True)
         results.append(
             run_config(
-                config, n_steps, warmup, args.threads, matmul_rate, memory=not args.no_memory, fused_adamw=args.fused_adamw
-            )
+                config, n_steps, warmup, args.threads, matmul_rate, memory=not args.no_memory,
+                fused_adamw=args.fused_adamw, bf16=time_bf16, bf16_matmul_rate=bf16_rate,
+                smoke_config=CONFIGS[f"{key}-quick"],
+            )  # fmt: skip
         )
     env["load_end"] = _load_average()
-    print(format_report(results, env, matmul_rate))
+    print(format_report(results, env, matmul_rate, bf16_rate))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
@@ -778,6 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "environment": env,
                     "matmul_gflops": matmul_rate,
                     "matmul_times_s": matmul_times,
+                    "bf16_matmul_gflops": bf16_rate,
+                    "bf16_matmul_times_s": bf16_times,
                     "results": [asdict(res) for res in results],
                 },
                 out,

@@ -261,17 +261,21 @@ def assert_same(ours, ref, atol: float = 1e-5, rtol: float = 1e-5) -> None:
         torch.testing.assert_close(value, ref_value, atol=atol * scale, rtol=rtol)
 
 
-@pytest.mark.parametrize("head_dim, dims, prefix", [(12, 3, 0), (10, 3, 1), (16, 3, 0), (8, 2, 2), (10, 2, 0), (7, 3, 1)])
+@pytest.mark.parametrize(
+    "head_dim, dims, prefix", [(12, 3, 0), (10, 3, 1), (16, 3, 0), (8, 2, 2), (10, 2, 0), (7, 3, 1)]
+)
 def test_apply_rope_matches_reference_values_and_gradients(head_dim, dims, prefix):
     torch.manual_seed(head_dim + dims)
     rope = AxialRoPE(head_dim, dims, theta=10.0)(torch.randint(0, 7, (2, 9, dims)).float(), prefix_tokens=prefix)
     x = torch.randn(2, 3, 9 + prefix, head_dim, requires_grad=True)
-    assert_same(values_and_grads(lambda: apply_rope(x, rope), [x]), values_and_grads(lambda: reference_rope(x, rope), [x]), atol=1e-6)
+    ours = values_and_grads(lambda: apply_rope(x, rope), [x])
+    assert_same(ours, values_and_grads(lambda: reference_rope(x, rope), [x]), atol=1e-6)
     assert apply_rope(x, rope).is_contiguous()
     # strided input (a view), as inside attention
     base = torch.randn(2, 9 + prefix, 3, head_dim * 2, requires_grad=True)
     view = base[..., :head_dim].transpose(1, 2)
-    assert_same(values_and_grads(lambda: apply_rope(view, rope), [base]), values_and_grads(lambda: reference_rope(view, rope), [base]), atol=1e-6)
+    ours = values_and_grads(lambda: apply_rope(view, rope), [base])
+    assert_same(ours, values_and_grads(lambda: reference_rope(view, rope), [base]), atol=1e-6)
 
 
 def test_apply_rope_gradcheck():
@@ -291,7 +295,7 @@ def test_apply_rope_tables_must_not_require_grad():
 
 @pytest.mark.parametrize("qkv", [False, True])
 def test_rope_traced_formula_equals_eager_node(monkeypatch, qkv):
-    """Under torch.compile the rotation is written as plain tensor ops (fused by the compiler): same values and gradients."""
+    """Under torch.compile the rotation is plain tensor ops (fused by the compiler): same values and gradients."""
     import monai_mae.networks.blocks as blocks_module
 
     torch.manual_seed(15)
@@ -348,7 +352,8 @@ def test_apply_rope_qkv_equals_rope_on_queries_and_keys(head_dim, prefix):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return torch.stack([reference_rope(q, rope), reference_rope(k, rope), v])
 
-    assert_same(values_and_grads(lambda: apply_rope_qkv(qkv, rope), [qkv]), values_and_grads(reference, [qkv]), atol=1e-6)
+    ours = values_and_grads(lambda: apply_rope_qkv(qkv, rope), [qkv])
+    assert_same(ours, values_and_grads(reference, [qkv]), atol=1e-6)
     assert torch.equal(out[2], qkv.permute(2, 0, 3, 1, 4)[2])  # values pass unchanged
     # a token-major view of a wider projection (how attention calls it)
     wide = torch.randn(batch, tokens, 3 * heads * head_dim + 5, requires_grad=True)
@@ -375,13 +380,16 @@ def test_apply_rope_bfloat16_in_float32(qkv):
     assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad.float()).all()
 
 
-@pytest.mark.parametrize("use_rope, prefix, qkv_bias", [(False, 0, True), (True, 0, True), (True, 1, False), (False, 1, False)])
+@pytest.mark.parametrize(
+    "use_rope, prefix, qkv_bias", [(False, 0, True), (True, 0, True), (True, 1, False), (False, 1, False)]
+)
 def test_rope_attention_matches_reference(use_rope, prefix, qkv_bias):
     torch.manual_seed(12 + prefix)
     attn = randomize_(RoPEAttention(36, 3, qkv_bias=qkv_bias)).eval()
     rope = AxialRoPE(12, 3)(grid_coordinates((2, 2, 3)), prefix_tokens=prefix) if use_rope else None
     x = torch.randn(2, 12 + prefix, 36, requires_grad=True)
-    assert_same(values_and_grads(lambda: attn(x, rope), [x], attn), values_and_grads(lambda: reference_attention(attn, x, rope), [x], attn))
+    ours = values_and_grads(lambda: attn(x, rope), [x], attn)
+    assert_same(ours, values_and_grads(lambda: reference_attention(attn, x, rope), [x], attn))
 
 
 @pytest.mark.parametrize("mlp_class", [SwiGLU, GeluMLP])
