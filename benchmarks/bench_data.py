@@ -80,7 +80,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from monai_mae import MaskedReconstructionLoss, mae_vit
 from monai_mae.data import get_dataset, get_pretrain_transforms, load_data_preset, load_datalist
@@ -88,6 +87,9 @@ from monai_mae.data.preprocess import FOREGROUND_MARGIN, PreprocessedCropDataset
 from monai_mae.data.synthetic import make_phantom
 from monai_mae.engines import build_optimizer
 from monai_mae.utils import atomic_write
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
+from bench_common import cpu_name, flop_counter  # noqa: E402
 
 __all__ = [
     "PATHS",
@@ -214,16 +216,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------- the data
@@ -444,25 +436,9 @@ def _run_child(spec: dict[str, Any], isolation: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- training steps
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses here
-# (the same formulas as benchmarks/bench_vs_monai.py: the backward includes the recomputed scores)
-_EXTRA_FLOP_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
 def flops_per_step(step: Any) -> int:
     """Matmul/conv/attention FLOPs of ``step()`` (elementwise work and the optimiser are not counted)."""
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with flop_counter() as counter:
         step()
     return int(counter.get_total_flops())
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -53,10 +54,12 @@ import monai
 import torch
 import torch.nn as nn
 from monai.networks.nets import MaskedAutoEncoderViT
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.engines import build_optimizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
+from bench_common import flop_counter  # noqa: E402
 
 __all__ = [
     "PEAK_BF16_FLOPS",
@@ -140,29 +143,12 @@ def train_step(
     return step
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(
-    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA attention kernels; the CPU flash kernel (--cpu-smoke) is added here
-_EXTRA_FLOP_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
 def count_flops(
     model: nn.Module, loss_fn: MaskedReconstructionLoss, images: torch.Tensor, autocast: bool = True
 ) -> int:
     """FLOPs of one eager forward + loss + backward (bf16 autocast unless ``autocast=False``); clears the gradients."""
     model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with flop_counter() as counter:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(model(images), images)
         loss.backward()

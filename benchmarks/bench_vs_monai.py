@@ -58,9 +58,12 @@ import monai
 import torch
 import torch.nn as nn
 from monai.networks.nets import MaskedAutoEncoderViT
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
+from monai_mae.engines import cpu_bf16_supported
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
+from bench_common import cpu_name, flop_counter  # noqa: E402
 
 __all__ = [
     "BenchConfig",
@@ -399,21 +402,6 @@ def time_interleaved(steps: dict[str, Callable[[], object]], n_steps: int, warmu
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses here
-_EXTRA_FLOP_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
 def flops_per_step(
     model: nn.Module, loss_fn: MaskedReconstructionLoss, images: torch.Tensor, masking_ratio: float, bf16: bool = False
 ) -> int:
@@ -422,7 +410,7 @@ def flops_per_step(
     Fused CPU attention is counted like the CUDA kernels, so its backward includes the recomputed scores.
     """
     model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with flop_counter() as counter:
         with autocast_context(images.device, bf16):
             loss = loss_fn(model(images, masking_ratio), images)
         loss.backward()
@@ -453,29 +441,16 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torc
 def cpu_bf16_support() -> tuple[bool, str]:
     """Whether this CPU has native bfloat16 matrix instructions, and a one-line account of what was seen.
 
-    Native means the ``avx512_bf16`` or ``amx_bf16`` flag in ``/proc/cpuinfo`` (Linux; elsewhere: not
-    native). Without them torch's CPU bf16 matrix products fall back to slow reference loops.
+    Native is :func:`monai_mae.engines.cpu_bf16_supported` (oneDNN's check, else the ``avx512_bf16`` /
+    ``amx_bf16`` flags of ``/proc/cpuinfo``), the check the bundles warn with. Without them torch's CPU
+    bf16 matrix products fall back to slow reference loops.
     """
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        onednn = False
+    native = cpu_bf16_supported()
     text = (
-        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, CPU flags "
-        f"{' + '.join(native) if native else 'without avx512_bf16 / amx_bf16'}, oneDNN bf16 "
-        f"{'supported' if onednn else 'not supported'}"
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{'native bf16 (AVX512-BF16 / AMX)' if native else 'without avx512_bf16 / amx_bf16 (bf16 emulated)'}"
     )
-    return bool(native), text
+    return native, text
 
 
 def _short_error(error: BaseException, limit: int = 120) -> str:
@@ -704,18 +679,6 @@ def run_config(
 
 
 # ----------------------------------------------------------------------------------------------- report
-def cpu_name() -> str:
-    """The ``model name`` line of ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _verdict(value: float, target: float | None) -> str:
     if target is None:
         return "-"
