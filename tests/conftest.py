@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 
 warnings.filterwarnings("ignore", message="torch.meshgrid")
 
@@ -12,3 +16,24 @@ warnings.filterwarnings("ignore", message="torch.meshgrid")
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """The environment torchrun gives one process, so the multi-GPU configs' own ``init_process_group`` runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def cxx_compiler():
+    """``torch.compile`` (inductor) builds C++ kernels on the CPU: a machine without a compiler fails, naming why."""
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        pytest.fail("torch.compile (inductor) needs a C++ compiler on the CPU (g++, c++ or $CXX); install one.")

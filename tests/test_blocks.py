@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -308,12 +306,8 @@ def test_rope_traced_formula_equals_eager_node(monkeypatch, qkv):
     assert_same(traced, eager, atol=1e-6)
 
 
-_HAS_CXX = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
-
-
 @pytest.mark.slow  # inductor runs the C++ compiler in subprocesses
-@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile (inductor) needs a C++ compiler on the CPU")
-def test_torch_compile_rope_training_step_matches_eager():
+def test_torch_compile_rope_training_step_matches_eager(cxx_compiler):
     torch._dynamo.reset()
     torch.manual_seed(16)
     net = MAEViT(1, 16, 8, hidden_size=24, mlp_dim=32, num_layers=1, num_heads=2, decoder_hidden_size=24,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -78,20 +77,6 @@ def _tiny(bundle: str, files: list[str], model_files: dict[str, Path]) -> dict:
     if files[-1] in FROM_MODEL_FILE:  # the network and the crop size come from the file
         return {"ckpt_path": str(model_files[bundle])}
     return TINY[bundle]
-
-
-@pytest.fixture
-def single_process_group(monkeypatch):
-    """The environment torchrun gives one process, so the multi-GPU configs' own ``init_process_group`` runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("device", [None, "cpu"], ids=["default", "cpu"])

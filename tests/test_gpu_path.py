@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -70,12 +69,8 @@ def test_build_optimizer_picks_the_fused_kernel_from_the_parameters_device():
     assert bool(build_optimizer(net, fused=False).defaults["fused"]) is False
 
 
-_HAS_CXX = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
-
-
 @pytest.mark.slow  # inductor runs the C++ compiler in subprocesses
-@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile (inductor) needs a C++ compiler on the CPU")
-def test_torch_compile_matches_eager():
+def test_torch_compile_matches_eager(cxx_compiler):
     # inductor compiles C++ kernels with g++: ~15 s with a warm cache (/tmp/torchinductor_$USER), up to ~1 min cold
     torch._dynamo.reset()
     net = MAEViT(1, 16, 8, **TINY).eval()

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
@@ -74,20 +72,6 @@ def _run(parser: ConfigParser) -> None:
     """What ``monai.bundle run`` does with the parsed config: initialize, run, finalize."""
     for name in ("initialize", "run", "finalize"):
         _section(parser, name)
-
-
-@pytest.fixture
-def single_process_group(monkeypatch):
-    """The environment torchrun gives one process, so the multi-GPU configs' own ``init_process_group`` runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
