@@ -1,5 +1,6 @@
 """Preprocess once (monai_mae.data.preprocess): stored volumes equal the in-memory MONAI chain, resume after
-damage or a kill, manifest checks, bad inputs, the CLI, crops read through memory maps, 2D slices, gpu_augment."""
+damage or a kill, manifest checks, bad inputs, the CLI, crops read through memory maps, 2D slices, crops in the
+storage layout converted back, gpu_augment."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, SpatialPad
 from monai_mae.data import (
     PreprocessedCropDataset,
     check_manifest,
+    from_storage_layout,
     get_deterministic_transforms,
     get_pretrain_transforms,
     gpu_augment,
@@ -273,6 +275,45 @@ def test_the_dataset_feeds_the_monai_collate_and_mae_prepare_batch(ct_out):
     assert tuple(batch["image"].shape) == (4, 1, 16, 16, 16) and tuple(batch["label"].shape) == (4, 1, 16, 16, 16)
     images, targets, args, kwargs = MAEPrepareBatch()(batch)
     assert images.shape == (4, 1, 16, 16, 16) and torch.equal(images, targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# storage layout: crops as stored, converted back after collation
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("roi, spatial_dims, slice_axis", [
+    ((16, 12, 20), 3, -1),
+    ((48, 44, 40), 3, -1),  # larger than every volume (about 40 x 37 x 32) on each axis: zero-padded, centred
+    ((24, 20), 2, -1),  # axial slices, stored (C, Y, X)
+    ((16, 40), 2, 0),  # sagittal slices padded along z, stored (C, Z, Y)
+], ids=["3d", "3d_padded", "2d_axial", "2d_sagittal_padded"])  # fmt: skip
+def test_storage_layout_crops_converted_back_equal_the_default_crops(ct_out, roi, spatial_dims, slice_axis):
+    options = {"roi_size": roi, "num_samples": 2, "with_label": True, "spatial_dims": spatial_dims, "seed": 5,
+               "slice_axis": slice_axis}  # fmt: skip
+    default = PreprocessedCropDataset(ct_out, **options)
+    stored = PreprocessedCropDataset(ct_out, **options, storage_layout=True)
+    crop, plain = stored[1][0], default[1][0]
+    for key, dtype in (("image", torch.float16), ("label", torch.uint8)):  # the files' dtypes, axes reversed
+        assert crop[key].dtype == dtype and crop[key].is_contiguous() and tuple(crop[key].shape) == (1, *roi[::-1])
+        assert torch.equal(crop[key].permute(0, *range(spatial_dims, 0, -1)).float(), plain[key])
+    batches = [next(iter(DataLoader(ds, batch_size=3, num_workers=0))) for ds in (default, stored)]
+    converted = from_storage_layout(batches[1])  # (6, 1, *roi[::-1]) -> (6, 1, *roi)
+    for key in ("image", "label"):
+        assert converted[key].dtype == torch.float32 and converted[key].is_contiguous()
+        assert torch.equal(converted[key], batches[0][key])
+
+
+def test_storage_layout_refuses_a_crop_transform_and_from_storage_layout_checks_its_input(ct_out):
+    with pytest.raises(ValueError, match=r"transform=.* cannot run with storage_layout=True"):
+        PreprocessedCropDataset(ct_out, roi_size=12, transform=RandFlipd("image", prob=1.0), storage_layout=True)
+    with pytest.raises(ValueError, match=r"must be a \(B, C, H, W\[, D\]\) tensor, got \(1, 8, 8\)"):
+        from_storage_layout(torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match=r"none of the entries \['image', 'label'\] as tensors; keys are \['name'\]"):
+        from_storage_layout({"name": ["a"]})
+    image = torch.arange(24, dtype=torch.float16).reshape(1, 1, 4, 3, 2)  # (B, C, Z, Y, X)
+    out = from_storage_layout({"image": image, "name": ["a"]})
+    assert out["name"] == ["a"] and out["image"].shape == (1, 1, 2, 3, 4) and out["image"][0, 0, 1, 2, 3] == 23
 
 
 # --------------------------------------------------------------------------------------------------

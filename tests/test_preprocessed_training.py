@@ -1,7 +1,7 @@
 """Training from a preprocessed folder (``preprocessed_dir``): both bundles run in-process on tiny preprocessed
 phantoms without reading ``dataset_dir``, a folder made with other data settings stops the run before anything is
-built, the crop augmentation on the CPU and on the device (``gpu_augment``), the ``loader`` setting and its
-defaults, 2D slices, the multi-GPU config's DistributedSampler; one subprocess run (slow)."""
+built, the crop augmentation on the CPU and on the device (``gpu_augment``, with crops in their storage layout
+converted on the device), the ``loader`` setting and its defaults, 2D slices, the multi-GPU config's DistributedSampler; one subprocess run (slow)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,7 @@ def test_finetune_trains_with_labels_and_validates_whole_volumes_gpu_augment(pre
     _run(parser)
     prepare = parser.get_parsed_content("train#prepare_batch")
     assert isinstance(prepare, GPUAugmentPrepareBatch) and prepare.intensity_scale == 0.1
+    assert prepare.storage_layout and parser.get_parsed_content("train#dataset").storage_layout  # float16/uint8 crops
     assert parser.get_parsed_content("train#crop_transform") is None  # nothing random left on the CPU side
     val_ds = parser.get_parsed_content("validate#dataset")
     assert isinstance(val_ds, PreprocessedVolumeDataset) and len(val_ds) == 1
@@ -119,6 +120,25 @@ def test_finetune_trains_with_labels_and_validates_whole_volumes_gpu_augment(pre
     metrics = parser.get_parsed_content("validate#evaluator").state.metrics
     assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and "val_dice_class_2" in metrics["val_class_dice"]
     assert (out / "models" / "model.pt").is_file() and not absent.exists()
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+def test_pretrain_gpu_augment_reads_the_storage_layout_and_prepares_the_default_batch(preprocessed, tmp_path, spatial_dims):
+    roi = {"roi_size": [16] * spatial_dims, "patch_size": [8] * spatial_dims, "spatial_dims": spatial_dims}
+    prepared = {}
+    for gpu in (False, True):
+        parser = _parser(
+            "mae_pretrain", **{**TINY["mae_pretrain"], **roi}, preprocessed_dir=str(preprocessed),
+            output_dir=str(tmp_path / "out"), gpu_augment=gpu, **{"train#augment#flip_prob": 0.0},
+        )  # fmt: skip
+        _section(parser, "initialize")
+        assert parser.get_parsed_content("train#dataset").storage_layout is gpu
+        torch.manual_seed(0)  # the same shuffle and crops for both
+        batch = next(iter(parser.get_parsed_content("train#dataloader")))
+        assert batch["image"].dtype == (torch.float16 if gpu else torch.float32)
+        prepared[gpu] = parser.get_parsed_content("train#prepare_batch")(batch, "cpu")[0]
+    assert prepared[True].shape == (4, 1, *roi["roi_size"]) and prepared[True].dtype == torch.float32
+    assert torch.equal(prepared[True], prepared[False])
 
 
 @pytest.mark.parametrize(
@@ -255,6 +275,21 @@ def test_gpu_augment_prepare_batch_copies_with_the_trainers_flags_before_the_wra
     GPUAugmentPrepareBatch(inner, flip_prob=0.0)(batch, "cpu", True, dtype=torch.float64)
     assert seen["non_blocking"] is True and seen["kwargs"] == {"dtype": torch.float64}
     assert seen["batch"]["image"].dtype == torch.float64 and seen["batch"]["name"] == ["a", "a"]
+
+
+@pytest.mark.parametrize("spatial", [(4, 6, 8), (6, 8)], ids=["3d", "2d"])
+def test_gpu_augment_prepare_batch_converts_the_storage_layout_before_augmenting(spatial):
+    torch.manual_seed(0)
+    batch = _batch(spatial)
+    reverse = (0, 1, *range(len(spatial) + 1, 1, -1))  # (B, C, *S) <-> (B, C, *S reversed)
+    default = {"image": batch["image"].half().float(), "label": batch["label"]}
+    stored = {"image": batch["image"].half().permute(reverse).contiguous(),
+              "label": batch["label"].to(torch.uint8).permute(reverse).contiguous()}  # fmt: skip
+    options = {"flip_prob": 0.5, "intensity_shift": 0.1, "intensity_scale": 0.1}
+    expected = GPUAugmentPrepareBatch(**options, generator=torch.Generator().manual_seed(2))(default, "cpu")
+    got = GPUAugmentPrepareBatch(**options, generator=torch.Generator().manual_seed(2), storage_layout=True)(stored, "cpu")
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32 and a.shape == (4, 1, *spatial) and torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from monai_mae.data.datalist import check_nifti, check_volume, load_datalist, va
 from monai_mae.data.preprocess import (
     PreprocessedCropDataset,
     check_manifest,
+    from_storage_layout,
     get_deterministic_transforms,
     gpu_augment,
     preprocess_dataset,
@@ -28,6 +29,7 @@ __all__ = [
     "check_volume",
     "data_preset_names",
     "ensure_dataset",
+    "from_storage_layout",
     "get_dataset",
     "get_deterministic_transforms",
     "get_pretrain_transforms",

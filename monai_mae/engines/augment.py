@@ -5,7 +5,9 @@ The bundles' ``preprocessed_dir`` path reads crops with
 the DataLoader workers (:func:`crop_augmentation`, MONAI dictionary transforms) or per batch on the
 device after the non-blocking copy (:class:`GPUAugmentPrepareBatch` around the trainer's
 ``prepare_batch``, calling :func:`~monai_mae.data.gpu_augment`), so MONAI's ``SupervisedTrainer``
-stays unchanged. Both draw, per sample, a flip along each spatial axis with ``flip_prob`` (the label
+stays unchanged. On the device path the workers can hand over crops in their storage layout
+(float16, spatial axes reversed: ``PreprocessedCropDataset(storage_layout=True)``), which the hook
+turns into MONAI's float32 layout on the device (``storage_layout=True``) before augmenting. Both draw, per sample, a flip along each spatial axis with ``flip_prob`` (the label
 flipped with its image), then ``image * (1 + s) + o`` with ``s ~ U(-intensity_scale, intensity_scale)``
 and ``o ~ U(-intensity_shift, intensity_shift)``.
 """
@@ -21,7 +23,7 @@ from monai.engines.utils import PrepareBatch, default_prepare_batch
 from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from monai.utils import CommonKeys
 
-from monai_mae.data.preprocess import gpu_augment
+from monai_mae.data.preprocess import from_storage_layout, gpu_augment
 
 __all__ = ["GPUAugmentPrepareBatch", "crop_augmentation"]
 
@@ -94,7 +96,11 @@ class GPUAugmentPrepareBatch(PrepareBatch):
     ``non_blocking`` flag, :func:`~monai_mae.data.gpu_augment` flips and jitters them per sample on
     that device, and the wrapped ``prepare_batch`` (e.g. :class:`~monai_mae.engines.MAEPrepareBatch`,
     or MONAI's ``default_prepare_batch`` for supervised training) builds the network's inputs from the
-    augmented batch; its own copy to the device is then a no-op. Shapes and dtypes are unchanged.
+    augmented batch; its own copy to the device is then a no-op. Shapes and dtypes are unchanged,
+    except with ``storage_layout=True``: the batch comes from
+    ``PreprocessedCropDataset(storage_layout=True)`` ((B, C, Z, Y, X) in the file's dtypes) and
+    :func:`~monai_mae.data.from_storage_layout` turns image and label into float32 (B, C, X, Y, Z)
+    on the device, right after the copy, so the wrapped hook sees what the default crops give.
 
     Args:
         prepare_batch: the hook to wrap, called as ``prepare_batch(batch, device, non_blocking, **kwargs)``.
@@ -106,6 +112,8 @@ class GPUAugmentPrepareBatch(PrepareBatch):
             default generator of the batch's device (seeded by ``monai.utils.set_determinism``).
         image_key: keyword-only. Defaults to ``"image"``.
         label_key: keyword-only; flipped with the image when the batch has it. Defaults to ``"label"``.
+        storage_layout: keyword-only. Convert the copied batch from the storage layout first.
+            Defaults to False.
 
     Raises:
         TypeError: when ``prepare_batch`` is not callable, or at call time for a batch that is not a dict.
@@ -135,6 +143,7 @@ class GPUAugmentPrepareBatch(PrepareBatch):
         *,
         image_key: str = CommonKeys.IMAGE,
         label_key: str = CommonKeys.LABEL,
+        storage_layout: bool = False,
     ) -> None:
         if prepare_batch is not None and not callable(prepare_batch):
             raise TypeError(f"prepare_batch must be callable or None, got {type(prepare_batch).__name__}.")
@@ -146,6 +155,7 @@ class GPUAugmentPrepareBatch(PrepareBatch):
         self.generator = generator
         self.image_key = image_key
         self.label_key = label_key
+        self.storage_layout = bool(storage_layout)
 
     def __call__(
         self,
@@ -164,6 +174,8 @@ class GPUAugmentPrepareBatch(PrepareBatch):
         for key in (self.image_key, self.label_key):
             if isinstance(batch.get(key), torch.Tensor):
                 batch[key] = batch[key].to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.storage_layout:  # (B, C, Z, Y, X) float16/uint8 -> (B, C, X, Y, Z) float32, on the device
+            batch = from_storage_layout(batch, (self.image_key, self.label_key))
         batch = gpu_augment(
             batch,
             flip_prob=self.flip_prob,
