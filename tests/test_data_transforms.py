@@ -15,7 +15,13 @@ from monai.transforms import Compose
 
 from monai_mae.data.datalist import load_datalist
 from monai_mae.data.synthetic import make_phantom, write_synthetic_dataset
-from monai_mae.data.transforms import data_preset_names, get_dataset, get_pretrain_transforms, load_data_preset
+from monai_mae.data.transforms import (
+    data_preset_names,
+    get_dataset,
+    get_pretrain_transforms,
+    load_data_preset,
+    transform_hash,
+)
 
 SHAPE = (32, 32, 24)
 SPACING = (1.5, 1.5, 2.0)
@@ -195,6 +201,30 @@ def test_cache_modes_give_same_items(items, tmp_path, cache, cls):
         stamp = cached.stat().st_mtime_ns
         ds[0]
         assert cached.stat().st_mtime_ns == stamp  # read back, not recomputed
+
+
+def test_persistent_cache_key_follows_transform_settings(items, tmp_path):
+    """A changed intensity window in the same cache_dir is preprocessed again, not read from the old cache."""
+    cache_dir = tmp_path / "cache"
+    values = []
+    for a_max in (250.0, 100.0, 250.0):
+        transform = get_pretrain_transforms("ct", roi_size=(16, 16, 16), pixdim=SPACING, a_max=a_max, train=False)
+        values.append(_plain(get_dataset(items[:1], transform, cache="persistent", cache_dir=cache_dir)[0]["image"]))
+        expected = _plain(transform(items[0])["image"])
+        torch.testing.assert_close(values[-1], expected)
+    assert len(list(cache_dir.glob("*.pt"))) == 2  # one file per window; the third run read the first's
+    assert not torch.equal(values[0], values[1])
+
+
+def test_transform_hash_unpicklable_falls_back_to_names(caplog):
+    from monai.transforms import Lambdad
+
+    transforms = [Lambdad("image", lambda x: x + 1)]
+    with caplog.at_level("WARNING"):
+        first = transform_hash(transforms)
+    assert "cannot be pickled" in caplog.text and "Lambdad" in caplog.text
+    assert first == transform_hash([Lambdad("image", lambda x: x * 2)])  # names only: the settings go unnoticed
+    assert transform_hash([Lambdad("image", print)]) != transform_hash([Lambdad("image", len)])  # picklable: settings count
 
 
 def test_get_dataset_bad_arguments(items):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -50,6 +51,7 @@ __all__ = [
     "get_dataset",
     "get_pretrain_transforms",
     "load_data_preset",
+    "transform_hash",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,6 +297,9 @@ def get_dataset(
     (load, orient, resample, intensity, crop-foreground, pad), so random crops stay random.
     ``"persistent"`` keeps MONAI's default ``track_meta=False``: its items are plain tensors
     without the affine (reading ``MetaTensor`` back would need unsafe ``weights_only=False``).
+    Its cache file names hash the settings of those deterministic transforms as well as the item
+    (:func:`transform_hash`), so a run with another spacing, window or crop size in the same
+    ``cache_dir`` preprocesses again instead of reading items cached under the old settings.
 
     Args:
         data: datalist entries, e.g. from :func:`monai_mae.data.load_datalist`.
@@ -331,7 +336,32 @@ def get_dataset(
     if cache_dir is None:
         raise ValueError("cache='persistent' needs cache_dir (a folder for the cached items), got None.")
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir)
+    return PersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_transform=transform_hash)
+
+
+def transform_hash(transforms: Sequence[Callable]) -> bytes:
+    """Hash of a list of transforms and their settings, for ``PersistentDataset(hash_transform=...)``.
+
+    MONAI passes the deterministic transforms before the first random one. They are hashed with
+    MONAI's ``pickle_hashing``, so any setting (spacing, intensity window, crop size) changes the
+    hash; transforms that cannot be pickled (e.g. a lambda) fall back to a hash of the class names,
+    with a warning that changed settings then go unnoticed.
+
+    Args:
+        transforms: the transforms to hash.
+
+    Returns:
+        A hex digest as bytes (what MONAI expects from a hash function).
+    """
+    try:
+        return pickle_hashing(list(transforms))
+    except Exception as err:  # noqa: BLE001 - any pickling failure: lambdas, local classes, open handles
+        names = ",".join(type(t).__qualname__ for t in transforms)
+        logger.warning(
+            f"PersistentDataset cache: the transforms cannot be pickled ({type(err).__name__}: {err}); the cache key "
+            f"uses their class names only ({names}), so clear cache_dir after changing their settings."
+        )
+        return pickle_hashing(names)
 
 
 def data_preset_names() -> list[str]:
