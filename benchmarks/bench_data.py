@@ -1,4 +1,4 @@
-"""Can the CT data pipeline keep an H100 busy? Per-worker crop rates of three data paths at full size.
+"""Can the CT data pipeline keep an H100 busy? Per-worker crop rates of four data paths at full size.
 
 Data: CT-sized synthetic volumes (default 4 of 512 x 512 x 300 at 0.8 x 0.8 x 1.25 mm; phantoms of
 :func:`monai_mae.data.synthetic.make_phantom` stored as scanners export them: int16 with
@@ -17,7 +17,15 @@ DataLoader worker process) and its peak memory:
 (c) ``preprocessed``: :class:`~monai_mae.data.preprocess.PreprocessedCropDataset` (memory-mapped
     crops of float16 ``.npy``) over a folder made by :func:`~monai_mae.data.preprocess.preprocess_dataset`
     (1 worker, 1 thread; its time per volume and disk size are reported). Flips and intensity jitter
-    belong on the GPU there (``gpu_augment``) and are not in this path; (a) and (b) flip on the CPU.
+    belong on the GPU there (``gpu_augment``) and are not in this path; (a) and (b) flip on the CPU;
+(d) ``storage``: the same dataset with ``storage_layout=True`` (what the bundles' ``gpu_augment`` path
+    reads): float16 crops as stored, spatial axes reversed, a plain copy of the file's rows, no
+    conversion; :func:`~monai_mae.data.preprocess.from_storage_layout` turns each batch into float32
+    (B, C, X, Y, Z) on the GPU. Its cost is timed here on this CPU (1 thread, per crop, not counted in
+    the worker's rate) and estimated for the GPU from the bytes it moves (``--gpu-bandwidth``).
+
+``--paths`` measures a subset (e.g. ``--paths preprocessed storage``: (c) and (d) side by side);
+ratios to (a) are then n/a.
 
 How: every (path, crop size, round) runs in its own child process, forked from this one after the
 imports as DataLoader workers are (``--isolation subprocess``: a fresh interpreter each, 10-30 s of
@@ -41,8 +49,8 @@ rate of an H100 at ``--mfu`` (40%) of its dense bf16 peak (``--gpu-tflops`` 989)
 per second it consumes, and the loader workers each path needs to keep up (GPU crops/s / crops/s
 per worker) against ``--workers-available`` (14, a 16-core machine).
 
-Targets (issue #13): (c) at least 20x (a) per worker at 96^3; few enough (c) workers for a 16-core
-machine to keep one H100 busy with ViT-B/16 at 96^3.
+Targets (issue #13): (c) at least 20x (a) per worker at 96^3; few enough (c) (or (d)) workers for a
+16-core machine to keep one H100 busy with ViT-B/16 at 96^3.
 
 Prints a markdown table; writes it and every raw number to ``--out-dir`` (``bench_data.md`` and
 ``bench_data.json``; ``bench_data_quick.*`` with ``--quick``).
@@ -53,6 +61,9 @@ Run::
     .venv/bin/python benchmarks/bench_data.py --quick   # small volumes, tiny networks, seconds
     # on a shared machine (8 min here at load average 3-5): 2 volumes, the 8^3 model's counted step timed
     .venv/bin/python benchmarks/bench_data.py --volumes 2 --vit-batch 2 --vit-steps 2 --big-steps 0 --min-seconds 1.5
+    # (c) and (d) only, same sizes
+    .venv/bin/python benchmarks/bench_data.py --paths preprocessed storage --volumes 2 --vit-batch 2 --vit-steps 2 \
+        --big-steps 0 --min-seconds 1.5
 """
 
 from __future__ import annotations
@@ -83,7 +94,12 @@ from monai.data import DataLoader
 
 from monai_mae import MaskedReconstructionLoss, mae_vit
 from monai_mae.data import get_dataset, get_pretrain_transforms, load_data_preset, load_datalist
-from monai_mae.data.preprocess import FOREGROUND_MARGIN, PreprocessedCropDataset, preprocess_dataset
+from monai_mae.data.preprocess import (
+    FOREGROUND_MARGIN,
+    PreprocessedCropDataset,
+    from_storage_layout,
+    preprocess_dataset,
+)
 from monai_mae.data.synthetic import make_phantom
 from monai_mae.engines import build_optimizer
 from monai_mae.utils import atomic_write
@@ -113,7 +129,9 @@ PATHS: tuple[tuple[str, str], ...] = (
     ("nifti", "(a) NIfTI + transforms, no cache"),
     ("persistent", "(b) PersistentDataset, steady state"),
     ("preprocessed", "(c) preprocessed .npy, mmap crops"),
+    ("storage", "(d) preprocessed .npy, storage layout"),
 )
+_PREPROCESSED = ("preprocessed", "storage")  # the paths that read the preprocessed folder
 _RESULT_MARK = "BENCH_DATA_RESULT "
 _VOLUME_FORMAT = 1  # bump when write_ct_volumes changes what it writes
 
@@ -304,12 +322,13 @@ def measure_loader(spec: dict[str, Any]) -> dict[str, Any]:
 
     ``spec``: ``path`` (a :data:`PATHS` key), ``roi``, ``num_samples``, ``data_dir``, ``items``
     (datalist indices, path ``nifti``), ``cache_dir`` (``persistent``), ``pre_dir``
-    (``preprocessed``), ``min_seconds``, ``threads``, ``seed``.
+    (``preprocessed``, ``storage``), ``min_seconds``, ``threads``, ``seed``.
 
     Returns:
         ``{"batches": [[wall s, CPU s, crops], ...], "rss_base_mib", "peak_mib", "peak_growth_mib", "threads",
         "first_pass": [...]}`` (empty unless this run filled the persistent cache; then also
-        ``"first_pass_memory"``), memory as :func:`_with_peak` reports it.
+        ``"first_pass_memory"``), memory as :func:`_with_peak` reports it; path ``storage`` also
+        ``"convert": [[wall s, CPU s, crops], ...]``, :func:`from_storage_layout` of its batches on this CPU.
     """
     threads_before = torch.get_num_threads()
     torch.set_num_threads(int(spec["threads"]))
@@ -325,10 +344,11 @@ def _measure_loader(spec: dict[str, Any]) -> dict[str, Any]:
     transform = get_pretrain_transforms(**preset)
     items = load_datalist(data_dir, "training")
     generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-    if path == "preprocessed":
+    if path in _PREPROCESSED:
         dataset = PreprocessedCropDataset(
-            spec["pre_dir"], "training", roi_size=roi, num_samples=preset["num_samples"], preset=preset
-        )
+            spec["pre_dir"], "training", roi_size=roi, num_samples=preset["num_samples"], preset=preset,
+            storage_layout=path == "storage",
+        )  # fmt: skip
     else:
         transform({"image": str(data_dir / "warmup.nii.gz")})  # untimed warm-up of the chain (lazy imports, kernels)
         if path == "nifti":
@@ -341,7 +361,7 @@ def _measure_loader(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"first_pass": [], "threads": torch.get_num_threads()}
     if path == "persistent" and not any(Path(spec["cache_dir"]).glob("*.pt")):
         out["first_pass"], out["first_pass_memory"] = _with_peak(lambda: _timed_pass(loader))  # fills the cache
-    elif path == "preprocessed":
+    elif path in _PREPROCESSED:
         _timed_pass(loader)  # untimed warm-up pass (maps, page cache)
 
     def timed() -> list[tuple[float, float, int]]:
@@ -353,7 +373,23 @@ def _measure_loader(spec: dict[str, Any]) -> dict[str, Any]:
         return batches
 
     out["batches"], memory = _with_peak(timed)
+    if path == "storage":
+        out["convert"] = _timed_conversion(loader, float(spec["min_seconds"]) / 3)
     return {**out, **memory}
+
+
+def _timed_conversion(loader: DataLoader, min_seconds: float) -> list[tuple[float, float, int]]:
+    """:func:`from_storage_layout` of one pass's image batches on this CPU, repeated for ``min_seconds`` CPU-s:
+    ``(wall s, CPU s, crops)`` per batch (the work the GPU does after the copy, here on one core)."""
+    images = [batch["image"] for batch in loader]
+    from_storage_layout(images[0])  # untimed warm-up
+    out: list[tuple[float, float, int]] = []
+    while not out or sum(b[1] for b in out) < min_seconds:
+        for image in images:
+            wall, cpu = time.perf_counter(), time.process_time()
+            from_storage_layout(image)
+            out.append((time.perf_counter() - wall, time.process_time() - cpu, int(image.shape[0])))
+    return out
 
 
 def _with_peak(fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
@@ -490,12 +526,18 @@ def _rate(batches: Sequence[Sequence[float]], clock: str = "cpu") -> float:
 
 
 def summarise(
-    raw: dict[str, Any], settings: Settings, gpu_tflops: float, mfu: float, workers_available: int
+    raw: dict[str, Any],
+    settings: Settings,
+    gpu_tflops: float,
+    mfu: float,
+    workers_available: int,
+    gpu_bandwidth: float = 3.35e12,
 ) -> dict[str, Any]:
     """Rates, ratios, GPU demand and workers needed from the raw measurements of :func:`main`.
 
-    ``raw["loader"][path][str(roi)]`` is the list of per-round :func:`measure_loader` results,
-    ``raw["training"][i]`` the :func:`measure_training` result of ``settings.models[i]``.
+    ``raw["loader"][path][str(roi)]`` is the list of per-round :func:`measure_loader` results for
+    the measured paths, ``raw["training"][i]`` the :func:`measure_training` result of
+    ``settings.models[i]``; ``gpu_bandwidth`` (bytes/s) prices (d)'s conversion on the GPU.
     """
     effective = gpu_tflops * 1e12 * mfu
     models = []
@@ -512,8 +554,9 @@ def summarise(
             "gpu_steps_per_s": gpu_steps, "gpu_crops_per_s": gpu_steps * spec.batch,
         })  # fmt: skip
     rows = []
+    paths = [(path, label) for path, label in PATHS if path in raw["loader"]]
     for roi, model in zip(settings.rois, models):
-        for path, label in PATHS:
+        for path, label in paths:
             rounds = raw["loader"][path][str(roi)]
             rate = _rate([b for r in rounds for b in r["batches"]])
             row = {
@@ -539,8 +582,15 @@ def summarise(
                         r["first_pass_memory"]["peak_growth_mib"] for r in rounds if r["first_pass"]
                     ),
                 }
+            convert = [b for r in rounds for b in r.get("convert", [])]
+            if convert:
+                moved = roi**3 * (2 + 4)  # bytes per crop: float16 read, float32 written
+                row["convert"] = {
+                    "cpu_ms_per_crop": 1e3 * sum(b[1] for b in convert) / sum(b[2] for b in convert),
+                    "mb_per_crop": moved / 1e6, "gpu_us_per_crop": 1e6 * moved / gpu_bandwidth,
+                }  # fmt: skip
             rows.append(row)
-        base = next(r for r in rows if r["roi"] == roi and r["path"] == "nifti")["crops_per_s"]
+        base = next((r["crops_per_s"] for r in rows if r["roi"] == roi and r["path"] == "nifti"), math.nan)
         for row in rows:
             if row["roi"] == roi:
                 row["x_vs_a"] = row["crops_per_s"] / base
@@ -562,22 +612,26 @@ def summarise(
         preprocessing["persistent_cache_mb_per_volume"] = per_volume / 1e6
     first_roi = settings.rois[0]
     by = {(r["path"], r["roi"]): r for r in rows}
-    c_first = by[("preprocessed", first_roi)]
-    targets = [
-        {
+    targets = []
+    c_first = by.get(("preprocessed", first_roi))
+    if c_first is not None and ("nifti", first_roi) in by:
+        targets.append({
             "name": f"(c) >= 20x (a) per worker at {first_roi}^3",
             "value": c_first["x_vs_a"], "met": c_first["x_vs_a"] >= 20.0,
             "text": f"{c_first['x_vs_a']:.0f}x",
-        },
-        {
-            "name": f"{workers_available} workers keep one H100 busy with {models[0]['label']} at {first_roi}^3 on (c)",
-            "value": c_first["workers_needed"], "met": c_first["workers_needed"] <= workers_available,
-            "text": f"{c_first['workers_needed']:.1f} workers needed",
-        },
-    ]  # fmt: skip
+        })  # fmt: skip
+    for path, tag in (("preprocessed", "(c)"), ("storage", "(d)")):
+        if (path, first_roi) in by:
+            needed = by[(path, first_roi)]["workers_needed"]
+            targets.append({
+                "name": f"{workers_available} workers keep one H100 busy with {models[0]['label']} at {first_roi}^3 "
+                        f"on {tag}",
+                "value": needed, "met": needed <= workers_available, "text": f"{needed:.1f} workers needed",
+            })  # fmt: skip
     return {
         "rows": rows, "models": models, "preprocessing": preprocessing, "targets": targets,
-        "gpu": {"peak_tflops": gpu_tflops, "mfu": mfu, "effective_tflops": effective / 1e12},
+        "gpu": {"peak_tflops": gpu_tflops, "mfu": mfu, "effective_tflops": effective / 1e12,
+                "bandwidth_tb_s": gpu_bandwidth / 1e12},
         "workers_available": workers_available, "persistent_shared_cache": bool(raw.get("persistent_shared_cache")),
     }  # fmt: skip
 
@@ -588,6 +642,10 @@ def _fmt(value: float, digits: int = 2) -> str:
     if abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.{digits}f}" if abs(value) >= 1 else f"{value:.{digits + 1}g}"
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}x"
 
 
 def format_report(summary: dict[str, Any], env: dict[str, Any], settings: Settings) -> str:
@@ -609,7 +667,7 @@ def format_report(summary: dict[str, Any], env: dict[str, Any], settings: Settin
         rounds = ", ".join(_fmt(r) for r in row["round_rates"])
         lines.append(
             f"| {row['label']} | {row['roi']}^3 | {_fmt(row['crops_per_s'])} [{rounds}] | {_fmt(row['wall_crops_per_s'])} "
-            f"| {_fmt(row['peak_growth_mib'], 0)} | {row['x_vs_a']:.1f}x | {row['workers_needed']:.1f} ({row['model']}) |"
+            f"| {_fmt(row['peak_growth_mib'], 0)} | {_ratio(row['x_vs_a'])} | {row['workers_needed']:.1f} ({row['model']}) |"
         )
     lines += [
         "",
@@ -652,16 +710,34 @@ def format_report(summary: dict[str, Any], env: dict[str, Any], settings: Settin
             )
     if "persistent_cache_mb_per_volume" in p:
         lines.append(f"- (b) cache on disk: {p['persistent_cache_mb_per_volume']:.1f} MB per volume (float32 .pt)")
+    rates = {(r["path"], r["roi"]): r["crops_per_s"] for r in summary["rows"]}
+    for row in summary["rows"]:
+        if ("preprocessed", row["roi"]) in rates and row["path"] == "storage":
+            lines.append(
+                f"- (d) / (c) per worker at {row['roi']}^3: {row['crops_per_s'] / rates[('preprocessed', row['roi'])]:.2f}x "
+                "(the same crops; float16 rows copied as stored instead of converted to float32 and transposed)"
+            )
+        if "convert" in row:
+            cv = row["convert"]
+            lines.append(
+                f"- (d) from_storage_layout at {row['roi']}^3 (float16 (B, C, Z, Y, X) -> float32 (B, C, X, Y, Z), after "
+                f"the copy, not in the worker's rate): {_fmt(cv['cpu_ms_per_crop'])} CPU-ms per crop on this CPU at 1 "
+                f"thread; on the GPU it moves {cv['mb_per_crop']:.1f} MB per crop: ~{_fmt(cv['gpu_us_per_crop'])} us at "
+                f"{gpu['bandwidth_tb_s']:.2f} TB/s"
+            )
     lines.append("")
     for target in summary["targets"]:
         lines.append(f"- target: {target['name']}: {target['text']}: **{'met' if target['met'] else 'not met'}**")
     for roi, m in zip(settings.rois, summary["models"]):
         by = {r["path"]: r for r in summary["rows"] if r["roi"] == roi}
-        supply = {k: workers * by[k]["crops_per_s"] for k, _ in PATHS}
+        supply = {k: workers * by[k]["crops_per_s"] for k, _ in PATHS if k in by}
+        verdicts = [
+            f"{'enough' if supply[k] >= m['gpu_crops_per_s'] else 'not enough'} with {tag}"
+            for k, tag in (("preprocessed", "(c)"), ("storage", "(d)")) if k in supply
+        ]  # fmt: skip
         lines.append(
             f"- {workers} workers at {roi}^3 supply {', '.join(f'{k} {_fmt(v)}' for k, v in supply.items())} crops/s "
-            f"against {m['gpu_crops_per_s']:.0f} for {m['label']} on one H100 (16-core machine: "
-            f"{'enough' if supply['preprocessed'] >= m['gpu_crops_per_s'] else 'not enough'} with (c))"
+            f"against {m['gpu_crops_per_s']:.0f} for {m['label']} on one H100 (16-core machine: {', '.join(verdicts)})"
         )
     return "\n".join(lines) + "\n"
 
@@ -670,6 +746,10 @@ def format_report(summary: dict[str, Any], env: dict[str, Any], settings: Settin
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small volumes, tiny networks (seconds)")
+    parser.add_argument(
+        "--paths", nargs="+", choices=[k for k, _ in PATHS], default=None,
+        help="data paths to measure (default all: nifti persistent preprocessed storage)",
+    )  # fmt: skip
     parser.add_argument("--volumes", type=int, default=None, help="number of volumes (default 4; 2 with --quick)")
     parser.add_argument(
         "--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="volume shape (default 512 512 300)"
@@ -686,6 +766,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gpu-tflops", type=float, default=989.0, help="H100 SXM dense bf16 peak (TFLOP/s)")
     parser.add_argument("--mfu", type=float, default=0.40, help="fraction of the peak the GPU reaches")
+    parser.add_argument(
+        "--gpu-bandwidth", type=float, default=3.35, help="H100 SXM memory bandwidth (TB/s), prices (d)'s conversion"
+    )
     parser.add_argument("--workers-available", type=int, default=14, help="loader workers of the GPU machine (16 cores)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the training steps (default 1: CPU-seconds = one core's time)"
@@ -776,8 +859,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     smallest = min(min(shape[1:]) for shape in raw["preprocess"]["shapes"]) - 2 * FOREGROUND_MARGIN
     shared_cache = smallest >= max(settings.rois)
     raw["persistent_shared_cache"] = shared_cache
-    raw["loader"] = {path: {str(roi): [] for roi in settings.rois} for path, _ in PATHS}
-    order = [path for path, _ in PATHS]
+    order = [path for path, _ in PATHS if args.paths is None or path in args.paths]
+    raw["loader"] = {path: {str(roi): [] for roi in settings.rois} for path in order}
     for rnd in range(settings.rounds):
         for roi in settings.rois:
             for path in order if rnd % 2 == 0 else order[::-1]:
@@ -795,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 rates = f"{_rate(result['batches']):.3g} crops/CPU-s, {_rate(result['batches'], 'wall'):.3g} crops/s"
                 print(f"# round {rnd + 1} {path} {roi}^3: {rates}, load {result['load'][0]}", flush=True)
                 save_partial()
-    raw["persistent_cache_bytes"] = sum(p.stat().st_size for p in run_dir.rglob("*.pt"))
+    raw["persistent_cache_bytes"] = sum(p.stat().st_size for p in run_dir.rglob("*.pt")) if run_dir.is_dir() else 0
     shutil.rmtree(run_dir, ignore_errors=True)
     raw["load"]["before_training"] = load_average()
     raw["training"] = []
@@ -811,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             save_partial()
     finally:
         torch.set_num_threads(threads)
-    summary = summarise(raw, settings, args.gpu_tflops, args.mfu, args.workers_available)
+    summary = summarise(raw, settings, args.gpu_tflops, args.mfu, args.workers_available, args.gpu_bandwidth * 1e12)
     env = {
         "command": " ".join(["python benchmarks/bench_data.py", *(argv if argv is not None else sys.argv[1:])]),
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "monai": monai.__version__,

@@ -44,10 +44,14 @@ def _check(summary: dict, out_dir, printed: str) -> None:
         assert model["gpu_crops_per_s"] == pytest.approx(expected)
     pre = summary["preprocessing"]
     assert pre["seconds_per_volume"] > 0 and 0 < pre["mb_per_volume"] < pre["raw_int16_mb_per_volume"]
+    # (c) >= 20x (a), then the workers needed on (c) and on (d)
     assert [t["met"] for t in summary["targets"]] == [
-        summary["targets"][0]["value"] >= 20, summary["targets"][1]["value"] <= 14
+        summary["targets"][0]["value"] >= 20, summary["targets"][1]["value"] <= 14, summary["targets"][2]["value"] <= 14
     ]  # fmt: skip
-    assert printed.count("- target:") == 2
+    assert printed.count("- target:") == 3 and "on (d): " in printed
+    converted = [row for row in rows if "convert" in row]  # (d) times from_storage_layout of its batches
+    assert [row["path"] for row in converted] == ["storage"] * len(rois)
+    assert all(row["convert"]["cpu_ms_per_crop"] > 0 and row["convert"]["gpu_us_per_crop"] > 0 for row in converted)
     saved = json.loads((out_dir / "bench_data_quick.json").read_text())
     saved_rates = [row["crops_per_s"] for row in saved["summary"]["rows"]]
     assert saved_rates == pytest.approx([row["crops_per_s"] for row in rows])
@@ -60,6 +64,20 @@ def test_quick_run_in_process(tmp_path, capsys):
         ["--quick", "--isolation", "none", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
     )
     _check(summary, tmp_path / "out", capsys.readouterr().out)
+
+
+def test_paths_selects_a_subset_and_ratios_to_a_are_na(tmp_path, capsys):
+    summary = bench_data.main([
+        "--quick", "--isolation", "none", "--paths", "preprocessed", "storage", "--rounds", "1", "--volumes", "1",
+        "--min-seconds", "0.01",
+        "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    rois = bench_data.QUICK.rois
+    assert [(r["path"], r["roi"]) for r in summary["rows"]] == [(p, r) for r in rois for p in ("preprocessed", "storage")]
+    assert all(math.isnan(r["x_vs_a"]) for r in summary["rows"]) and "| n/a |" in printed
+    assert [t["name"].rsplit(" ", 1)[-1] for t in summary["targets"]] == ["(c)", "(d)"]
+    assert printed.count("(d) / (c) per worker") == len(rois)
 
 
 @pytest.mark.slow
