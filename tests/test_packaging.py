@@ -31,6 +31,9 @@ def test_wheel_carries_every_module_and_the_data_presets(tmp_path):
     expected = {p.relative_to(src).as_posix() for p in (src / "monai_mae").rglob("*") if p.suffix in (".py", ".json")}
     assert {"monai_mae/data/presets/ct.json", "monai_mae/data/presets/mri.json"} <= expected
     assert sorted(expected - names) == []
+    from monai_mae.version import __version__
+
+    assert wheel.name.startswith(f"monai_mae-{__version__}-")  # the version has one source, monai_mae/version.py
 
 
 def test_ci_runs_the_suite_then_the_wheel_smoke_test():
