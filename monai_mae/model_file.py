@@ -138,11 +138,14 @@ def save_model(
     return atomic_write(path, lambda f: torch.save(content, f))
 
 
-def read_model(source: str | os.PathLike | Mapping[str, Any]) -> ModelFile:
+def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False) -> ModelFile:
     """Read a model file written by :func:`save_model`, or any state dict (then it describes nothing).
 
     Args:
         source: a path (``torch.load(map_location="cpu", weights_only=True)``) or an already loaded mapping.
+        mmap: map the file's tensors instead of reading them (``torch.load(mmap=True)``): for callers
+            that only need the description, so that a large checkpoint is not read in full. Files in
+            torch's legacy (non-zip) format cannot be mapped and are read as usual. Defaults to False.
 
     Raises:
         FileNotFoundError: for a missing path.
@@ -156,7 +159,12 @@ def read_model(source: str | os.PathLike | Mapping[str, Any]) -> ModelFile:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {name}.")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap) if mmap else None
+            except RuntimeError:  # legacy format: no mmap
+                obj = None
+            if obj is None:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle / zip errors come in many types
             raise ValueError(f"could not load the model file {name} with torch.load(weights_only=True): {err}.") from err
     if not isinstance(obj, Mapping):
@@ -263,7 +271,7 @@ def encoder_settings(
     recorded: dict[str, Any] = {}
     source = "the settings"
     if pretrained_ckpt is not None and os.fspath(pretrained_ckpt).strip():
-        model = read_model(pretrained_ckpt)
+        model = read_model(pretrained_ckpt, mmap=True)
         source = model.source
         if model.describes:
             recorded = {k: model.network[k] for k in ENCODER_KEYS if k in model.network}
@@ -294,7 +302,7 @@ def data_preset_for(
     given = {k: v for k, v in {"modality": modality, **given}.items() if v is not None}
     recorded = None
     if isinstance(ckpt, ModelFile) or (ckpt is not None and os.fspath(ckpt).strip() and Path(ckpt).is_file()):
-        model = ckpt if isinstance(ckpt, ModelFile) else read_model(ckpt)
+        model = ckpt if isinstance(ckpt, ModelFile) else read_model(ckpt, mmap=True)
         recorded = model.data_preset
         if recorded:
             _conflicts(given, recorded, PREPROCESSING_KEYS, "data settings", model.source)

@@ -43,6 +43,16 @@ def test_round_trip_of_weights_and_description(mae_file):
         assert torch.equal(rebuilt(x, generator=generator())[0], mae.eval()(x, generator=generator())[0])
 
 
+def test_mapped_read_for_descriptions_matches_and_legacy_files_still_read(mae_file, tmp_path):
+    path, mae = mae_file
+    mapped, full = read_model(path, mmap=True), read_model(path)
+    assert (mapped.network, mapped.data_preset, mapped.run) == (full.network, full.data_preset, full.run)
+    assert all(torch.equal(mapped.state_dict[k], v) for k, v in full.state_dict.items())
+    torch.save(torch.load(path, weights_only=True), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    legacy = read_model(tmp_path / "legacy.pt", mmap=True)  # torch cannot map the old format: read as usual
+    assert legacy.network == full.network and torch.equal(legacy.state_dict["norm.weight"], mae.state_dict()["norm.weight"])
+
+
 def test_plain_state_dicts_still_load_but_describe_nothing(tmp_path):
     torch.save(_rope_mae().state_dict(), tmp_path / "plain.pt")
     model = read_model(tmp_path / "plain.pt")
