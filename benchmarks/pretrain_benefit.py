@@ -154,6 +154,8 @@ class BenefitConfig:
         finetune_lr, layer_decay, encoder_lr_scale, warmup_fraction, freeze_encoder_epochs: fine-tuning
             optimizer (``layer_decay`` and ``encoder_lr_scale``, the encoder's lr relative to the
             decoder's, apply to the pretrained arm only; scratch uses 1.0 for both).
+        drop_path_rate: ViTSeg's stochastic depth while fine-tuning a pretrained encoder (pretrained
+            arm only; scratch uses 0).
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -196,6 +198,7 @@ class BenefitConfig:
     residual_scale: float | str = "auto"
     warmup_fraction: float = 0.1
     freeze_encoder_epochs: int = 0
+    drop_path_rate: float = 0.0
     labeled_sizes: tuple[int, ...] = (2, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
     sw_batch_size: int = 2
@@ -208,6 +211,8 @@ class BenefitConfig:
             raise ValueError(f"UNETR fixes patch {UNETR_PATCH} and 12 layers, got patch {self.patch}, {self.num_layers} layers.")
         if self.roi % self.patch:
             raise ValueError(f"roi must be a multiple of the patch size {self.patch}, got {self.roi}.")
+        if not 0 <= self.drop_path_rate < 1 or (self.drop_path_rate and self.architecture != "vitseg"):
+            raise ValueError(f"drop_path_rate must be in [0, 1) and needs architecture 'vitseg', got {self.drop_path_rate}.")
         if not 0 < self.encoder_lr_scale <= 1:
             raise ValueError(f"encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}.")
         if max(self.labeled_sizes) > self.num_labeled_pool:
@@ -369,13 +374,18 @@ def pretrain_mae(
     return path, {**info, "reused": False}
 
 
-def build_network(cfg: BenefitConfig) -> torch.nn.Module:
-    """The segmentation network of ``cfg.architecture``, freshly initialised (encoder as the MAE's)."""
+def build_network(cfg: BenefitConfig, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    """The segmentation network of ``cfg.architecture``, freshly initialised (encoder as the MAE's).
+
+    ``drop_path_rate`` is ViTSeg's stochastic depth (UNETR has none; it must then be 0).
+    """
     if cfg.architecture == "vitseg":
         return ViTSeg(
             1, cfg.num_organs + 1, cfg.roi, patch_size=cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
-            num_layers=cfg.num_layers, num_heads=cfg.num_heads, qkv_bias=True,
+            num_layers=cfg.num_layers, num_heads=cfg.num_heads, qkv_bias=True, drop_path_rate=drop_path_rate,
         )  # fmt: skip
+    if drop_path_rate:
+        raise ValueError(f"drop_path_rate={drop_path_rate} needs architecture 'vitseg'; UNETR has no stochastic depth.")
     return UNETR(
         1, cfg.num_organs + 1, (cfg.roi,) * 3, feature_size=cfg.feature_size, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
         num_heads=cfg.num_heads, qkv_bias=True,
@@ -387,7 +397,7 @@ def finetune(
 ) -> tuple[torch.nn.Module, dict]:
     """Fine-tune ``cfg.architecture`` on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from ``ckpt`` or scratch."""
     set_determinism(seed=seed)
-    net = build_network(cfg)
+    net = build_network(cfg, drop_path_rate=cfg.drop_path_rate if ckpt is not None else 0.0)
     load_pretrained(net, ckpt if ckpt is not None else "", residual_scale=cfg.residual_scale)
     net = net.to(device)
     dataset = get_dataset(train_items, _train_transforms(cfg, cfg.finetune_samples, with_label=True), cache="cache")
@@ -655,7 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "finetune_samples", "freeze_encoder_epochs", "sw_batch_size")  # fmt: skip
     for name in ints:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "encoder_lr_scale", "masking_ratio"):
+    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "encoder_lr_scale", "masking_ratio", "drop_path_rate"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
@@ -676,7 +686,7 @@ def _residual_scale(text: str) -> float | str:
 
 
 # settings that only the pretrained arm depends on: the MAE, and how it is transferred and fine-tuned
-_PRETRAINED_ONLY = (*_MAE_ONLY, "layer_decay", "encoder_lr_scale", "residual_scale", "freeze_encoder_epochs")
+_PRETRAINED_ONLY = (*_MAE_ONLY, "layer_decay", "encoder_lr_scale", "residual_scale", "freeze_encoder_epochs", "drop_path_rate")
 
 
 def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "pretrained") -> str:
@@ -687,6 +697,8 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
     """
     drop = ("labeled_sizes", "seeds", *(_PRETRAINED_ONLY if arm == "scratch" else ()))
     settings = {k: v for k, v in asdict(cfg).items() if k not in drop}
+    if not settings.get("drop_path_rate", 1):
+        del settings["drop_path_rate"]  # added later: off keeps the keys of runs made before it existed
     text = json.dumps({**settings, "device": device.type, "amp": amp, "arm": arm}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 

@@ -141,6 +141,16 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
             pb.parse_args(["--residual-scale", bad])
     with pytest.raises(ValueError, match="residual_scale must be 'auto' or a positive number, got 'half'"):
         dataclasses.replace(base, residual_scale="half").check()
+    # --drop-path-rate: ViTSeg's stochastic depth for the pretrained arm; off keeps the keys of older runs
+    dropped = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--finetune-steps", "50", "--drop-path-rate", "0.1"]))
+    assert dropped.drop_path_rate == 0.1
+    cpu = pb.torch.device("cpu")
+    assert pb._runs_key(dropped, cpu, False) != pb._runs_key(vitseg, cpu, False)
+    assert pb._runs_key(dropped, cpu, False, "scratch") == pb._runs_key(vitseg, cpu, False, "scratch")
+    blocks = pb.build_network(dropped, drop_path_rate=0.1).blocks  # linear from 0 over the blocks
+    assert isinstance(blocks[0].drop_path, pb.torch.nn.Identity) and blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="drop_path_rate must be in \\[0, 1\\) and needs architecture 'vitseg', got 0.1"):
+        dataclasses.replace(base, drop_path_rate=0.1).check()
 
 
 def test_step_times_of_both_architectures_at_the_preset_sizes():
