@@ -7,8 +7,9 @@ device after the non-blocking copy (:class:`GPUAugmentPrepareBatch` around the t
 ``prepare_batch``, calling :func:`~monai_mae.data.gpu_augment`), so MONAI's ``SupervisedTrainer``
 stays unchanged. On the device path the workers can hand over crops in their storage layout
 (float16, spatial axes reversed: ``PreprocessedCropDataset(storage_layout=True)``), which the hook
-turns into MONAI's float32 layout on the device (``storage_layout=True``) before augmenting. Both draw, per sample, a flip along each spatial axis with ``flip_prob`` (the label
-flipped with its image), then ``image * (1 + s) + o`` with ``s ~ U(-intensity_scale, intensity_scale)``
+turns into MONAI's float32 layout on the device (``storage_layout=True``) before augmenting. Both
+draw, per sample, a flip along each spatial axis with ``flip_prob`` (the label flipped with its
+image), then ``image * (1 + s) + o`` with ``s ~ U(-intensity_scale, intensity_scale)``
 and ``o ~ U(-intensity_shift, intensity_shift)``.
 """
 
