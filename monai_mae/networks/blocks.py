@@ -24,12 +24,14 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "MLP_TYPES",
+    "Rope",
     "AxialRoPE",
     "apply_rope",
     "apply_rope_qkv",
     "grid_coordinates",
     "RoPEAttention",
     "SwiGLU",
+    "GeluMLP",
     "LayerScale",
     "EncoderBlock",
     "build_blocks",

@@ -15,8 +15,9 @@ from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep, look_up_option
 
 from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
+from monai_mae.networks.cross_decoder import build_cross_blocks, run_cross_blocks
 from monai_mae.networks.display import reconstruct_image
-from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking
+from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted
 from monai_mae.networks.patching import check_image_input, patch_grid, patch_pattern, patchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 
@@ -25,6 +26,7 @@ __all__ = ["MAEViT", "MAEReconstructor", "VisiblePatchEmbedding"]
 SUPPORTED_PROJ_TYPES = ("conv", "perceptron")
 SUPPORTED_POS_EMBED_TYPES = ("none", "learnable", "sincos", "fourier", "rope")
 SUPPORTED_DECODER_POS_EMBED_TYPES = ("none", "learnable", "sincos")
+SUPPORTED_DECODER_TYPES = ("self", "cross")
 
 
 def _make_pos_embed(kind: str, grid: Sequence[int], width: int) -> nn.Parameter:
@@ -205,10 +207,23 @@ class MAEViT(nn.Module):
         cls_token: keyword-only. Prepend a class token (MONAI's layout). False leaves it out, as
             Primus / nnssl do, so that the encoder computes exactly what
             :class:`~monai_mae.networks.vitseg.ViTSeg` computes with the same weights. Defaults to True.
+        decoder_type: keyword-only. ``"self"`` (default): the MAE decoder, self-attention over all ``N``
+            tokens (visible tokens and mask tokens). ``"cross"``: opt-in CrossMAE-style decoder for long
+            sequences (Fu et al., 2024, arXiv 2401.14391; :mod:`monai_mae.networks.cross_decoder`): mask
+            tokens plus position (the decoder's table, and RoPE when ``pos_embed_type="rope"``) for the
+            patches to reconstruct cross-attend to the visible tokens, with no self-attention among
+            them, so attention costs ``O(N_pred * N_visible)`` instead of ``O(N^2)``. Same parameter
+            names outside ``decoder_blocks``; not yet measured downstream.
+        decoder_predict_ratio: keyword-only. With ``decoder_type="cross"``, the fraction of the masked
+            patches reconstructed per sample in training, in (0, 1] (``round(ratio * n_masked)``, at
+            least 1, drawn at random, the same count in every sample); the returned mask is 1 only at
+            those. In eval mode every masked patch is reconstructed. Defaults to 1.
 
     With the defaults the blocks are MONAI's ``TransformerBlock`` (MONAI's state dicts and outputs);
     any of ``"rope"``, ``mlp_type``, ``layer_scale_init`` or ``drop_path_rate`` switches to
     :class:`~monai_mae.networks.blocks.EncoderBlock` (same parameter names, plus ``ls1`` / ``ls2``).
+    With ``decoder_type="cross"`` the decoder blocks are
+    :class:`~monai_mae.networks.cross_decoder.CrossDecoderBlock` (they keep no attention matrix).
 
     Raises:
         ValueError: for any inconsistent argument (the message names it).
@@ -229,6 +244,11 @@ class MAEViT(nn.Module):
         >>> net = MAEViT(1, 32, 8, **tiny, pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1)
         >>> net(torch.randn(1, 1, 32, 32, 32))[0].shape
         torch.Size([1, 64, 512])
+        >>> # opt-in cross-attention decoder: a quarter of the 48 masked patches reconstructed (training)
+        >>> net = MAEViT(1, 32, 8, **tiny, decoder_type="cross", decoder_predict_ratio=0.25)
+        >>> pred, mask = net(torch.randn(1, 1, 32, 32, 32))
+        >>> pred.shape, mask.sum().item()
+        (torch.Size([1, 64, 512]), 12.0)
         >>> # 2D, 3 channels, half the patches masked
         >>> pred, mask = MAEViT(3, (32, 32), 16, spatial_dims=2, masking_ratio=0.5, **tiny)(torch.randn(1, 3, 32, 32))
         >>> pred.shape, mask.sum().item()
@@ -269,6 +289,8 @@ class MAEViT(nn.Module):
         drop_path_rate: float = 0.0,
         rope_theta: float = 100.0,
         cls_token: bool = True,
+        decoder_type: str = "self",
+        decoder_predict_ratio: float = 1.0,
     ) -> None:
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -296,6 +318,17 @@ class MAEViT(nn.Module):
                     f"(axis {axis}: {size} vs {patch})."
                 )
         self.decoder_pos_embed_type = look_up_option(decoder_pos_embed_type, SUPPORTED_DECODER_POS_EMBED_TYPES)
+        if decoder_type not in SUPPORTED_DECODER_TYPES:
+            raise ValueError(f"decoder_type must be one of {SUPPORTED_DECODER_TYPES}, got {decoder_type!r}.")
+        if isinstance(decoder_predict_ratio, bool) or not isinstance(decoder_predict_ratio, (int, float)):
+            raise ValueError(f"decoder_predict_ratio must be a number in (0, 1], got {decoder_predict_ratio!r}.")
+        if not 0.0 < decoder_predict_ratio <= 1.0:
+            raise ValueError(f"decoder_predict_ratio must be in (0, 1], got {decoder_predict_ratio}.")
+        if decoder_predict_ratio < 1.0 and decoder_type != "cross":
+            raise ValueError(
+                f"decoder_predict_ratio={decoder_predict_ratio} needs decoder_type='cross' (the self-attention "
+                "decoder reconstructs every patch)."
+            )
         if use_flash_attention and save_attn:
             raise ValueError("use_flash_attention=True cannot be combined with save_attn=True.")
         if use_flash_attention and dropout_rate > 0:
@@ -312,6 +345,8 @@ class MAEViT(nn.Module):
         self.hidden_size = hidden_size
         self.decoder_hidden_size = decoder_hidden_size
         self.activation_checkpointing = activation_checkpointing
+        self.decoder_type = decoder_type
+        self.decoder_predict_ratio = float(decoder_predict_ratio)
 
         # encoder: names as in MONAI's ViT
         self.patch_embedding = VisiblePatchEmbedding(
@@ -335,9 +370,11 @@ class MAEViT(nn.Module):
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.mask_tokens = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
         self.decoder_pos_embedding = _make_pos_embed(self.decoder_pos_embed_type, self.grid_size, decoder_hidden_size)
-        self.decoder_blocks = build_blocks(
-            decoder_num_layers, decoder_hidden_size, decoder_mlp_dim, decoder_num_heads, dropout_rate, qkv_bias, **options
-        )
+        sizes = (decoder_num_layers, decoder_hidden_size, decoder_mlp_dim, decoder_num_heads, dropout_rate, qkv_bias)
+        if decoder_type == "cross":
+            self.decoder_blocks = build_cross_blocks(*sizes, mlp_type=mlp_type, layer_scale_init=layer_scale_init)
+        else:
+            self.decoder_blocks = build_blocks(*sizes, **options)
         self.rope = AxialRoPE(hidden_size // num_heads, spatial_dims, rope_theta) if self.use_rope else None
         self.decoder_rope = (
             AxialRoPE(decoder_hidden_size // decoder_num_heads, spatial_dims, rope_theta) if self.use_rope else None
@@ -387,11 +424,19 @@ class MAEViT(nn.Module):
             return mask_from_keep(patches, mask.to(patches.device) < 0.5)
         return random_masking(patches, masking_ratio, weights=weights, generator=generator)
 
-    def _rope(self, rope: AxialRoPE | None, grid: tuple[int, ...], indices: torch.Tensor | None, device: torch.device):
-        """Rotary ``(cos, sin)`` for a class token plus the tokens at ``indices`` (all when None), or None."""
+    def _rope(
+        self,
+        rope: AxialRoPE | None,
+        grid: tuple[int, ...],
+        indices: torch.Tensor | None,
+        device: torch.device,
+        prefix: bool = True,
+    ):
+        """Rotary ``(cos, sin)`` for a class token (when ``prefix``) and the tokens at ``indices`` (all when None)."""
         if rope is None:
             return None
-        return rope(grid_coordinates(grid, indices, device=device), prefix_tokens=self.num_prefix_tokens)
+        prefix_tokens = self.num_prefix_tokens if prefix else 0
+        return rope(grid_coordinates(grid, indices, device=device), prefix_tokens=prefix_tokens)
 
     def forward_encoder_tokens(self, masking: MaskingResult, grid: tuple[int, ...]) -> torch.Tensor:
         """Encode visible patches.
@@ -411,17 +456,26 @@ class MAEViT(nn.Module):
         x = run_blocks(self.blocks, tokens, rope, self.activation_checkpointing)  # (B, 1 + N_keep, D)
         return self.norm(x)
 
-    def forward_decoder(self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Reconstruct every patch from the encoded visible ones.
+    def forward_decoder(
+        self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...], predict: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Reconstruct the patches from the encoded visible ones.
 
         Args:
             latent: ``(B, 1 + N_keep, hidden_size)`` from the encoder.
             keep: ``(B, N)`` bool keep-mask.
             grid: the input's patch grid.
+            predict: ``decoder_type="cross"`` only: ``(B, M)`` indices of the patches to reconstruct; None
+                (default) reconstructs every masked patch. Must be None for the self-attention decoder.
 
         Returns:
-            ``(B, N, prod(P) * C)`` predicted patches in the token layout of ``patchify``.
+            ``(B, N, prod(P) * C)`` predicted patches in the token layout of ``patchify``: every patch
+            (self-attention decoder), or the ``predict`` patches with zeros elsewhere (cross decoder).
         """
+        if self.decoder_type == "cross":
+            return self._forward_cross_decoder(latent, keep, grid, predict)
+        if predict is not None:
+            raise ValueError("predict needs decoder_type='cross': the self-attention decoder reconstructs every patch.")
         x = self.decoder_embed(latent)  # (B, 1 + N_keep, Dd)
         batch, n_tokens = keep.shape
         full = self.mask_tokens.to(x.dtype).expand(batch, n_tokens, -1).clone()  # (B, N, Dd)
@@ -433,6 +487,42 @@ class MAEViT(nn.Module):
         tokens = torch.cat([x[:, :prefix], full], dim=1) if prefix else full  # (B, prefix + N, Dd)
         x = run_blocks(self.decoder_blocks, tokens, rope, self.activation_checkpointing)
         return self.decoder_pred(self.decoder_norm(x[:, prefix:]))
+
+    def _forward_cross_decoder(
+        self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...], predict: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cross decoder: queries for the ``predict`` patches ``(B, M)`` attend to the visible tokens; ``(B, N, P)``."""
+        x = self.decoder_embed(latent)  # (B, prefix + N_keep, Dd)
+        batch, n_tokens = keep.shape
+        index = torch.arange(n_tokens, device=keep.device).expand(batch, n_tokens)
+        visible = index[keep].view(batch, -1)  # (B, N_keep), grid order like the latent
+        predict = index[~keep].view(batch, -1) if predict is None else predict.to(keep.device)  # (B, M)
+        pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)[0]
+        prefix = self.num_prefix_tokens
+        memory = x[:, prefix:] + pos[visible]  # (B, N_keep, Dd)
+        memory = torch.cat([x[:, :prefix], memory], dim=1) if prefix else memory  # (B, prefix + N_keep, Dd)
+        queries = self.mask_tokens.to(x.dtype) + pos[predict]  # (B, M, Dd)
+        rope_q = self._rope(self.decoder_rope, grid, predict, x.device, prefix=False)
+        rope_kv = self._rope(self.decoder_rope, grid, visible, x.device)
+        y = run_cross_blocks(self.decoder_blocks, queries, memory, rope_q, rope_kv, self.activation_checkpointing)
+        out = self.decoder_pred(self.decoder_norm(y))  # (B, M, P)
+        where = predict[..., None].expand(-1, -1, out.shape[-1])
+        return out.new_zeros(batch, n_tokens, out.shape[-1]).scatter(1, where, out)  # (B, N, P)
+
+    def predicted_patches(
+        self, masking: MaskingResult, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The patches the decoder reconstructs and the loss covers.
+
+        Returns:
+            ``(indices, mask)``: for the self-attention decoder ``(None, masking.mask)``; for the cross decoder
+            ``(B, M)`` indices of a random ``decoder_predict_ratio`` of the masked patches in training (every
+            masked patch in eval mode) and the ``(B, N)`` mask that is 1 at those only.
+        """
+        if self.decoder_type != "cross":
+            return None, masking.mask
+        ratio = self.decoder_predict_ratio if self.training else 1.0
+        return sample_predicted(masking.mask, ratio, generator=generator)
 
     def forward_encoder(
         self, x: torch.Tensor, masking_ratio: float = 0.0, generator: torch.Generator | None = None
@@ -473,15 +563,18 @@ class MAEViT(nn.Module):
                 per sample), e.g. from :class:`~monai_mae.networks.masking.MaskGenerator`.
 
         Returns:
-            ``pred (B, N, prod(P) * C)`` and ``mask (B, N)`` with 1 = masked.
+            ``pred (B, N, prod(P) * C)`` and ``mask (B, N)`` with 1 = masked. With ``decoder_type="cross"``
+            and ``decoder_predict_ratio < 1`` in training, ``mask`` is 1 only at the masked patches that
+            were reconstructed, and ``pred`` is zero elsewhere.
         """
         grid = self.check_input(x)
         ratio = self.masking_ratio if masking_ratio is None else masking_ratio
         patches = patchify(x, self.patch_size)  # (B, N, prod(P) * C)
         masking = self.mask(patches, ratio, weights=mask_weights, generator=generator, mask=mask)
         latent = self.forward_encoder_tokens(masking, grid)  # (B, 1 + N_keep, D)
-        pred = self.forward_decoder(latent, masking.keep, grid)  # (B, N, prod(P) * C)
-        return pred, masking.mask
+        predict, target_mask = self.predicted_patches(masking, generator)  # (B, M) or None, (B, N)
+        pred = self.forward_decoder(latent, masking.keep, grid, predict)  # (B, N, prod(P) * C)
+        return pred, target_mask
 
 
 def _load_monai_layout(module: MAEViT, state_dict: dict, prefix: str, *args) -> None:

@@ -20,6 +20,8 @@ __all__ = [
     "random_masking",
     "num_visible",
     "mask_from_keep",
+    "num_predicted",
+    "sample_predicted",
     "patch_foreground_fraction",
     "content_aware_weights",
     "mae_patchify_and_mask",
@@ -141,6 +143,58 @@ def random_masking(
     chosen = torch.multinomial(weights, n_keep, replacement=False, generator=generator)  # (B, N_keep)
     keep = torch.zeros(batch, n_tokens, dtype=torch.bool, device=tokens.device).scatter_(1, chosen, True)
     return mask_from_keep(tokens, keep)
+
+
+def num_predicted(num_masked: int, ratio: float) -> int:
+    """Masked patches reconstructed per sample: ``round(ratio * num_masked)``, at least 1 (0 when none is masked)."""
+    return max(1, round(ratio * num_masked)) if num_masked else 0
+
+
+def sample_predicted(
+    mask: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose a random subset of the masked patches of each sample, the same number in every sample.
+
+    Used by the cross-attention decoder (CrossMAE), which reconstructs only some of the masked patches.
+    The subset is drawn with ``torch.multinomial`` without replacement, uniformly among the masked
+    patches, on the mask's device; ``ratio=1`` takes every masked patch without drawing (``generator``
+    is then not advanced).
+
+    Args:
+        mask: ``(B, N)``, 1 = masked; every row must mask the same number of patches.
+        ratio: fraction of the masked patches to keep, in ``(0, 1]``; ``M = num_predicted(n_masked, ratio)``.
+        generator: optional ``torch.Generator`` on the mask's device, for reproducible draws.
+
+    Returns:
+        ``indices (B, M)`` ascending, and ``predicted (B, N)`` in ``mask``'s dtype: 1 at those patches only.
+
+    Raises:
+        ValueError: for a ratio outside ``(0, 1]`` or rows masking different numbers of patches.
+
+    Examples::
+
+        >>> r = random_masking(torch.randn(2, 16, 8), 0.75)
+        >>> indices, predicted = sample_predicted(r.mask, 0.25)
+        >>> indices.shape, predicted.sum(1).tolist(), bool((predicted <= r.mask).all())
+        (torch.Size([2, 3]), [3.0, 3.0], True)
+    """
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"decoder_predict_ratio must be in (0, 1], got {ratio}.")
+    masked = mask > 0.5  # (B, N)
+    batch, n_tokens = masked.shape
+    counts = masked.sum(dim=1)
+    n_masked = int(counts[0]) if batch else 0
+    if bool((counts != n_masked).any()):
+        raise ValueError(f"every sample must mask the same number of patches, got counts {counts.tolist()}.")
+    n_pred = num_predicted(n_masked, ratio)
+    if n_pred == n_masked:
+        index = torch.arange(n_tokens, device=mask.device).expand(batch, n_tokens)
+        indices = index[masked].view(batch, n_masked)  # boolean indexing keeps the grid order
+    else:
+        chosen = torch.multinomial(masked.float(), n_pred, replacement=False, generator=generator)  # (B, M)
+        indices = chosen.sort(dim=1).values
+    predicted = torch.zeros(batch, n_tokens, dtype=mask.dtype, device=mask.device).scatter_(1, indices, 1)
+    return indices, predicted
 
 
 def patch_foreground_fraction(
