@@ -26,6 +26,10 @@ memory is reported as such. Printed as markdown:
 The long-sequence configs (4096 tokens: ``b``, ``c``) get a summary table: MAEViT / MONAI step time,
 speedup and matmul fraction in fp32 and under bf16 autocast.
 
+``--decoders`` times only MAEViT instead, once per decoder (:data:`DECODER_VARIANTS`: the self-attention
+decoder, and the opt-in cross-attention decoder reconstructing every masked patch or a random quarter of
+them), same widths and depths, steps interleaved; step time and ratio to the self-attention decoder.
+
 Examples::
 
     python benchmarks/bench_vs_monai.py --quick                  # smoke run, < 1 minute
@@ -33,6 +37,7 @@ Examples::
     python benchmarks/bench_vs_monai.py --configs b --threads 2
     python benchmarks/bench_vs_monai.py --configs c --steps 3 --warmup 1   # long sequence, block options
     python benchmarks/bench_vs_monai.py --configs b c --threads 1 --bf16 auto --no-memory
+    python benchmarks/bench_vs_monai.py --configs c --decoders --threads 1 --steps 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ __all__ = [
     "peak_memory_child",
     "flops_per_step",
     "matmul_gflops",
+    "DECODER_VARIANTS",
+    "run_decoder_variants",
     "main",
 ]
 
@@ -91,6 +98,12 @@ MODEL_LABELS = {MONAI: "MONAI MaskedAutoEncoderViT", OURS: "monai_mae MAEViT"}
 BF16_SUFFIX = "@bf16"  # key of a model's variant trained under CPU bfloat16 autocast
 LONG_SEQUENCE_CONFIGS = ("b", "c")  # 4096 tokens (their --quick miniatures: 512): the summary table
 MODEL_CLASSES: dict[str, type[nn.Module]] = {MONAI: MaskedAutoEncoderViT, OURS: MAEViT}
+#: ``--decoders``: MAEViT decoder options timed side by side (the first is the reference)
+DECODER_VARIANTS: dict[str, dict[str, Any]] = {
+    "self-attention": {},
+    "cross, predict 1.0": {"decoder_type": "cross", "decoder_predict_ratio": 1.0},
+    "cross, predict 0.25": {"decoder_type": "cross", "decoder_predict_ratio": 0.25},
+}
 PAPER_ENCODER_SPEEDUP = 3.0  # MAE paper: encoding the visible 25% only trains >= 3x faster
 MIB = 1024**2
 
@@ -678,6 +691,46 @@ def run_config(
     return result
 
 
+def run_decoder_variants(
+    config: BenchConfig, n_steps: int, warmup: int, fused_adamw: bool = False
+) -> dict[str, tuple[int, Timing]]:
+    """MAEViT of ``config`` once per decoder of :data:`DECODER_VARIANTS`, training steps interleaved.
+
+    Returns:
+        per variant, its weight count and its ``n_steps`` step times (after ``warmup`` untimed rounds).
+    """
+    images = make_input(config)
+    loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
+    models, optimizers = {}, {}
+    for label, options in DECODER_VARIANTS.items():
+        torch.manual_seed(0)
+        models[label] = MAEViT(**config.kwargs_for(OURS), **options).train()
+        optimizers[label] = make_optimizer(models[label], fused_adamw)
+
+    def stepper(label: str) -> Callable[[], float]:
+        return lambda: train_step(models[label], optimizers[label], loss_fn, images, config.masking_ratio)
+
+    timings = time_interleaved({label: stepper(label) for label in models}, n_steps, warmup)
+    return {label: (count_params(models[label]), timings[label]) for label in models}
+
+
+def format_decoder_table(config: BenchConfig, results: dict[str, tuple[int, Timing]]) -> list[str]:
+    """Markdown lines: one row per decoder variant, step time and its ratio to the first variant's."""
+    reference = next(iter(results.values()))[1].median
+    n_masked = config.num_tokens - config.num_visible
+    lines = [
+        "",
+        f"MAEViT decoders at {config.name}: {config.title} ({config.num_tokens} tokens, {n_masked} masked)",
+        "",
+        "| decoder | weights (M) | step time (s) | step / self-attention step | speedup |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, (params, timing) in results.items():
+        ratio = timing.median / reference
+        lines.append(f"| {label} | {params / 1e6:.2f} | {_fmt_times(timing.times)} | {ratio:.2f} | {1 / ratio:.2f}x |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- report
 def _verdict(value: float, target: float | None) -> str:
     if target is None:
@@ -919,6 +972,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "without timing, one autocast step of each class is still tried at the config's miniature",
     )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--decoders", action="store_true",
+        help="time only MAEViT, once per decoder (self-attention; cross-attention predicting 1.0 / 0.25 of the "
+        "masked patches), at the chosen configs; no MONAI model, FLOPs or memory",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="OUT", default=None, help="also write all measurements to this JSON file")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "MODEL"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
@@ -943,6 +1001,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     torch.manual_seed(0)
     env = environment(args, n_steps, warmup)
+    if args.decoders:
+        main_decoders(args, env, n_steps, warmup)
+        return
     matmul_rate, matmul_times = matmul_gflops()
     native_bf16, bf16_text = cpu_bf16_support()
     time_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
@@ -985,6 +1046,32 @@ def main(argv: Sequence[str] | None = None) -> None:
                 out,
                 indent=2,
             )
+
+
+def main_decoders(args: argparse.Namespace, env: dict[str, str], n_steps: int, warmup: int) -> None:
+    """``--decoders``: the MAEViT decoder variants at each chosen config, printed as markdown (and ``--json``)."""
+    lines = [
+        "## MAEViT: self-attention vs cross-attention decoder",
+        "",
+        f"- command: `{env['command']}`",
+        f"- torch {env['torch']}, CPU: {env['cpu']}, torch threads: {env['threads']}; optimiser: {env['optimizer']}",
+        f"- training steps: median [min, max] of {n_steps} timed steps after {warmup} warm-up, variants interleaved",
+        f"- load average (1 min) at start: {env['load_start']}",
+    ]
+    results = {}
+    for key in args.configs:
+        config = CONFIGS[f"{key}-quick" if args.quick else key]
+        print(f"running config {config.name} decoders ...", file=sys.stderr, flush=True)
+        results[config.name] = run_decoder_variants(config, n_steps, warmup, args.fused_adamw)
+        lines += format_decoder_table(config, results[config.name])
+    lines.append(f"\nload average (1 min) at the end: {_load_average()}")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as out:
+            summary = {name: {label: {"params": params, "step_times_s": timing.times, "step_median_s": timing.median}
+                              for label, (params, timing) in variants.items()}
+                       for name, variants in results.items()}  # fmt: skip
+            json.dump({"environment": env, "decoders": summary}, out, indent=2)
 
 
 if __name__ == "__main__":
