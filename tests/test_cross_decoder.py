@@ -199,3 +199,15 @@ def test_predict_needs_the_cross_decoder():
     latent = net.forward_encoder_tokens(masking, net.grid_size)
     with pytest.raises(ValueError, match="decoder_type='cross'"):
         net.forward_decoder(latent, masking.keep, net.grid_size, masking.masked_indices)
+
+
+@pytest.mark.parametrize("options", [{}, PRIMUS])
+def test_bf16_autocast_forward_backward(options):
+    net = _net(decoder_predict_ratio=0.5, **options)
+    images = _images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, mask = net(images)
+        loss = MaskedReconstructionLoss(8)((pred, mask), images)
+    loss.backward()
+    assert torch.isfinite(loss) and mask.sum(1).tolist() == [24.0, 24.0]
+    assert net.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
