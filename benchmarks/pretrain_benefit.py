@@ -632,9 +632,10 @@ def combine(paths: Sequence[Path], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = format_combined(reports)
     (out_dir / "pretrain_benefit_combined.md").write_text(markdown)
-    seeds = sorted({s for report in reports.values() for row in report["summary"] for s in row["seeds"]})
+    counts = {label: len({s for row in report["summary"] for s in row["seeds"]}) for label, report in reports.items()}
+    title = " vs ".join(f"{label} ({n} seed{'s' if n != 1 else ''})" for label, n in counts.items())
     draw_chart({label: report["summary"] for label, report in reports.items()}, out_dir / "pretrain_benefit_combined.png",
-               f"Dice on held-out phantoms, {' vs '.join(reports)} ({len(seeds)} seeds)")  # fmt: skip
+               f"Dice on held-out phantoms, {title}")  # fmt: skip
     print(markdown, flush=True)
     return out_dir / "pretrain_benefit_combined.md"
 
