@@ -35,6 +35,7 @@ __all__ = [
     "LayerScale",
     "EncoderBlock",
     "build_blocks",
+    "mlp_and_layer_scales",
     "run_blocks",
 ]
 
@@ -321,19 +322,26 @@ class EncoderBlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        mlp_class = {"gelu": GeluMLP, "swiglu": SwiGLU}[look_up_option(mlp_type, MLP_TYPES)]
         self.norm1 = nn.LayerNorm(hidden_size)
         self.attn = RoPEAttention(hidden_size, num_heads, qkv_bias, dropout_rate)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.mlp = mlp_class(hidden_size, mlp_dim, dropout_rate)
-        scale = (lambda: LayerScale(hidden_size, layer_scale_init)) if layer_scale_init is not None else nn.Identity
-        self.ls1, self.ls2 = scale(), scale()
+        self.mlp, self.ls1, self.ls2 = mlp_and_layer_scales(hidden_size, mlp_dim, dropout_rate, mlp_type, layer_scale_init)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         """``(B, M, D)`` -> ``(B, M, D)``; ``rope`` from :class:`AxialRoPE` for the same tokens."""
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), rope)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def mlp_and_layer_scales(
+    hidden_size: int, mlp_dim: int, dropout_rate: float, mlp_type: str, layer_scale_init: float | None
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """A block's MLP (``"gelu"``: MONAI's MLP, ``"swiglu"``) and its two LayerScales (``nn.Identity`` when
+    ``layer_scale_init`` is None): ``(mlp, ls1, ls2)``, shared by the self- and cross-attention blocks."""
+    mlp_class = {"gelu": GeluMLP, "swiglu": SwiGLU}[look_up_option(mlp_type, MLP_TYPES)]
+    scale = (lambda: LayerScale(hidden_size, layer_scale_init)) if layer_scale_init is not None else nn.Identity
+    return mlp_class(hidden_size, mlp_dim, dropout_rate), scale(), scale()
 
 
 def _check_options(mlp_type: str, layer_scale_init: float | None, drop_path_rate: float) -> None:

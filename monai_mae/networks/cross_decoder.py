@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.utils import look_up_option
 from torch.utils.checkpoint import checkpoint
 
-from monai_mae.networks.blocks import MLP_TYPES, GeluMLP, LayerScale, Rope, SwiGLU, apply_rope
+from monai_mae.networks.blocks import Rope, apply_rope, mlp_and_layer_scales
 
 __all__ = ["CrossAttention", "CrossDecoderBlock", "build_cross_blocks", "run_cross_blocks"]
 
@@ -106,14 +105,11 @@ class CrossDecoderBlock(nn.Module):
         layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
-        mlp_class = {"gelu": GeluMLP, "swiglu": SwiGLU}[look_up_option(mlp_type, MLP_TYPES)]
         self.norm1 = nn.LayerNorm(hidden_size)
         self.norm_kv = nn.LayerNorm(hidden_size)
         self.attn = CrossAttention(hidden_size, num_heads, qkv_bias, dropout_rate)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.mlp = mlp_class(hidden_size, mlp_dim, dropout_rate)
-        scale = (lambda: LayerScale(hidden_size, layer_scale_init)) if layer_scale_init is not None else nn.Identity
-        self.ls1, self.ls2 = scale(), scale()
+        self.mlp, self.ls1, self.ls2 = mlp_and_layer_scales(hidden_size, mlp_dim, dropout_rate, mlp_type, layer_scale_init)
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, rope_q: Rope | None = None, rope_kv: Rope | None = None
