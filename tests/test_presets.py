@@ -25,7 +25,7 @@ PRIMUS = {  # name: (width, depth, heads), Wald et al., arXiv 2503.01835
     "primus_s": (396, 12, 6), "primus_b": (792, 12, 12), "primus_m": (864, 16, 12), "primus_l": (1056, 24, 16),
 }  # fmt: skip
 # arguments the bundle's network_def takes from flat settings (not sizes)
-BUNDLE_WIRING = {"_target_", "in_channels", "img_size", "patch_size", "spatial_dims", "masking_ratio"}
+BUNDLE_WIRING = {"_target_", "in_channels", "img_size", "patch_size", "spatial_dims", "masking_ratio", "decoder_type", "decoder_predict_ratio"}
 
 
 @pytest.mark.parametrize("name", sorted(MAE_PRESETS))
