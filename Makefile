@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# test-quick runs QUICK_WORKERS pytest-xdist workers of one thread each (2 cores: 54 s instead of 75 s).
+QUICK_WORKERS ?= 2
 test-quick: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests
 
 # Build the wheel, install it with its dependencies into a fresh venv, and use it from outside the
 # repository (presets, one tiny epoch of the mae_pretrain bundle). Writes only under a temporary folder.

@@ -41,4 +41,5 @@ def test_ci_runs_the_suite_then_the_wheel_smoke_test():
     assert lines.index("make test") < lines.index("make wheel-smoke")
     makefile = (REPO / "Makefile").read_text()
     assert "wheel-smoke:\n\tPYTHON=$(PYTHON) bash .ci/wheel_smoke.sh\n" in makefile
-    assert 'test-quick: install\n\t$(BIN)/python -m pytest -q -m "not slow" tests\n' in makefile
+    assert 'test-quick: install\n\tOMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests\n' in makefile
+    assert "test: install\n\t$(BIN)/python -m pytest -q tests\n" in makefile  # CI: one process, everything
