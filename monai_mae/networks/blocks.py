@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -393,11 +394,23 @@ def build_blocks(
     )
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: Rope | None = None, checkpointing: bool = False) -> torch.Tensor:
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    rope: Rope | None = None,
+    checkpointing: bool = False,
+    *,
+    context: tuple[Any, ...] = (),
+) -> torch.Tensor:
     """Apply ``blocks`` in turn (``rope`` passed to each :class:`EncoderBlock`), optionally recomputing
-    activations in the backward pass (``torch.utils.checkpoint``) to save memory."""
+    activations in the backward pass (``torch.utils.checkpoint``) to save memory.
+
+    ``context`` (keyword-only) are further arguments after ``x`` for blocks that take them, e.g. the
+    memory and rotary tables of :class:`~monai_mae.networks.cross_decoder.CrossDecoderBlock`; they come
+    before ``rope`` when both are given.
+    """
     for block in blocks:
-        args = (x,) if rope is None else (x, rope)
+        args = (x, *context) if rope is None else (x, *context, rope)
         if checkpointing and block.training and torch.is_grad_enabled():
             x = checkpoint(block, *args, use_reentrant=False)
         else:

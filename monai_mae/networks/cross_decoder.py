@@ -19,11 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from monai_mae.networks.blocks import Rope, apply_rope, mlp_and_layer_scales
 
-__all__ = ["CrossAttention", "CrossDecoderBlock", "build_cross_blocks", "run_cross_blocks"]
+__all__ = ["CrossAttention", "CrossDecoderBlock", "build_cross_blocks"]
 
 
 class CrossAttention(nn.Module):
@@ -136,20 +135,3 @@ def build_cross_blocks(
         for _ in range(num_layers)
     )
 
-
-def run_cross_blocks(
-    blocks: nn.ModuleList,
-    x: torch.Tensor,
-    memory: torch.Tensor,
-    rope_q: Rope | None = None,
-    rope_kv: Rope | None = None,
-    checkpointing: bool = False,
-) -> torch.Tensor:
-    """Apply cross-attention ``blocks`` in turn to queries ``x (B, M, D)`` over ``memory (B, K, D)``,
-    optionally recomputing activations in the backward pass (``torch.utils.checkpoint``)."""
-    for block in blocks:
-        if checkpointing and block.training and torch.is_grad_enabled():
-            x = checkpoint(block, x, memory, rope_q, rope_kv, use_reentrant=False)
-        else:
-            x = block(x, memory, rope_q, rope_kv)
-    return x

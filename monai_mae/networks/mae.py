@@ -15,7 +15,7 @@ from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep, look_up_option
 
 from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
-from monai_mae.networks.cross_decoder import build_cross_blocks, run_cross_blocks
+from monai_mae.networks.cross_decoder import build_cross_blocks
 from monai_mae.networks.display import reconstruct_image
 from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted
 from monai_mae.networks.patching import check_image_input, patch_grid, patch_pattern, patchify
@@ -504,7 +504,8 @@ class MAEViT(nn.Module):
         queries = self.mask_tokens.to(x.dtype) + pos[predict]  # (B, M, Dd)
         rope_q = self._rope(self.decoder_rope, grid, predict, x.device, prefix=False)
         rope_kv = self._rope(self.decoder_rope, grid, visible, x.device)
-        y = run_cross_blocks(self.decoder_blocks, queries, memory, rope_q, rope_kv, self.activation_checkpointing)
+        context = (memory, rope_q, rope_kv)
+        y = run_blocks(self.decoder_blocks, queries, checkpointing=self.activation_checkpointing, context=context)
         out = self.decoder_pred(self.decoder_norm(y))  # (B, M, P)
         where = predict[..., None].expand(-1, -1, out.shape[-1])
         return out.new_zeros(batch, n_tokens, out.shape[-1]).scatter(1, where, out)  # (B, N, P)
