@@ -784,7 +784,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="fork" if "fork" in multiprocessing.get_all_start_methods() else "subprocess",
         help="each measurement in a forked child (default; as DataLoader workers), a fresh interpreter, or this process",
     )
-    parser.add_argument("--no-training", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     counts = ("volumes", "rounds", "num_samples", "vit_batch", "vit_steps", "workers_available", "threads")
