@@ -457,7 +457,12 @@ class MAEViT(nn.Module):
         return self.norm(x)
 
     def forward_decoder(
-        self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...], predict: torch.Tensor | None = None
+        self,
+        latent: torch.Tensor,
+        keep: torch.Tensor,
+        grid: tuple[int, ...],
+        predict: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reconstruct the patches from the encoded visible ones.
 
@@ -467,13 +472,15 @@ class MAEViT(nn.Module):
             grid: the input's patch grid.
             predict: ``decoder_type="cross"`` only: ``(B, M)`` indices of the patches to reconstruct; None
                 (default) reconstructs every masked patch. Must be None for the self-attention decoder.
+            visible: ``decoder_type="cross"`` only: ``(B, N_keep)`` ascending indices of the visible
+                patches (``MaskingResult.visible_indices``); None (default) derives them from ``keep``.
 
         Returns:
             ``(B, N, prod(P) * C)`` predicted patches in the token layout of ``patchify``: every patch
             (self-attention decoder), or the ``predict`` patches with zeros elsewhere (cross decoder).
         """
         if self.decoder_type == "cross":
-            return self._forward_cross_decoder(latent, keep, grid, predict)
+            return self._forward_cross_decoder(latent, keep, grid, predict, visible)
         if predict is not None:
             raise ValueError("predict needs decoder_type='cross': the self-attention decoder reconstructs every patch.")
         x = self.decoder_embed(latent)  # (B, 1 + N_keep, Dd)
@@ -489,14 +496,21 @@ class MAEViT(nn.Module):
         return self.decoder_pred(self.decoder_norm(x[:, prefix:]))
 
     def _forward_cross_decoder(
-        self, latent: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...], predict: torch.Tensor | None
+        self,
+        latent: torch.Tensor,
+        keep: torch.Tensor,
+        grid: tuple[int, ...],
+        predict: torch.Tensor | None,
+        visible: torch.Tensor | None,
     ) -> torch.Tensor:
         """Cross decoder: queries for the ``predict`` patches ``(B, M)`` attend to the visible tokens; ``(B, N, P)``."""
         x = self.decoder_embed(latent)  # (B, prefix + N_keep, Dd)
         batch, n_tokens = keep.shape
-        index = torch.arange(n_tokens, device=keep.device).expand(batch, n_tokens)
-        visible = index[keep].view(batch, -1)  # (B, N_keep), grid order like the latent
-        predict = index[~keep].view(batch, -1) if predict is None else predict.to(keep.device)  # (B, M)
+        if visible is None or predict is None:
+            index = torch.arange(n_tokens, device=keep.device).expand(batch, n_tokens)
+            visible = index[keep].view(batch, -1) if visible is None else visible  # (B, N_keep), grid order like the latent
+            predict = index[~keep].view(batch, -1) if predict is None else predict  # (B, M)
+        visible, predict = visible.to(keep.device), predict.to(keep.device)
         pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)[0]
         prefix = self.num_prefix_tokens
         memory = x[:, prefix:] + pos[visible]  # (B, N_keep, Dd)
@@ -522,8 +536,9 @@ class MAEViT(nn.Module):
         """
         if self.decoder_type != "cross":
             return None, masking.mask
-        ratio = self.decoder_predict_ratio if self.training else 1.0
-        return sample_predicted(masking.mask, ratio, generator=generator)
+        if not self.training or self.decoder_predict_ratio >= 1.0:  # every masked patch: what masking already knows
+            return masking.masked_indices, masking.mask
+        return sample_predicted(masking.mask, self.decoder_predict_ratio, generator=generator)
 
     def forward_encoder(
         self, x: torch.Tensor, masking_ratio: float = 0.0, generator: torch.Generator | None = None
@@ -574,7 +589,7 @@ class MAEViT(nn.Module):
         masking = self.mask(patches, ratio, weights=mask_weights, generator=generator, mask=mask)
         latent = self.forward_encoder_tokens(masking, grid)  # (B, 1 + N_keep, D)
         predict, target_mask = self.predicted_patches(masking, generator)  # (B, M) or None, (B, N)
-        pred = self.forward_decoder(latent, masking.keep, grid, predict)  # (B, N, prod(P) * C)
+        pred = self.forward_decoder(latent, masking.keep, grid, predict, masking.visible_indices)  # (B, N, prod(P) * C)
         return pred, target_mask
 
 
