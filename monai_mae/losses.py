@@ -1,4 +1,4 @@
-"""Masked reconstruction loss (MSE over the masked patches only).
+"""Masked reconstruction loss (MSE over the masked patches, optionally plus the visible ones).
 
 The display helpers :func:`reconstruct_image` and :func:`masked_input` live in
 :mod:`monai_mae.networks.display` and are re-exported here.
@@ -15,7 +15,7 @@ from monai.utils import ensure_tuple_rep
 from monai_mae.networks.display import masked_input, reconstruct_image
 from monai_mae.networks.patching import patchify
 
-__all__ = ["MaskedReconstructionLoss", "normalize_patches", "reconstruct_image", "masked_input"]
+__all__ = ["MaskedReconstructionLoss", "check_visible_weight", "normalize_patches", "reconstruct_image", "masked_input"]
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -30,13 +30,23 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class MaskedReconstructionLoss(nn.Module):
-    """Mean squared error over the masked patches only.
+    """Mean squared error over the masked patches (the MAE paper's loss), plus optionally the visible ones.
+
+    With ``visible_weight=w > 0`` the loss is ``mse(masked) + w * mse(visible)``: the decoder must
+    also give back the patches the encoder saw, so the encoder's last layer keeps each visible
+    patch's own detail instead of only what predicts its masked neighbours. That detail is what a
+    light segmentation decoder reading only the last layer (:class:`~monai_mae.networks.vitseg.ViTSeg`)
+    needs; see README, "Does pretraining pay?". The self-attention decoder predicts every patch;
+    the cross decoder (``decoder_type="cross"``) predicts none of the visible ones, so use 0 there
+    (:func:`check_visible_weight`).
 
     Args:
         patch_size: the network's per-axis patch size.
         spatial_dims: 2 or 3. Defaults to 3.
         norm_pix_loss: compare with per-patch normalised targets (MAE paper). Defaults to False.
         eps: variance floor for ``norm_pix_loss``.
+        visible_weight: keyword-only. Weight of the visible patches' mean squared error, >= 0.
+            Defaults to 0 (masked patches only: the MAE paper, and MONAI's behaviour).
 
     Called as ``loss((pred, mask), images)`` with ``pred (B, N, prod(P) * C)``, ``mask (B, N)``
     (1 = masked) and ``images (B, C, *S)``; returns a scalar computed in float32.
@@ -49,14 +59,26 @@ class MaskedReconstructionLoss(nn.Module):
         >>> mask[:, :6] = 1.0  # 6 masked patches, predicted 0 where the image is 1
         >>> loss_fn((pred, mask), images)  # in training: loss_fn(net(images), images)
         tensor(1.)
+        >>> pred[:, 6:] = 1.0  # the 2 visible patches exactly right: only the masked error counts
+        >>> MaskedReconstructionLoss(16, visible_weight=0.5)((pred, mask), images)
+        tensor(1.)
     """
 
     def __init__(
-        self, patch_size: Sequence[int] | int, spatial_dims: int = 3, norm_pix_loss: bool = False, eps: float = 1e-6
+        self,
+        patch_size: Sequence[int] | int,
+        spatial_dims: int = 3,
+        norm_pix_loss: bool = False,
+        eps: float = 1e-6,
+        *,
+        visible_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if isinstance(visible_weight, bool) or not isinstance(visible_weight, (int, float)) or not visible_weight >= 0:
+            raise ValueError(f"visible_weight must be a number >= 0, got {visible_weight!r}.")
+        self.visible_weight = float(visible_weight)
         self.patch_size = tuple(ensure_tuple_rep(patch_size, spatial_dims))
         self.spatial_dims = spatial_dims
         self.norm_pix_loss = norm_pix_loss
@@ -83,5 +105,26 @@ class MaskedReconstructionLoss(nn.Module):
             )
         per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
         mask = mask.float()
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        if self.visible_weight:
+            visible = 1.0 - mask
+            loss = loss + self.visible_weight * (per_patch * visible).sum() / visible.sum().clamp_min(1.0)
+        return loss
+
+
+def check_visible_weight(visible_weight: float, decoder_type: str) -> float:
+    """``visible_weight`` for a :class:`MaskedReconstructionLoss` behind an MAE with ``decoder_type``.
+
+    The cross decoder reconstructs only (some of) the masked patches and returns zeros for the
+    visible ones, so a visible-patch term would train towards zeros.
+
+    Raises:
+        ValueError: for ``visible_weight > 0`` with ``decoder_type="cross"`` (names both settings).
+    """
+    if visible_weight and decoder_type == "cross":
+        raise ValueError(
+            f"visible_loss_weight={visible_weight} needs decoder_type='self': the cross decoder "
+            "(decoder_type='cross') does not reconstruct the visible patches; set one of them back."
+        )
+    return visible_weight
 

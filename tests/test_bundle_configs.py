@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bundle_utils import REPO, TINY_NETWORK
 from monai.bundle import ConfigParser
 
-from monai_mae import MAEViT
+from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.data import load_data_preset, write_synthetic_dataset
 from monai_mae.engines import precision
 from monai_mae.engines.precision import AutocastInferer
@@ -175,3 +175,27 @@ def test_evaluate_refuses_a_preprocessed_dir(dataset, tmp_path, model_files):
     assert isinstance(raised.value.__cause__, ValueError)
     assert "evaluate.json" in str(raised.value.__cause__) and f"preprocessed_dir='{tmp_path / 'pre'}'" in str(raised.value.__cause__)
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_loss_takes_the_visible_weight_and_refuses_it_with_the_cross_decoder(tmp_path):
+    files = ["train.json"]
+    parser = _parser("mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5)
+    loss = parser.get_parsed_content("loss")
+    assert isinstance(loss, MaskedReconstructionLoss) and loss.visible_weight == 0.5
+    assert _parser("mae_pretrain", files).get_parsed_content("loss").visible_weight == 0.0  # the MAE paper's loss
+    crossed = _parser("mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5, decoder_type="cross")
+    with pytest.raises(RuntimeError) as raised:  # MONAI's parser wraps the expression's error
+        crossed.get_parsed_content("loss")
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert "visible_loss_weight=0.5 needs decoder_type='self'" in str(raised.value.__cause__)
+
+
+def test_finetune_nifti_chain_jitters_intensity_as_train_augment_says(tmp_path):
+    files = ["train.json"]
+    names = [type(t).__name__ for t in _parser("mae_finetune", files).get_parsed_content("train#preprocessing").transforms]
+    assert names[-3:] == ["RandScaleIntensityd", "RandShiftIntensityd", "EnsureTyped"]  # default 0.1 / 0.1, after the flips
+    scale, shift = _parser("mae_finetune", files).get_parsed_content("train#preprocessing").transforms[-3:-1]
+    assert (scale.scaler.factors, shift.shifter.offsets) == ((-0.1, 0.1), (-0.1, 0.1))
+    off = _parser("mae_finetune", files, **{"train#augment": {"flip_prob": 0.1, "intensity_shift": 0.0, "intensity_scale": 0.0}})
+    names = [type(t).__name__ for t in off.get_parsed_content("train#preprocessing").transforms]
+    assert "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names

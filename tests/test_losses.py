@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from monai_mae import MaskedReconstructionLoss, masked_input, patchify, reconstruct_image, unpatchify
-from monai_mae.losses import normalize_patches
+from monai_mae.losses import check_visible_weight, normalize_patches
 
 
 def _mask(b, n, masked):
@@ -25,6 +25,39 @@ def test_value_is_mse_over_masked_patches_only():
     changed[:, [1, 2, 4, 6, 7]] += 100.0  # visible patches do not count
     assert loss_fn((changed, mask), images).item() == pytest.approx(expected.item(), rel=1e-6)
     assert loss_fn((target, mask), images).item() == 0.0
+
+
+def test_visible_weight_adds_the_visible_patches_mse():
+    images = torch.randn(2, 1, 16, 16, 16)
+    target = patchify(images, 8)
+    pred = torch.randn_like(target, requires_grad=True)
+    mask = _mask(2, 8, [0, 3, 5])
+    per_patch = ((pred.detach() - target) ** 2).mean(-1)
+    masked, visible = per_patch[:, [0, 3, 5]].mean(), per_patch[:, [1, 2, 4, 6, 7]].mean()
+    loss = MaskedReconstructionLoss(8, visible_weight=0.25)((pred, mask), images)
+    assert loss.item() == pytest.approx((masked + 0.25 * visible).item(), rel=1e-6)
+    loss.backward()
+    assert pred.grad[:, [1, 2, 4, 6, 7]].abs().sum() > 0  # the visible predictions now get a gradient
+    # weight 0 is the masked-only loss, bit for bit; an all-masked batch has no visible term
+    assert torch.equal(MaskedReconstructionLoss(8, visible_weight=0.0)((pred, mask), images),
+                       MaskedReconstructionLoss(8)((pred, mask), images))  # fmt: skip
+    all_masked = torch.ones(2, 8)
+    assert MaskedReconstructionLoss(8, visible_weight=1.0)((pred, all_masked), images).item() == pytest.approx(
+        per_patch.mean().item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "1", True, None])
+def test_visible_weight_errors(bad):
+    with pytest.raises(ValueError, match="visible_weight must be a number >= 0"):
+        MaskedReconstructionLoss(8, visible_weight=bad)
+
+
+def test_check_visible_weight_rejects_the_cross_decoder():
+    assert check_visible_weight(0.5, "self") == 0.5
+    assert check_visible_weight(0.0, "cross") == 0.0
+    with pytest.raises(ValueError, match="visible_loss_weight=0.5 needs decoder_type='self'"):
+        check_visible_weight(0.5, "cross")
 
 
 def test_norm_pix_target():
