@@ -161,6 +161,26 @@ def test_label_matches_image_after_pipeline(items):
     assert float(image[label == 4].mean()) < 0.1
 
 
+def test_intensity_jitter_moves_the_image_only_and_only_when_training(items):
+    common = dict(roi_size=(16, 16, 16), pixdim=SPACING, with_label=True, flip_prob=0.0, num_samples=4)
+    plain = get_pretrain_transforms("ct", **common)
+    jittered = get_pretrain_transforms("ct", **common, intensity_shift=0.2, intensity_scale=0.3)
+    plain.set_random_state(seed=7)
+    jittered.set_random_state(seed=7)  # the same crops: the jitter comes after the crop transform
+    for a, b in zip(plain(items[0]), jittered(items[0])):
+        assert torch.equal(_plain(a["label"]), _plain(b["label"]))
+        x, y = _plain(a["image"]).flatten().double(), _plain(b["image"]).flatten().double()
+        # y = x * (1 + s) + t with |s| <= 0.3, |t| <= 0.2: an exact affine map of the crop
+        slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+        offset = y.mean() - slope * x.mean()
+        assert 0.7 <= slope <= 1.3 and abs(offset) <= 0.2 + 1e-6
+        assert not torch.allclose(x, y)
+        torch.testing.assert_close(y, slope * x + offset, atol=1e-5, rtol=0)
+    validation = dict(roi_size=(16, 16, 16), pixdim=SPACING, train=False)
+    assert torch.equal(_plain(get_pretrain_transforms("ct", **validation)(items[0])["image"]),
+                       _plain(get_pretrain_transforms("ct", **validation, intensity_shift=0.2, intensity_scale=0.3)(items[0])["image"]))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -172,6 +192,8 @@ def test_label_matches_image_after_pipeline(items):
         ({"a_min": 100.0, "a_max": -100.0}, r"a_min \(100.0\) must be below a_max \(-100.0\)"),
         ({"num_samples": 0}, r"num_samples must be an int >= 1, got 0"),
         ({"flip_prob": 1.5}, r"flip_prob must be in \[0, 1\], got 1.5"),
+        ({"intensity_shift": -0.1}, r"intensity_shift must be >= 0, got -0.1"),
+        ({"intensity_scale": 1.0}, r"intensity_scale must be in \[0, 1\), got 1.0"),
         ({"keys": ("image", "label")}, r"contains 'label'; pass with_label=True"),
     ],
 )

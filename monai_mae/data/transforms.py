@@ -33,6 +33,8 @@ from monai.transforms import (
     Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     RandSpatialCropSamplesd,
     ScaleIntensityRanged,
     Spacingd,
@@ -146,6 +148,8 @@ def get_pretrain_transforms(
     with_label: bool = False,
     flip_prob: float = 0.1,
     replace_nonfinite: bool = True,
+    intensity_shift: float = 0.0,
+    intensity_scale: float = 0.0,
 ) -> Compose:
     """Preprocessing and augmentation for MAE pretraining (and UNETR fine-tuning) of CT or MRI.
 
@@ -162,7 +166,10 @@ def get_pretrain_transforms(
     3. ``SpatialPadd`` to the crop size, so a volume smaller than ``roi_size`` is padded, not an error.
     4. Crops. Train: ``RandSpatialCropSamplesd`` (``num_samples`` crops of fixed size), or with
        ``with_label`` ``RandCropByPosNegLabeld`` (half the crops centred on organs), then
-       ``RandFlipd`` on each spatial axis with ``flip_prob``. Validation: ``CenterSpatialCropd``.
+       ``RandFlipd`` on each spatial axis with ``flip_prob``, then the optional intensity jitter
+       of the image, per crop: ``RandScaleIntensityd(factors=intensity_scale)`` and
+       ``RandShiftIntensityd(offsets=intensity_shift)`` (the fine-tuning recipe of the
+       ``mae_finetune`` bundle). Validation: ``CenterSpatialCropd``.
     5. 2D (``spatial_dims=2``): crops are ``(roi_h, roi_w, 1)`` axial slabs, squeezed with
        ``SqueezeDimd(dim=-1)`` so batches are (B, C, H, W); validation takes the centre slice.
     6. ``EnsureTyped``.
@@ -188,6 +195,11 @@ def get_pretrain_transforms(
         replace_nonfinite: replace NaN/Inf image voxels as in step 1; False leaves them (a NaN then
             reaches the loss, where :class:`~monai_mae.engines.NonFiniteLossGuard` stops training).
             Defaults to True.
+        intensity_shift: when training, add ``U(-intensity_shift, intensity_shift)`` to each crop's
+            image (in the units after step 2: the [0, 1] window for CT, standard deviations for MRI).
+            Defaults to 0 (off).
+        intensity_scale: when training, multiply each crop's image by ``1 + U(-intensity_scale,
+            intensity_scale)``, before the shift; in [0, 1). Defaults to 0 (off).
 
     Returns:
         A ``monai.transforms.Compose``. A constant ("empty") volume yields constant crops; the
@@ -196,7 +208,8 @@ def get_pretrain_transforms(
     Raises:
         ValueError: for an unknown ``modality`` (lists the choices), ``spatial_dims`` not 2 or 3,
             a ``roi_size`` whose length is not ``spatial_dims``, ``a_min >= a_max`` for CT,
-            ``num_samples < 1``, ``flip_prob`` outside [0, 1], empty ``keys`` or ``"label"`` in ``keys``.
+            ``num_samples < 1``, ``flip_prob`` outside [0, 1], a negative ``intensity_shift``,
+            ``intensity_scale`` outside [0, 1), empty ``keys`` or ``"label"`` in ``keys``.
 
     Examples::
 
@@ -230,6 +243,10 @@ def get_pretrain_transforms(
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
     if not 0.0 <= float(flip_prob) <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
+    if not float(intensity_shift) >= 0.0:
+        raise ValueError(f"intensity_shift must be >= 0, got {intensity_shift!r}.")
+    if not 0.0 <= float(intensity_scale) < 1.0:
+        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
     image_keys = tuple(keys) if not isinstance(keys, str) else (keys,)
     if not image_keys:
         raise ValueError("keys must name at least one image key, got an empty sequence.")
@@ -279,6 +296,10 @@ def get_pretrain_transforms(
         xforms.append(SqueezeDimd(keys=all_keys, dim=-1))
     if train and flip_prob > 0:
         xforms += [RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
+    if train and float(intensity_scale) > 0:
+        xforms.append(RandScaleIntensityd(keys=image_keys, factors=float(intensity_scale), prob=1.0))
+    if train and float(intensity_shift) > 0:
+        xforms.append(RandShiftIntensityd(keys=image_keys, offsets=float(intensity_shift), prob=1.0))
     xforms.append(EnsureTyped(keys=all_keys))
     return Compose(xforms)
 
