@@ -92,7 +92,7 @@ from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
-from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer
+from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer, crop_augmentation
 from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
 
 __all__ = [
@@ -121,7 +121,7 @@ logger = logging.getLogger("pretrain_benefit")
 # settings that only the MAE depends on (the rest of its key, data and ViT shape, is shared with UNETR)
 _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
              "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
-             "pretrain_warmup_epochs")  # fmt: skip
+             "pretrain_warmup_epochs", "visible_loss_weight")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,8 @@ class BenefitConfig:
         mae_cls_token: whether the MAE has a class token (MONAI's layout; ViTSeg has none).
         feature_size: UNETR's convolutional feature size.
         decoder_hidden_size, decoder_mlp_dim, decoder_num_layers, decoder_num_heads: MAE decoder.
-        masking_ratio, norm_pix_loss: MAE objective.
+        masking_ratio, norm_pix_loss, visible_loss_weight: MAE objective (``visible_loss_weight``:
+            :class:`~monai_mae.losses.MaskedReconstructionLoss`'s ``visible_weight``).
         pretrain_epochs, pretrain_batch, pretrain_samples, pretrain_lr, pretrain_warmup_epochs: MAE
             training (batch = volumes per step; samples = crops per volume).
         finetune_steps: optimizer steps per fine-tune (the same budget for both arms and every ``n``).
@@ -154,6 +155,9 @@ class BenefitConfig:
         finetune_lr, layer_decay, encoder_lr_scale, warmup_fraction, freeze_encoder_epochs: fine-tuning
             optimizer (``layer_decay`` and ``encoder_lr_scale``, the encoder's lr relative to the
             decoder's, apply to the pretrained arm only; scratch uses 1.0 for both).
+        intensity_shift, intensity_scale: fine-tuning augmentation of both arms, per crop:
+            ``RandScaleIntensityd(factors=intensity_scale)`` then ``RandShiftIntensityd(offsets=intensity_shift)``
+            on the windowed [0, 1] image (:func:`monai_mae.engines.crop_augmentation`); 0 = off.
         drop_path_rate: ViTSeg's stochastic depth while fine-tuning a pretrained encoder (pretrained
             arm only; scratch uses 0).
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
@@ -184,6 +188,7 @@ class BenefitConfig:
     decoder_num_heads: int = 4
     masking_ratio: float = 0.75
     norm_pix_loss: bool = True
+    visible_loss_weight: float = 0.0
     pretrain_epochs: int = 250
     pretrain_batch: int = 4
     pretrain_samples: int = 2
@@ -194,6 +199,8 @@ class BenefitConfig:
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
     layer_decay: float = 1.0
+    intensity_shift: float = 0.0
+    intensity_scale: float = 0.0
     encoder_lr_scale: float = 1.0
     residual_scale: float | str = "auto"
     warmup_fraction: float = 0.1
@@ -227,6 +234,10 @@ class BenefitConfig:
             raise ValueError(f"num_organs must be in 1..{len(ORGAN_TYPES)}, got {self.num_organs}.")
         if not (self.residual_scale == "auto" or (isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0)):
             raise ValueError(f"residual_scale must be 'auto' or a positive number, got {self.residual_scale!r}.")
+        if not (self.intensity_shift >= 0 and 0 <= self.intensity_scale < 1):
+            raise ValueError(f"intensity_shift must be >= 0 and intensity_scale in [0, 1), got {self.intensity_shift}, {self.intensity_scale}.")
+        if not self.visible_loss_weight >= 0:
+            raise ValueError(f"visible_loss_weight must be >= 0, got {self.visible_loss_weight}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
 
@@ -234,7 +245,10 @@ class BenefitConfig:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
         names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
                  "patch", "num_layers", *_MAE_ONLY)  # fmt: skip
-        text = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
+        settings = {n: getattr(self, n) for n in names}
+        if not self.visible_loss_weight:
+            del settings["visible_loss_weight"]  # added later: off keeps the keys of MAEs trained before it existed
+        text = json.dumps(settings, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -258,17 +272,22 @@ PRESETS: dict[str, BenefitConfig] = {
 
 #: What ``--architecture vitseg`` changes in each preset: the long-sequence regime (8^3 patches; 216 tokens
 #: per 48^3 crop on CPU), an MAE without a class token trained on plain pixels (no per-patch normalisation)
-#: at a third of UNETR's MAE lr on CPU, a lower encoder lr for pretrained weights, the encoder loaded as
-#: it is (ViTSeg reads only its final normed tokens), and as many fine-tuning steps as fit in about 70% of
-#: UNETR's wall-clock time. The MAE objective mattered most: with normalised pixels at lr 1.5e-3 the
-#: pretrained ViTSeg lost to scratch under every fine-tuning recipe we tried (README, "What this shows").
+#: of the masked *and* the visible patches (``visible_loss_weight``), at a third of UNETR's MAE lr on CPU,
+#: intensity jitter while fine-tuning (both arms), a lower encoder lr for pretrained weights, the encoder
+#: loaded as it is (ViTSeg reads only its final normed tokens), and as many fine-tuning steps as fit in
+#: about 70% of UNETR's wall-clock time. The MAE objective mattered most: with normalised pixels at lr
+#: 1.5e-3 the pretrained ViTSeg lost to scratch under every fine-tuning recipe we tried, and without the
+#: visible-patch term its last layer kept too little of each patch's own detail for ViTSeg's light decoder
+#: (README, "What this shows").
 VITSEG_CHANGES: dict[str, dict[str, Any]] = {
     "cpu": dict(architecture="vitseg", patch=8, num_layers=6, mae_cls_token=False, pretrain_epochs=100,
-                norm_pix_loss=False, pretrain_lr=5e-4, finetune_steps=800, encoder_lr_scale=0.3, residual_scale=1.0),
+                norm_pix_loss=False, visible_loss_weight=1.0, pretrain_lr=5e-4, finetune_steps=800, intensity_shift=0.1,
+                intensity_scale=0.1, encoder_lr_scale=0.3, residual_scale=1.0),
     "gpu": dict(architecture="vitseg", patch=8, num_layers=12, mae_cls_token=False, norm_pix_loss=False,
-                finetune_steps=6000, encoder_lr_scale=0.3, residual_scale=1.0),
+                visible_loss_weight=1.0, finetune_steps=6000, intensity_shift=0.1, intensity_scale=0.1,
+                encoder_lr_scale=0.3, residual_scale=1.0),
     "quick": dict(architecture="vitseg", patch=8, num_layers=2, mae_cls_token=False, norm_pix_loss=False,
-                  encoder_lr_scale=0.3, residual_scale=1.0),
+                  visible_loss_weight=1.0, intensity_shift=0.1, intensity_scale=0.1, encoder_lr_scale=0.3, residual_scale=1.0),
 }  # fmt: skip
 
 
@@ -301,7 +320,9 @@ def _train_transforms(cfg: BenefitConfig, num_samples: int, with_label: bool) ->
         with_label=with_label, flip_prob=0.1, train=True,
     )  # fmt: skip
     keys = ["image", "label"] if with_label else ["image"]
-    return Compose([*chain.transforms, EnsureTyped(keys, track_meta=False)])  # flat, so CacheDataset still caches
+    intensity = crop_augmentation(flip_prob=0.0, intensity_shift=cfg.intensity_shift, intensity_scale=cfg.intensity_scale)
+    jitter = list(intensity.transforms) if with_label and intensity is not None else []  # fine-tuning only
+    return Compose([*chain.transforms, EnsureTyped(keys, track_meta=False), *jitter])  # flat, so CacheDataset still caches
 
 
 def _eval_transforms() -> Compose:
@@ -345,7 +366,8 @@ def pretrain_mae(
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.pretrain_warmup_epochs * len(loader), t_total=steps)
     trainer = SupervisedTrainer(
         device=device, max_epochs=cfg.pretrain_epochs, train_data_loader=loader, network=mae, optimizer=optimizer,
-        loss_function=MaskedReconstructionLoss(cfg.patch, norm_pix_loss=cfg.norm_pix_loss), prepare_batch=MAEPrepareBatch(),
+        loss_function=MaskedReconstructionLoss(cfg.patch, norm_pix_loss=cfg.norm_pix_loss, visible_weight=cfg.visible_loss_weight),
+        prepare_batch=MAEPrepareBatch(),
         inferer=SimpleInferer(), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False,
         train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), NonFiniteLossGuard(),
                         GradientClipping(3.0)],
@@ -509,9 +531,12 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
         + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "") + f". MAE: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
         f"({pretrain['steps']} steps, {pretrain['seconds'] / 60:.1f} min{reused}), masking {cfg.masking_ratio}, "
+        f"{'normalised' if cfg.norm_pix_loss else 'plain'}-pixel loss on the masked patches"
+        + (f" + {cfg.visible_loss_weight:g} x the visible ones" if cfg.visible_loss_weight else "") + ", "
         f"loss {pretrain['first_epoch_loss']:.4f} -> {pretrain['last_epoch_loss']:.4f}. "
         f"Fine-tuning: about {cfg.finetune_steps} AdamW steps of {cfg.finetune_batch} volume(s) x {cfg.finetune_samples} crops, "
-        f"lr {cfg.finetune_lr:g}, warm-up {cfg.warmup_fraction:.0%} + cosine, DiceCE; layer decay {cfg.layer_decay:g} "
+        f"lr {cfg.finetune_lr:g}, warm-up {cfg.warmup_fraction:.0%} + cosine, DiceCE, "
+        f"intensity jitter (scale {cfg.intensity_scale:g}, shift {cfg.intensity_shift:g}) for both arms; layer decay {cfg.layer_decay:g} "
         f"and encoder lr x{cfg.encoder_lr_scale:g} for the pretrained arm (1.0 from scratch); frozen-encoder epochs {cfg.freeze_encoder_epochs}; "
         f"transferred residual stream scaled by {cfg.residual_scale if isinstance(cfg.residual_scale, str) else f'{cfg.residual_scale:g}'}.",
         "",
@@ -666,7 +691,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "finetune_samples", "freeze_encoder_epochs", "sw_batch_size")  # fmt: skip
     for name in ints:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "encoder_lr_scale", "masking_ratio", "drop_path_rate"):
+    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "encoder_lr_scale", "masking_ratio", "drop_path_rate",
+                 "visible_loss_weight", "intensity_shift", "intensity_scale"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
@@ -698,8 +724,9 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
     """
     drop = ("labeled_sizes", "seeds", *(_PRETRAINED_ONLY if arm == "scratch" else ()))
     settings = {k: v for k, v in asdict(cfg).items() if k not in drop}
-    if not settings.get("drop_path_rate", 1):
-        del settings["drop_path_rate"]  # added later: off keeps the keys of runs made before it existed
+    for added_later in ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale"):  # off keeps the keys of runs made before they existed
+        if not settings.get(added_later, 1):
+            del settings[added_later]
     text = json.dumps({**settings, "device": device.type, "amp": amp, "arm": arm}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 

@@ -153,6 +153,35 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
         dataclasses.replace(base, drop_path_rate=0.1).check()
 
 
+
+def test_visible_loss_weight_and_intensity_jitter_settings():
+    cpu = pb.torch.device("cpu")
+    vitseg = pb.build_config(pb.parse_args(["--architecture", "vitseg"]))
+    assert (vitseg.visible_loss_weight, vitseg.intensity_shift, vitseg.intensity_scale) == (1.0, 0.1, 0.1)
+    # off (UNETR's preset) keeps the keys of the MAEs and fine-tunes made before the settings existed
+    plain = dataclasses.replace(vitseg, visible_loss_weight=0.0, intensity_shift=0.0, intensity_scale=0.0)
+    without = {k: v for k, v in dataclasses.asdict(plain).items() if k not in ("visible_loss_weight", "intensity_shift", "intensity_scale")}
+    names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads", "patch", "num_layers",
+             *[n for n in pb._MAE_ONLY if n != "visible_loss_weight"])  # fmt: skip
+    old_key = pb.hashlib.sha1(pb.json.dumps({n: without[n] for n in names}, sort_keys=True).encode()).hexdigest()[:10]
+    assert plain.pretrain_key() == old_key != vitseg.pretrain_key()
+    # the visible-patch weight is an MAE setting (scratch keeps its runs); the jitter is both arms'
+    scratch = pb._runs_key(plain, cpu, False, "scratch")
+    assert pb._runs_key(dataclasses.replace(plain, visible_loss_weight=1.0), cpu, False, "scratch") == scratch
+    assert pb._runs_key(dataclasses.replace(plain, intensity_shift=0.1), cpu, False, "scratch") != scratch
+    flags = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--visible-loss-weight", "0.5", "--intensity-shift", "0.2"]))
+    assert (flags.visible_loss_weight, flags.intensity_shift, flags.intensity_scale) == (0.5, 0.2, 0.1)
+    for bad, match in ((dict(visible_loss_weight=-1.0), "visible_loss_weight must be >= 0, got -1.0"),
+                       (dict(intensity_scale=1.0), r"intensity_shift must be >= 0 and intensity_scale in \[0, 1\), got 0.1, 1.0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(vitseg, **bad).check()
+    # the jitter is in the fine-tuning chain only, after the crops: image scaled then shifted, label untouched
+    tail = [type(t).__name__ for t in pb._train_transforms(vitseg, 2, with_label=True).transforms[-3:]]
+    assert tail == ["EnsureTyped", "RandScaleIntensityd", "RandShiftIntensityd"]
+    assert type(pb._train_transforms(vitseg, 2, with_label=False).transforms[-1]).__name__ == "EnsureTyped"
+    assert type(pb._train_transforms(plain, 2, with_label=True).transforms[-1]).__name__ == "EnsureTyped"
+
+
 def test_step_times_of_both_architectures_at_the_preset_sizes():
     times = pb.step_times("quick", steps=1, device=pb.torch.device("cpu"))
     assert set(times) == {"unetr", "vitseg"} and all(t > 0 for t in times.values())
