@@ -182,7 +182,8 @@ def test_pretrain_loss_takes_the_visible_weight_and_refuses_it_with_the_cross_de
     parser = _parser("mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5)
     loss = parser.get_parsed_content("loss")
     assert isinstance(loss, MaskedReconstructionLoss) and loss.visible_weight == 0.5
-    assert _parser("mae_pretrain", files).get_parsed_content("loss").visible_weight == 0.0  # the MAE paper's loss
+    assert _parser("mae_pretrain", files).get_parsed_content("loss").visible_weight == 1.0  # the default (ViTSeg's recipe)
+    assert _parser("mae_pretrain", files, visible_loss_weight=0.0).get_parsed_content("loss").visible_weight == 0.0  # the paper's
     crossed = _parser("mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5, decoder_type="cross")
     with pytest.raises(RuntimeError) as raised:  # MONAI's parser wraps the expression's error
         crossed.get_parsed_content("loss")
