@@ -57,7 +57,7 @@ from monai.transforms import Compose, CropForegroundd, Randomizable, SpatialPadd
 from monai.utils import ensure_tuple_rep, look_up_option
 
 from monai_mae.data.datalist import check_volume, load_datalist
-from monai_mae.data.transforms import MODALITIES, get_pretrain_transforms, load_data_preset
+from monai_mae.data.transforms import MODALITIES, check_augment_options, get_pretrain_transforms, load_data_preset
 from monai_mae.utils import atomic_write, read_json
 from monai_mae.version import __version__
 
@@ -1309,12 +1309,7 @@ def gpu_augment(
         tensor([[3., 2.],
                 [1., 0.]])
     """
-    if not 0.0 <= float(flip_prob) <= 1.0:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
-    if not 0.0 <= float(intensity_shift) < math.inf:
-        raise ValueError(f"intensity_shift must be a finite number >= 0, got {intensity_shift!r}.")
-    if not 0.0 <= float(intensity_scale) < 1.0:
-        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
+    check_augment_options(flip_prob, intensity_shift, intensity_scale)
     if image_key not in batch:
         raise ValueError(f"batch has no {image_key!r} entry; keys are {sorted(batch)}.")
     image = batch[image_key]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.resources
 import inspect
 import logging
+import math
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "CACHE_MODES",
     "MODALITIES",
     "ReplaceNonFinited",
+    "check_augment_options",
     "data_preset_names",
     "get_dataset",
     "get_pretrain_transforms",
@@ -135,6 +137,21 @@ class ReplaceNonFinited(MapTransform):
         return d
 
 
+def check_augment_options(flip_prob: float, intensity_shift: float, intensity_scale: float) -> None:
+    """Raise ``ValueError`` naming the first augmentation option out of range.
+
+    The ranges every augmentation of the package accepts (:func:`get_pretrain_transforms`,
+    :func:`~monai_mae.data.gpu_augment`, :func:`~monai_mae.engines.crop_augmentation`):
+    ``flip_prob`` in [0, 1], ``intensity_shift`` finite and >= 0, ``intensity_scale`` in [0, 1).
+    """
+    if not 0.0 <= float(flip_prob) <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
+    if not (0.0 <= float(intensity_shift) and math.isfinite(float(intensity_shift))):
+        raise ValueError(f"intensity_shift must be a finite number >= 0, got {intensity_shift!r}.")
+    if not 0.0 <= float(intensity_scale) < 1.0:
+        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
+
+
 def get_pretrain_transforms(
     modality: str = "ct",
     roi_size: Sequence[int] | int = (96, 96, 96),
@@ -208,8 +225,8 @@ def get_pretrain_transforms(
     Raises:
         ValueError: for an unknown ``modality`` (lists the choices), ``spatial_dims`` not 2 or 3,
             a ``roi_size`` whose length is not ``spatial_dims``, ``a_min >= a_max`` for CT,
-            ``num_samples < 1``, ``flip_prob`` outside [0, 1], a negative ``intensity_shift``,
-            ``intensity_scale`` outside [0, 1), empty ``keys`` or ``"label"`` in ``keys``.
+            ``num_samples < 1``, ``flip_prob`` outside [0, 1], an ``intensity_shift`` that is
+            negative or not finite, ``intensity_scale`` outside [0, 1), empty ``keys`` or ``"label"`` in ``keys``.
 
     Examples::
 
@@ -241,12 +258,7 @@ def get_pretrain_transforms(
         raise ValueError(f"a_min ({a_min}) must be below a_max ({a_max}) for the CT window.")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
-    if not 0.0 <= float(flip_prob) <= 1.0:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
-    if not float(intensity_shift) >= 0.0:
-        raise ValueError(f"intensity_shift must be >= 0, got {intensity_shift!r}.")
-    if not 0.0 <= float(intensity_scale) < 1.0:
-        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
+    check_augment_options(flip_prob, intensity_shift, intensity_scale)
     image_keys = tuple(keys) if not isinstance(keys, str) else (keys,)
     if not image_keys:
         raise ValueError("keys must name at least one image key, got an empty sequence.")

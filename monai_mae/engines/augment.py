@@ -15,7 +15,6 @@ and ``o ~ U(-intensity_shift, intensity_shift)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,18 +24,9 @@ from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftI
 from monai.utils import CommonKeys
 
 from monai_mae.data.preprocess import from_storage_layout, gpu_augment
+from monai_mae.data.transforms import check_augment_options
 
 __all__ = ["GPUAugmentPrepareBatch", "crop_augmentation"]
-
-
-def _check_options(flip_prob: float, intensity_shift: float, intensity_scale: float) -> None:
-    """The ranges :func:`~monai_mae.data.gpu_augment` accepts, checked when the run is built rather than at the first batch."""
-    if not 0.0 <= float(flip_prob) <= 1.0:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
-    if not (0.0 <= float(intensity_shift) and math.isfinite(float(intensity_shift))):
-        raise ValueError(f"intensity_shift must be a finite number >= 0, got {intensity_shift!r}.")
-    if not 0.0 <= float(intensity_scale) < 1.0:
-        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
 
 
 def crop_augmentation(
@@ -78,7 +68,7 @@ def crop_augmentation(
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    _check_options(flip_prob, intensity_shift, intensity_scale)
+    check_augment_options(flip_prob, intensity_shift, intensity_scale)
     keys = [CommonKeys.IMAGE, CommonKeys.LABEL] if with_label else [CommonKeys.IMAGE]
     steps: list[Callable] = []
     if float(flip_prob) > 0:
@@ -148,7 +138,7 @@ class GPUAugmentPrepareBatch(PrepareBatch):
     ) -> None:
         if prepare_batch is not None and not callable(prepare_batch):
             raise TypeError(f"prepare_batch must be callable or None, got {type(prepare_batch).__name__}.")
-        _check_options(flip_prob, intensity_shift, intensity_scale)
+        check_augment_options(flip_prob, intensity_shift, intensity_scale)
         self.prepare_batch = prepare_batch if prepare_batch is not None else default_prepare_batch
         self.flip_prob = float(flip_prob)
         self.intensity_shift = float(intensity_shift)
