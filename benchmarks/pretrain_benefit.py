@@ -92,7 +92,7 @@ from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
-from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer, crop_augmentation
+from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer
 from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
 
 __all__ = [
@@ -157,7 +157,8 @@ class BenefitConfig:
             decoder's, apply to the pretrained arm only; scratch uses 1.0 for both).
         intensity_shift, intensity_scale: fine-tuning augmentation of both arms, per crop:
             ``RandScaleIntensityd(factors=intensity_scale)`` then ``RandShiftIntensityd(offsets=intensity_shift)``
-            on the windowed [0, 1] image (:func:`monai_mae.engines.crop_augmentation`); 0 = off.
+            on the windowed [0, 1] image (:func:`monai_mae.data.get_pretrain_transforms`' own jitter, as the
+            ``mae_finetune`` bundle's chain); 0 = off.
         drop_path_rate: ViTSeg's stochastic depth while fine-tuning a pretrained encoder (pretrained
             arm only; scratch uses 0).
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
@@ -314,15 +315,15 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
 
 
 def _train_transforms(cfg: BenefitConfig, num_samples: int, with_label: bool) -> Compose:
-    """The package's training transforms, ending in plain tensors (``MetaTensor`` costs ~25% per CPU step)."""
+    """The package's training transforms (the intensity jitter only when fine-tuning), ending in plain
+    tensors (``MetaTensor`` costs ~25% per CPU step)."""
+    jitter = dict(intensity_shift=cfg.intensity_shift, intensity_scale=cfg.intensity_scale) if with_label else {}
     chain = get_pretrain_transforms(
         "ct", roi_size=cfg.roi, pixdim=None, a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], num_samples=num_samples,
-        with_label=with_label, flip_prob=0.1, train=True,
+        with_label=with_label, flip_prob=0.1, train=True, **jitter,
     )  # fmt: skip
     keys = ["image", "label"] if with_label else ["image"]
-    intensity = crop_augmentation(flip_prob=0.0, intensity_shift=cfg.intensity_shift, intensity_scale=cfg.intensity_scale)
-    jitter = list(intensity.transforms) if with_label and intensity is not None else []  # fine-tuning only
-    return Compose([*chain.transforms, EnsureTyped(keys, track_meta=False), *jitter])  # flat, so CacheDataset still caches
+    return Compose([*chain.transforms, EnsureTyped(keys, track_meta=False)])  # flat, so CacheDataset still caches
 
 
 def _eval_transforms() -> Compose:

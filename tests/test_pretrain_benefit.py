@@ -176,10 +176,11 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(vitseg, **bad).check()
     # the jitter is in the fine-tuning chain only, after the crops: image scaled then shifted, label untouched
-    tail = [type(t).__name__ for t in pb._train_transforms(vitseg, 2, with_label=True).transforms[-3:]]
-    assert tail == ["EnsureTyped", "RandScaleIntensityd", "RandShiftIntensityd"]
-    assert type(pb._train_transforms(vitseg, 2, with_label=False).transforms[-1]).__name__ == "EnsureTyped"
-    assert type(pb._train_transforms(plain, 2, with_label=True).transforms[-1]).__name__ == "EnsureTyped"
+    tail = [type(t).__name__ for t in pb._train_transforms(vitseg, 2, with_label=True).transforms[-5:]]
+    assert tail == ["RandFlipd", "RandScaleIntensityd", "RandShiftIntensityd", "EnsureTyped", "EnsureTyped"]
+    for chain in (pb._train_transforms(vitseg, 2, with_label=False), pb._train_transforms(plain, 2, with_label=True)):
+        names = [type(t).__name__ for t in chain.transforms]  # MAE pretraining, or jitter off: no intensity jitter
+        assert names[-3:] == ["RandFlipd", "EnsureTyped", "EnsureTyped"] and "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names
 
 
 def test_step_times_of_both_architectures_at_the_preset_sizes():
