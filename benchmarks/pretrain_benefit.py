@@ -124,6 +124,15 @@ _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_m
              "pretrain_warmup_epochs", "visible_loss_weight")  # fmt: skip
 
 
+# settings added after runs had been cached: left out of the cache keys while off (0), so the keys of
+# the MAEs and fine-tunes made before they existed stay valid
+_ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale")
+
+
+def _without_unset_later_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in _ADDED_LATER or v}
+
+
 @dataclass(frozen=True)
 class BenefitConfig:
     """Every setting of one benchmark run.
@@ -246,10 +255,7 @@ class BenefitConfig:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
         names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
                  "patch", "num_layers", *_MAE_ONLY)  # fmt: skip
-        settings = {n: getattr(self, n) for n in names}
-        if not self.visible_loss_weight:
-            del settings["visible_loss_weight"]  # added later: off keeps the keys of MAEs trained before it existed
-        text = json.dumps(settings, sort_keys=True)
+        text = json.dumps(_without_unset_later_settings({n: getattr(self, n) for n in names}), sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -724,10 +730,7 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
     finished scratch fine-tunes.
     """
     drop = ("labeled_sizes", "seeds", *(_PRETRAINED_ONLY if arm == "scratch" else ()))
-    settings = {k: v for k, v in asdict(cfg).items() if k not in drop}
-    for added_later in ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale"):  # off keeps the keys of runs made before they existed
-        if not settings.get(added_later, 1):
-            del settings[added_later]
+    settings = _without_unset_later_settings({k: v for k, v in asdict(cfg).items() if k not in drop})
     text = json.dumps({**settings, "device": device.type, "amp": amp, "arm": arm}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
