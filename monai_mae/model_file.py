@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from monai_mae.data.transforms import load_data_preset
-from monai_mae.networks.factory import unetr_encoder_args
+from monai_mae.networks.factory import CNN_ARCHITECTURES, merge_cnn_options, unetr_encoder_args
 from monai_mae.utils import atomic_write, unwrap
 from monai_mae.version import __version__
 
@@ -39,6 +39,7 @@ __all__ = [
     "read_model",
     "build_network",
     "encoder_settings",
+    "architecture_for",
     "data_preset_for",
 ]
 
@@ -47,6 +48,8 @@ WEIGHTS_KEY = "network"
 #: Data-preset entries that decide the preprocessing (a conflict in these stops the run).
 PREPROCESSING_KEYS = ("modality", "pixdim", "a_min", "a_max", "orientation", "spatial_dims", "in_channels")
 #: Encoder settings a fine-tuning network takes from a pretrained MAE file (MAEViT / ViTSeg names).
+#: The class a masked-image-pretrained CNN is saved as.
+MIM_TARGET = "monai_mae.networks.mim.MaskedImageModel"
 ENCODER_KEYS = ("in_channels", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "qkv_bias",
                 "proj_type", "pos_embed_type", "mlp_type", "layer_scale_init", "rope_theta", "spatial_dims")  # fmt: skip
 
@@ -254,7 +257,9 @@ def encoder_settings(
         pretrained_ckpt: an MAE model file written by the ``mae_pretrain`` bundle; ``""`` / None (training
             from scratch) or a plain state dict returns ``given`` as it is.
         architecture: ``"vitseg"`` or ``"unetr"`` (UNETR fixes 12 layers and 16^3 patches and has no
-            RoPE / SwiGLU / LayerScale: such an encoder raises).
+            RoPE / SwiGLU / LayerScale: such an encoder raises), or a CNN (``"unet"``, ``"dynunet"``,
+            ``"segresnet"``): then the file must be a :class:`~monai_mae.networks.mim.MaskedImageModel` of that
+            architecture, and its recorded network options are returned (checked against ``given``).
         given: settings the user passed (None values count as not passed).
         defaults: settings used where neither ``given`` nor the file has a value (e.g. the bundle's
             ``qkv_bias: true`` for training from scratch or from a plain state dict).
@@ -270,9 +275,14 @@ def encoder_settings(
     given = {k: v for k, v in dict(given or {}).items() if v is not None}
     recorded: dict[str, Any] = {}
     source = "the settings"
+    model = None
     if pretrained_ckpt is not None and os.fspath(pretrained_ckpt).strip():
         model = read_model(pretrained_ckpt, mmap=True)
         source = model.source
+    pretrained_cnn = model is not None and model.describes and model.network.get("_target_") == MIM_TARGET
+    if architecture in CNN_ARCHITECTURES or pretrained_cnn:
+        return _cnn_settings(model, architecture, given)
+    if model is not None:
         if model.describes:
             recorded = {k: model.network[k] for k in ENCODER_KEYS if k in model.network}
             _conflicts(given, recorded, ENCODER_KEYS, "encoder settings", model.source)
@@ -280,6 +290,44 @@ def encoder_settings(
     if architecture == "unetr":
         return unetr_encoder_args(settings, source)
     return settings
+
+
+def _cnn_settings(model: ModelFile | None, architecture: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The CNN options recorded by a masked-image-pretrained file, after checking that it fits ``architecture``."""
+    if model is None:
+        return dict(given)
+    recorded = model.network if model.describes else None
+    if recorded is None or recorded.get("_target_") != MIM_TARGET:
+        held = recorded.get("_target_") if recorded else "a plain state dict"
+        raise ValueError(
+            f"architecture={architecture!r} starts from a masked-image-pretrained CNN of the same architecture, "
+            f"but {model.source} holds {held}; pretrain with the mae_pretrain bundle's configs/mim_cnn.json, or "
+            "use architecture 'vitseg' / 'unetr' for an MAE encoder."
+        )
+    if recorded.get("architecture") != architecture:
+        raise ValueError(
+            f"architecture={architecture!r} differs from the network pretrained in {model.source} "
+            f"({recorded.get('architecture')!r}); leave architecture unset to take it from the file."
+        )
+    return merge_cnn_options(recorded.get("options"), given, model.source)
+
+
+def architecture_for(pretrained_ckpt: str | os.PathLike | None, default: str = "vitseg") -> str:
+    """The fine-tuning architecture a pretrained file implies: a masked-image-pretrained CNN's own, else ``default``.
+
+    An MAE (ViT) file, a plain state dict or no file (``""``) gives ``default``.
+
+    Examples::
+
+        >>> architecture_for("", default="unet")
+        'unet'
+    """
+    if pretrained_ckpt is None or not os.fspath(pretrained_ckpt).strip() or not Path(pretrained_ckpt).is_file():
+        return default
+    model = read_model(pretrained_ckpt, mmap=True)
+    if model.describes and model.network.get("_target_") == MIM_TARGET:
+        return str(model.network["architecture"])
+    return default
 
 
 def data_preset_for(

@@ -109,9 +109,9 @@ def test_layerwise_bad_arguments(kwargs, match):
 
 
 def test_no_vit_is_a_value_error():
-    with pytest.raises(ValueError, match="got Linear"):
+    with pytest.raises(ValueError, match="encoder_lr_scale=1.0 need a ViT encoder; Linear has none"):
         layerwise_lr_groups(torch.nn.Linear(2, 2), 1e-3)
-    with pytest.raises(ValueError, match="got Conv3d"):
+    with pytest.raises(ValueError, match="freeze_encoder_epochs=1 needs a ViT encoder to freeze; Conv3d has none"):
         FreezeEncoder(torch.nn.Conv3d(1, 1, 1), epochs=1)
 
 

@@ -26,13 +26,21 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from monai_mae.model_file import read_model
+from monai_mae.networks.mim import load_mim_weights
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
 from monai_mae.networks.transfer import load_mae_encoder
-from monai_mae.utils import atomic_write, find_vit, is_positive_finite, no_weight_decay, unwrap
+from monai_mae.utils import atomic_write, find_vit, is_positive_finite, is_vit, no_weight_decay, unwrap
 
 __all__ = ["layerwise_lr_groups", "encoder_parameters", "FreezeEncoder", "load_pretrained", "save_metrics_json"]
 
 logger = logging.getLogger(__name__)
+
+
+def has_vit(network: nn.Module) -> bool:
+    """True when ``network`` (unwrapped) is a ViT or holds one at ``.vit`` (what :func:`find_vit` finds)."""
+    inner = unwrap(network)
+    return any(is_vit(candidate) for candidate in (inner, getattr(inner, "vit", None)))
 
 def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
     """The parameters of the ViT encoder: patch embedding, ``cls_token``, ``blocks`` and final ``norm``.
@@ -123,6 +131,8 @@ def layerwise_lr_groups(
     if not 0.0 < encoder_lr_scale <= 1.0:
         raise ValueError(f"encoder_lr_scale must be in (0, 1], got {encoder_lr_scale!r}.")
     network = unwrap(network)
+    if not has_vit(network):
+        return _flat_groups(network, lr, weight_decay, layer_decay, encoder_lr_scale)
     vit, _ = find_vit(network, "layerwise_lr_groups")
     encoder = {id(p) for p in encoder_parameters(network)}
     num_layers = len(vit.blocks)
@@ -152,6 +162,25 @@ def layerwise_lr_groups(
             }
         groups[key]["params"].append(param)
     return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], k[2], not k[1]))]
+
+
+def _flat_groups(
+    network: nn.Module, lr: float, weight_decay: float, layer_decay: float, encoder_lr_scale: float
+) -> list[dict[str, Any]]:
+    """One learning rate for a network without a ViT (a CNN): weight matrices decayed, 1-D parameters not."""
+    if layer_decay != 1.0 or encoder_lr_scale != 1.0:
+        raise ValueError(
+            f"layer_decay={layer_decay} and encoder_lr_scale={encoder_lr_scale} need a ViT encoder; "
+            f"{type(network).__name__} has none: use 1.0 for both."
+        )
+    groups = [
+        {"params": [], "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0, "layer_id": 0},
+        {"params": [], "lr": lr, "weight_decay": 0.0, "lr_scale": 1.0, "layer_id": 0},
+    ]
+    for name, param in network.named_parameters():
+        if param.requires_grad:
+            groups[int(no_weight_decay(name, param))]["params"].append(param)
+    return [group for group in groups if group["params"]]
 
 
 class FreezeEncoder:
@@ -193,7 +222,12 @@ class FreezeEncoder:
     def __init__(self, network: nn.Module, epochs: int = 0) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}.")
-        self.parameters = encoder_parameters(network)
+        if epochs and not has_vit(network):
+            raise ValueError(
+                f"freeze_encoder_epochs={epochs} needs a ViT encoder to freeze; {type(unwrap(network)).__name__} "
+                "has none: use 0."
+            )
+        self.parameters = encoder_parameters(network) if epochs else []
         self.epochs = epochs
         self.frozen = False
         self._trainable: list[nn.Parameter] = []
@@ -254,7 +288,10 @@ def load_pretrained(
     copies the encoder (checking the whole fit before writing) and the transfer report is logged.
 
     Args:
-        network: MONAI ``UNETR``, MONAI ``ViT`` or a module with a ViT at ``.vit``.
+        network: MONAI ``UNETR``, MONAI ``ViT``, a module with a ViT at ``.vit``, or a CNN of
+            :func:`~monai_mae.networks.cnn.cnn_network` (then ``ckpt_path`` is a
+            :class:`~monai_mae.networks.mim.MaskedImageModel` of the same architecture, loaded with
+            :func:`~monai_mae.networks.mim.load_mim_weights`, and ``residual_scale`` is ignored).
         ckpt_path: MAE weights: ``models/model.pt`` of the ``mae_pretrain`` bundle, one of its
             checkpoints (``{"network": ...}``), or any ``MAEViT`` / ``MaskedAutoEncoderViT`` state
             dict file; ``""`` or ``None`` for training from scratch.
@@ -297,6 +334,14 @@ def load_pretrained(
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: '{path}' (set pretrained_ckpt to '' to train from scratch).")
+    if not has_vit(network):  # a CNN: the same network pretrained by masked-image modelling
+        model = read_model(path)
+        report = load_mim_weights(network, model.state_dict, model.source)
+        logger.info(
+            f"load_pretrained: {len(report['loaded'])} tensors of {type(unwrap(network)).__name__} loaded from "
+            f"'{path}' (masked-image pretraining); left as built: {report['missing']}."
+        )
+        return network
     fresh_norm = residual_stream_norm(network) if auto else None
     try:
         report = load_mae_encoder(network, path, strict=strict, interpolate=interpolate, verbose=False)

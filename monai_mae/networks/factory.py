@@ -1,5 +1,5 @@
-"""``segmentation_network``: the fine-tuning network by name (``"vitseg"`` or ``"unetr"``), described
-for self-describing model files."""
+"""``segmentation_network``: the fine-tuning network by name (``"vitseg"``, ``"unetr"`` or a CNN: ``"unet"``,
+``"dynunet"``, ``"segresnet"``), described for self-describing model files."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import torch.nn as nn
 from monai.networks.nets import UNETR
 from monai.utils import ensure_tuple_rep, look_up_option
 
+from monai_mae.networks.cnn import CNN_ARCHITECTURES, as_lists, cnn_network
 from monai_mae.networks.vitseg import ViTSeg
 
-__all__ = ["ARCHITECTURES", "segmentation_network", "unetr_encoder_args"]
+__all__ = ["ARCHITECTURES", "CNN_ARCHITECTURES", "segmentation_network", "unetr_encoder_args", "merge_cnn_options"]
 
-#: Supported values of ``architecture``.
-ARCHITECTURES = ("vitseg", "unetr")
+#: Supported values of ``architecture``: the ViT networks a pretrained MAE encoder goes into, then the CNNs
+#: (pretrained by masked-image modelling, :class:`~monai_mae.networks.mim.MaskedImageModel`).
+ARCHITECTURES = ("vitseg", "unetr", *CNN_ARCHITECTURES)
 _UNETR_TARGET = "monai.networks.nets.UNETR"
 _UNETR_ENCODER = ("hidden_size", "mlp_dim", "num_heads", "qkv_bias", "proj_type")
 
@@ -48,6 +50,26 @@ def unetr_encoder_args(settings: Mapping[str, Any], source: str = "the settings"
     return {k: settings[k] for k in (*_UNETR_ENCODER, "spatial_dims", "in_channels") if k in settings}
 
 
+def merge_cnn_options(
+    recorded: Mapping[str, Any] | None, given: Mapping[str, Any] | None, source: str = "the pretrained file"
+) -> dict[str, Any]:
+    """A CNN's constructor options: those ``recorded`` in a pretrained file, plus any ``given`` that agree.
+
+    Raises:
+        ValueError: when a given (not None) option differs from the recorded one; the message names both.
+    """
+    recorded = dict(recorded or {})
+    given = {k: v for k, v in dict(given or {}).items() if v is not None}
+    clashes = [f"{k}={given[k]!r} (given) vs {recorded[k]!r} (in {source})" for k in given
+               if k in recorded and as_lists(given[k]) != as_lists(recorded[k])]  # fmt: skip
+    if clashes:
+        raise ValueError(
+            "network options contradict " + source + ": " + "; ".join(clashes) + ". Leave them out to take them "
+            "from the pretrained file."
+        )
+    return {**recorded, **given}
+
+
 def segmentation_network(
     architecture: str,
     in_channels: int,
@@ -56,6 +78,7 @@ def segmentation_network(
     spatial_dims: int = 3,
     encoder: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    spacing: Sequence[float] | float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the fine-tuning network.
@@ -66,14 +89,17 @@ def segmentation_network(
         in_channels, out_channels, img_size, spatial_dims: as for both classes. ``in_channels`` and
             ``spatial_dims`` in ``encoder`` (e.g. from :func:`~monai_mae.model_file.encoder_settings`)
             must agree.
-        encoder: encoder settings (``hidden_size``, ``num_layers``, ``patch_size``, ...).
+        encoder: encoder settings (``hidden_size``, ``num_layers``, ``patch_size``, ...); for a CNN, the
+            constructor options recorded in its pretrained file (:func:`~monai_mae.model_file.encoder_settings`).
         options: architecture-specific arguments as a mapping (ViTSeg: ``drop_path_rate``,
-            ``decoder_channels``; UNETR: ``feature_size``, ``norm_name``, ``res_block``, ``dropout_rate``),
-            so a config can hold one dict per architecture; None values are left out.
+            ``decoder_channels``; UNETR: ``feature_size``, ``norm_name``, ``res_block``, ``dropout_rate``; a CNN:
+            its MONAI class's arguments, see :func:`~monai_mae.networks.cnn.cnn_network`), so a config can hold
+            one dict per architecture; None values are left out.
+        spacing: voxel size in mm, from which ``"dynunet"`` plans its stages (the others ignore it).
         kwargs: more architecture-specific arguments.
 
     Returns:
-        The network; for UNETR its constructor arguments are kept in ``network.network_spec`` so
+        The network; for UNETR and the CNNs its constructor arguments are kept in ``network.network_spec`` so
         :func:`~monai_mae.model_file.save_model` can describe it.
 
     Raises:
@@ -81,6 +107,9 @@ def segmentation_network(
             encoder UNETR cannot hold.
     """
     architecture = look_up_option(architecture, ARCHITECTURES)
+    if architecture in CNN_ARCHITECTURES:
+        merged = {**merge_cnn_options(encoder, options), **kwargs}
+        return cnn_network(architecture, in_channels, out_channels, spatial_dims, img_size, spacing, merged)
     encoder = dict(encoder or {})
     kwargs = {**{k: v for k, v in dict(options or {}).items() if v is not None}, **kwargs}
     for name, value in (("in_channels", in_channels), ("spatial_dims", spatial_dims)):
