@@ -28,13 +28,15 @@ def write_overrides(path: Path, **settings) -> Path:
 
 
 def run_bundle(
-    bundle: str, config: str, overrides: Path, *args: str, timeout: int = 300, check: bool = True
+    bundle: str, config: str | list[str], overrides: Path, *args: str, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` on ``bundles/<bundle>/configs/<config>`` plus an override file."""
+    """``python -m monai.bundle run`` on ``bundles/<bundle>/configs/<config>`` (one file or several layered) plus an
+    override file."""
     configs = REPO / "bundles" / bundle / "configs"
+    layered = [config] if isinstance(config, str) else list(config)
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str([str(configs / config), str(overrides)]),
+        "--config_file", str([*(str(configs / c) for c in layered), str(overrides)]),
         "--bundle_root", str(REPO / "bundles" / bundle),
         "--meta_file", str(configs / "metadata.json"),
         "--logging_file", str(configs / "logging.conf"),
