@@ -89,6 +89,8 @@ from monai.transforms import AsDiscreted, Compose, EnsureTyped, LoadImaged, Orie
 from monai.utils import set_determinism
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
+from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
+from monai_mae.networks.mim import MaskedImageModel
 from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
@@ -111,8 +113,9 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("scratch", "pretrained")
-ARCHITECTURES = ("unetr", "vitseg")
-ARCH_NAMES = {"unetr": "UNETR", "vitseg": "ViTSeg"}
+CNNS = CNN_ARCHITECTURES  # pretrained by masked-image modelling (MaskedImageModel) instead of an MAE
+ARCHITECTURES = ("unetr", "vitseg", *CNNS)
+ARCH_NAMES = {"unetr": "UNETR", "vitseg": "ViTSeg", "unet": "UNet", "dynunet": "DynUNet", "segresnet": "SegResNet"}
 CT_WINDOW = (-175.0, 250.0)
 UNETR_PATCH = 16  # UNETR's fixed patch size
 logger = logging.getLogger("pretrain_benefit")
@@ -122,6 +125,11 @@ logger = logging.getLogger("pretrain_benefit")
 _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
              "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
              "pretrain_warmup_epochs", "visible_loss_weight")  # fmt: skip
+
+
+# ViT settings that a convolutional network (and its masked-image pretraining) ignores
+_VIT_ONLY = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "mae_cls_token", "decoder_hidden_size",
+             "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads", "feature_size")
 
 
 # settings added after runs had been cached: left out of the cache keys while off (0), so the keys of
@@ -255,6 +263,8 @@ class BenefitConfig:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
         names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
                  "patch", "num_layers", *_MAE_ONLY)  # fmt: skip
+        if self.architecture in CNNS:  # a masked-image model of the network itself; the ViT sizes do not matter
+            names = ("architecture", *(n for n in names if n not in _VIT_ONLY))
         text = json.dumps(_without_unset_later_settings({n: getattr(self, n) for n in names}), sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -296,6 +306,30 @@ VITSEG_CHANGES: dict[str, dict[str, Any]] = {
     "quick": dict(architecture="vitseg", patch=8, num_layers=2, mae_cls_token=False, norm_pix_loss=False,
                   visible_loss_weight=1.0, intensity_shift=0.1, intensity_scale=0.1, encoder_lr_scale=0.3, residual_scale=1.0),
 }  # fmt: skip
+
+
+#: What ``--architecture unet|dynunet|segresnet`` changes in each preset: the network is pretrained by masked-image
+#: modelling (:class:`monai_mae.networks.mim.MaskedImageModel`: 75% of the 8^3 patches of each crop set to zero, the
+#: whole encoder-decoder reconstructs them, loss on the masked patches), then fine-tuned whole (every layer but the
+#: output head starts from the pretrained weights) with one learning rate; intensity jitter for both arms, as ViTSeg.
+CNN_CHANGES: dict[str, dict[str, Any]] = {
+    "cpu": dict(patch=8, pretrain_epochs=30, pretrain_warmup_epochs=3, norm_pix_loss=False, pretrain_lr=1e-3, finetune_steps=800,
+                intensity_shift=0.1, intensity_scale=0.1, residual_scale=1.0, labeled_sizes=(1, 2, 4),
+                seeds=(0, 1, 2, 3, 4)),
+    "gpu": dict(patch=16, norm_pix_loss=False, pretrain_lr=1e-3, finetune_steps=6000, intensity_shift=0.1,
+                intensity_scale=0.1, residual_scale=1.0),
+    "quick": dict(patch=8, norm_pix_loss=False, intensity_shift=0.1, intensity_scale=0.1, residual_scale=1.0),
+}
+
+
+def preset_config(preset: str, architecture: str) -> BenefitConfig:
+    """``PRESETS[preset]`` with the changes of ``architecture`` (:data:`VITSEG_CHANGES`, :data:`CNN_CHANGES`)."""
+    cfg = dataclasses.replace(PRESETS[preset], architecture=architecture)
+    if architecture == "vitseg":
+        cfg = dataclasses.replace(cfg, **VITSEG_CHANGES[preset])
+    elif architecture in CNNS:
+        cfg = dataclasses.replace(cfg, **CNN_CHANGES[preset])
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -360,12 +394,7 @@ def pretrain_mae(
         logger.info(f"reusing the pretrained MAE {path} ({info['steps']} steps, {info['seconds']:.0f} s when trained)")
         return path, {**info, "reused": True}
     set_determinism(seed=0)
-    mae = MAEViT(
-        1, cfg.roi, cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, masking_ratio=cfg.masking_ratio, decoder_hidden_size=cfg.decoder_hidden_size,
-        decoder_mlp_dim=cfg.decoder_mlp_dim, decoder_num_layers=cfg.decoder_num_layers,
-        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=True, cls_token=cfg.mae_cls_token,
-    ).to(device)  # fmt: skip
+    mae = build_pretrain_network(cfg).to(device)
     dataset = get_dataset(unlabeled, _train_transforms(cfg, cfg.pretrain_samples, with_label=False), cache="cache")
     loader = DataLoader(dataset, batch_size=cfg.pretrain_batch, shuffle=True, num_workers=0, drop_last=True)
     optimizer = build_optimizer(mae, lr=cfg.pretrain_lr, weight_decay=0.05)  # fused AdamW on CUDA and CPU
@@ -403,11 +432,28 @@ def pretrain_mae(
     return path, {**info, "reused": False}
 
 
+def build_pretrain_network(cfg: BenefitConfig) -> torch.nn.Module:
+    """The self-supervised network: the MAE of the ViT encoder, or a masked-image model of the CNN itself."""
+    if cfg.architecture in CNNS:
+        return MaskedImageModel(cfg.architecture, 1, cfg.roi, patch_size=cfg.patch, masking_ratio=cfg.masking_ratio,
+                                spacing=cfg.phantom_spacing)  # fmt: skip
+    return MAEViT(
+        1, cfg.roi, cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, masking_ratio=cfg.masking_ratio, decoder_hidden_size=cfg.decoder_hidden_size,
+        decoder_mlp_dim=cfg.decoder_mlp_dim, decoder_num_layers=cfg.decoder_num_layers,
+        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=True, cls_token=cfg.mae_cls_token,
+    )
+
+
 def build_network(cfg: BenefitConfig, drop_path_rate: float = 0.0) -> torch.nn.Module:
     """The segmentation network of ``cfg.architecture``, freshly initialised (encoder as the MAE's).
 
     ``drop_path_rate`` is ViTSeg's stochastic depth (UNETR has none; it must then be 0).
     """
+    if cfg.architecture in CNNS:
+        if drop_path_rate:
+            raise ValueError(f"drop_path_rate={drop_path_rate} needs architecture 'vitseg'.")
+        return cnn_network(cfg.architecture, 1, cfg.num_organs + 1, img_size=cfg.roi, spacing=cfg.phantom_spacing)
     if cfg.architecture == "vitseg":
         return ViTSeg(
             1, cfg.num_organs + 1, cfg.roi, patch_size=cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
@@ -631,8 +677,7 @@ def step_times(preset: str, steps: int, device: torch.device) -> dict[str, float
     ratio (what sets equal wall-clock budgets, e.g. ``VITSEG_CHANGES[preset]["finetune_steps"]``) holds
     on a busy machine too.
     """
-    configs = {arch: dataclasses.replace(PRESETS[preset], **(VITSEG_CHANGES[preset] if arch == "vitseg" else {}))
-               for arch in ARCHITECTURES}  # fmt: skip
+    configs = {arch: preset_config(preset, arch) for arch in ARCHITECTURES}
     torch.manual_seed(0)
     cfg = configs["unetr"]
     batch = cfg.finetune_batch * cfg.finetune_samples
@@ -751,9 +796,7 @@ def _load_done(path: Path) -> dict[tuple[str, int, int], dict]:
 def build_config(args: argparse.Namespace) -> BenefitConfig:
     """The preset with every given flag applied."""
     preset = "quick" if args.quick else args.preset
-    cfg = PRESETS[preset]
-    if getattr(args, "architecture", "unetr") == "vitseg":
-        cfg = dataclasses.replace(cfg, **VITSEG_CHANGES[preset])
+    cfg = preset_config(preset, getattr(args, "architecture", "unetr"))
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
     for name in ("labeled_sizes", "seeds"):
         if name in changes:
@@ -773,10 +816,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         preset = "quick" if args.quick else args.preset
         times = step_times(preset, args.step_times, device)
-        unetr_steps = PRESETS[preset].finetune_steps
+        budget = preset_config(preset, "vitseg")
+        seconds = budget.finetune_steps * times["vitseg"]
         print(f"seconds per fine-tuning step ({preset} preset, {device}, {torch.get_num_threads()} threads, median of "
-              f"{args.step_times}): UNETR {times['unetr']:.3f}, ViTSeg {times['vitseg']:.3f}, ratio {times['unetr'] / times['vitseg']:.2f}; "
-              f"UNETR's {unetr_steps} steps = {unetr_steps * times['unetr'] / times['vitseg']:.0f} ViTSeg steps", flush=True)  # fmt: skip
+              f"{args.step_times}, interleaved); steps in the wall-clock of ViTSeg's {budget.finetune_steps} steps "
+              f"({seconds:.0f} s):", flush=True)
+        for arch, value in times.items():
+            print(f"  {ARCH_NAMES[arch]:>9}: {value:.3f} s/step, {seconds / value:.0f} steps", flush=True)
         return times
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     warnings.filterwarnings("ignore", message="torch.meshgrid")
@@ -809,14 +855,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             subset = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))]
             for arm in ARMS:
                 if (arm, n, seed) in done:
-                    runs.append(done[(arm, n, seed)])
+                    runs.append({"architecture": cfg.architecture, **done[(arm, n, seed)]})
                     logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {runs[-1]['dice']:.3f} "
                                 f"(from {done_paths[arm].name})")  # fmt: skip
                     continue
                 net, info = finetune(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
                 result = evaluate_dice(cfg, net, test, device, amp)
-                runs.append({"arm": arm, "n_labeled": n, "seed": seed, "train_cases": [Path(s["image"]).name for s in subset],
-                             **result, **info})  # fmt: skip
+                cases = [Path(s["image"]).name for s in subset]
+                runs.append({"architecture": cfg.architecture, "arm": arm, "n_labeled": n, "seed": seed,
+                             "train_cases": cases, **result, **info})
                 with open(done_paths[arm], "a", encoding="utf-8") as f:
                     f.write(json.dumps(runs[-1]) + "\n")
                 logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {result['dice']:.3f} "

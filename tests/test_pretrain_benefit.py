@@ -183,6 +183,6 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
         assert names[-3:] == ["RandFlipd", "EnsureTyped", "EnsureTyped"] and "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names
 
 
-def test_step_times_of_both_architectures_at_the_preset_sizes():
+def test_step_times_of_every_architecture_at_the_preset_sizes():
     times = pb.step_times("quick", steps=1, device=pb.torch.device("cpu"))
-    assert set(times) == {"unetr", "vitseg"} and all(t > 0 for t in times.values())
+    assert set(times) == {"unetr", "vitseg", "unet", "dynunet", "segresnet"} and all(t > 0 for t in times.values())
