@@ -42,7 +42,7 @@ REALISTIC_ORGANS: tuple[str, ...] = (
 
 _BODY = (165.0, 118.0)  # half width and half depth of the template body, in template mm
 _FILL = 0.84  # fraction of the in-plane field of view the body spans
-_TABLE_ROOM = 24.0  # air gap + table thickness below the body, template mm
+_TABLE_ROOM = 38.0  # air gap + table thickness below the body, template mm
 _Z_RANGE = (-130.0, 150.0)  # template z of the first and last slice edge (0 ~ first lumbar vertebra)
 _SUBSLICES = 3  # sub-slices averaged into one slice (partial volume along z)
 _SOFT_CENTRE = 45.0  # HU that `contrast` pulls soft tissue towards
@@ -53,7 +53,7 @@ _MIN_SHAPE = 16
 
 # soft tissue values (HU, before `contrast`), per-phantom spread +-_HU_SPREAD
 _HU = dict(fat=-100.0, visceral_fat=-90.0, skin=20.0, muscle=50.0, bowel=32.0, bowel_fluid=15.0, liver=60.0)
-_HU.update(spleen=50.0, kidney_cortex=36.0, kidney_medulla=24.0, pancreas=40.0, stomach_wall=42.0)
+_HU.update(spleen=50.0, kidney_cortex=40.0, kidney_medulla=30.0, pancreas=40.0, stomach_wall=42.0)
 _HU.update(stomach_fluid=12.0, gallbladder=10.0, blood=42.0, heart=40.0, cartilage=120.0, cord=30.0, disc=85.0)
 _HU_SPREAD = 4.0
 _LUNG_HU = -860.0
@@ -328,7 +328,7 @@ class _Anatomy:
             top - 55.0 * ((x - cx) / 100.0) ** 2 - 35.0 * ((y - cy) / 90.0) ** 2 - 25.0 * (y < -40) * ((-40 - y) / 60.0)
             for cx, cy, top in self.domes
         ]
-        return np.maximum(heights[0], heights[1]).astype(np.float32)
+        return np.maximum(np.maximum(heights[0], heights[1]), 25.0).astype(np.float32)  # recesses end near L1
 
     def _organ(
         self,
@@ -362,8 +362,8 @@ class _Anatomy:
         box, grids = s.box(everything_lo, everything_hi)
         x, y = grids[0], grids[1]
         # table: a plate curving up at the sides, below the body and an air gap
-        top = -_BODY[1] - 12.0 + 0.0012 * x**2
-        plate = np.maximum(np.maximum(y - top, top - 9.0 - y), np.abs(x) - 190.0)
+        top = -_BODY[1] - 24.0 + 0.0012 * x**2
+        plate = np.maximum(np.maximum(y - top, top - 14.0 - y), np.abs(x) - 190.0)
         s.paint(box, np.broadcast_to(plate, s.image.shape), _TABLE_HU, None)
         depth, fat, wall = self._body(box)
         s.paint(box, -depth, self._texture(box, "skin", 4.0))
