@@ -1,4 +1,4 @@
-"""Data layer: synthetic CT phantoms, Decathlon datalists, and CT/MRI transform presets."""
+"""Data layer: synthetic CT phantoms (simple and realistic), Decathlon datalists, and CT/MRI transform presets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from monai_mae.data.preprocess import (
     preprocess_dataset,
     read_manifest,
 )
-from monai_mae.data.synthetic import ensure_dataset, make_phantom, write_synthetic_dataset
+from monai_mae.data.realistic import REALISTIC_ORGANS, make_realistic_phantom, realistic_spacing
+from monai_mae.data.synthetic import STYLES, ensure_dataset, make_phantom, write_synthetic_dataset
 from monai_mae.data.transforms import (
     ReplaceNonFinited,
     data_preset_names,
@@ -23,6 +24,8 @@ from monai_mae.data.transforms import (
 
 __all__ = [
     "PreprocessedCropDataset",
+    "REALISTIC_ORGANS",
+    "STYLES",
     "ReplaceNonFinited",
     "check_manifest",
     "check_nifti",
@@ -37,8 +40,10 @@ __all__ = [
     "load_data_preset",
     "load_datalist",
     "make_phantom",
+    "make_realistic_phantom",
     "preprocess_dataset",
     "read_manifest",
+    "realistic_spacing",
     "validate_datalist",
     "write_synthetic_dataset",
 ]

@@ -1,9 +1,11 @@
 """Synthetic CT-like phantoms and a Decathlon-style dataset writer.
 
-The phantoms give every bundle and test a dataset that needs no download: an air background, an
-elliptic body with a fat layer, and several organ-like ellipsoids with their own Hounsfield
-values, low-frequency texture, gaussian noise and a smooth bias field. Everything is generated
-in voxel space with vectorised numpy and is fully determined by the seed.
+The phantoms give every bundle and test a dataset that needs no download. The ``"simple"`` style
+(the default): an air background, an elliptic body with a fat layer, and several organ-like
+ellipsoids with their own Hounsfield values, low-frequency texture, gaussian noise and a smooth bias
+field. The ``"realistic"`` style (:mod:`monai_mae.data.realistic`): an upper-abdomen scan with a
+table, body wall, lungs, touching organs of similar HU, bone, partial volume and correlated noise.
+Everything is generated in voxel space with vectorised numpy and is fully determined by the seed.
 
 Run ``python -m monai_mae.data.synthetic OUT_DIR --num 8`` to write a dataset from the shell.
 """
@@ -21,9 +23,24 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from monai_mae.data.realistic import (
+    REALISTIC_ORGANS,
+    check_realistic_options,
+    make_realistic_phantom,
+    realistic_spacing,
+)
 from monai_mae.utils import atomic_write
 
-__all__ = ["LAYOUTS", "ORGAN_LAYOUT", "ORGAN_TYPES", "ensure_dataset", "main", "make_phantom", "write_synthetic_dataset"]
+__all__ = [
+    "LAYOUTS",
+    "ORGAN_LAYOUT",
+    "ORGAN_TYPES",
+    "STYLES",
+    "ensure_dataset",
+    "main",
+    "make_phantom",
+    "write_synthetic_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +68,12 @@ ORGAN_LAYOUT: dict[str, tuple[tuple[float, float, float], tuple[float, float, fl
     "lung": ((-0.35, 0.15, 0.82), (0.35, 0.40, 0.14), 10.0),
     "spleen": ((-0.55, 0.10, 0.50), (0.18, 0.25, 0.17), 20.0),
 }
-#: Organ placements of :func:`make_phantom`.
+#: Organ placements of :func:`make_phantom` (style ``"simple"``).
 LAYOUTS = ("random", "anatomical")
+#: Phantom styles of :func:`make_phantom`: the original ellipsoid phantoms, and realistic upper-abdomen scans
+#: (:func:`monai_mae.data.realistic.make_realistic_phantom`).
+STYLES = ("simple", "realistic")
+_SIMPLE_SPACING = (1.5, 1.5, 2.0)
 _LAYOUT_JITTER = 0.06
 _LAYOUT_SIZE_SPREAD = 0.15
 
@@ -84,6 +105,36 @@ def _check_layout(layout: str) -> None:
     """Raise a ValueError naming ``layout`` unless it is one of :data:`LAYOUTS`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+
+
+def _resolve_style(
+    style: str, layout: str | None, contrast: float | None, noise_hu: float | None, bias_hu: float | None
+) -> str:
+    """Check the style options; return the layout to use (``"random"`` unless given; realistic: ``"anatomical"``).
+
+    Raises:
+        ValueError: for an unknown ``style`` or ``layout``, a ``layout="random"`` with the realistic style, or
+            ``contrast``/``noise_hu``/``bias_hu`` given with the simple style; the message names them.
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}.")
+    if layout is not None:
+        _check_layout(layout)
+    if style == "realistic":
+        if layout == "random":
+            raise ValueError("layout='random' does not apply to style='realistic' (its organs are always anatomical).")
+        return "anatomical"
+    knobs = {"contrast": contrast, "noise_hu": noise_hu, "bias_hu": bias_hu}
+    given = {name: value for name, value in knobs.items() if value is not None}
+    if given:
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: only style='realistic' takes these.")
+    return layout or "random"
+
+
+def _realistic_knobs(contrast: float | None, noise_hu: float | None, bias_hu: float | None) -> dict[str, float]:
+    """The difficulty options given (not None), as keyword arguments of ``make_realistic_phantom``."""
+    knobs = {"contrast": contrast, "noise_hu": noise_hu, "bias_hu": bias_hu}
+    return {name: value for name, value in knobs.items() if value is not None}
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], grid: int) -> np.ndarray:
@@ -158,7 +209,15 @@ def _ellipsoid_in_box(
 
 
 def make_phantom(
-    shape: Sequence[int] = (96, 96, 64), seed: int = 0, num_organs: int = 4, layout: str = "random"
+    shape: Sequence[int] = (96, 96, 64),
+    seed: int = 0,
+    num_organs: int = 4,
+    layout: str | None = None,
+    *,
+    style: str = "simple",
+    contrast: float | None = None,
+    noise_hu: float | None = None,
+    bias_hu: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate one CT-like phantom and its organ labels, deterministically from ``seed``.
 
@@ -176,21 +235,33 @@ def make_phantom(
     spine along z, lung on top) with per-phantom jitter, so position and neighbourhood carry
     information, as in real CT; organs beyond the fifth are placed at random.
 
+    ``style="realistic"`` draws an upper-abdomen scan instead
+    (:func:`monai_mae.data.realistic.make_realistic_phantom`): table, body wall, lungs, touching organs of
+    similar HU, spine and ribs, partial volume along z and correlated noise. Its labels ``1..num_organs``
+    (0..9) are :data:`monai_mae.data.realistic.REALISTIC_ORGANS`, whose first five are the organs of
+    :data:`ORGAN_TYPES` in the same order; ``contrast``, ``noise_hu`` and ``bias_hu`` make it harder.
+
     Args:
         shape: volume shape (X, Y, Z), each at least 8. Defaults to ``(96, 96, 64)``.
         seed: seed of ``numpy.random.default_rng``; the same seed gives identical arrays.
             Defaults to 0.
-        num_organs: number of organs, 0 to 255. Defaults to 4.
-        layout: ``"random"`` or ``"anatomical"`` organ placement (see above). Defaults to ``"random"``.
+        num_organs: number of organs, 0 to 255 (realistic style: labelled organs, 0 to 9). Defaults to 4.
+        layout: ``"random"`` or ``"anatomical"`` organ placement of the simple style (see above).
+            Defaults to ``"random"``; the realistic style accepts only ``"anatomical"`` (or None).
+        style: ``"simple"`` or ``"realistic"`` (:data:`STYLES`). Defaults to ``"simple"``.
+        contrast: realistic style only: scale of the soft-tissue HU differences, in [0, 2]. Defaults to 1.
+        noise_hu: realistic style only: standard deviation of the noise (HU). Defaults to 15.
+        bias_hu: realistic style only: standard deviation of the smooth bias (HU). Defaults to 8.
 
     Returns:
         ``(image, label)``: float32 image in Hounsfield units and uint8 label volume (0 =
         background, ``k`` = organ ``k``), both of ``shape``.
 
     Raises:
-        ValueError: when ``shape`` is not 3 ints >= 8, ``num_organs`` is outside 0..255,
-            ``layout`` is not one of :data:`LAYOUTS`, or the organs do not fit into the body
-            (use fewer organs or a larger shape).
+        ValueError: when ``shape`` is not 3 ints >= 8 (realistic: >= 16), ``num_organs`` is outside
+            0..255 (realistic: 0..9), ``layout`` is not one of :data:`LAYOUTS`, ``style`` not one of
+            :data:`STYLES`, a realistic-only option is given with the simple style, or the organs do
+            not fit into the body (use fewer organs or a larger shape).
 
     Examples::
 
@@ -198,9 +269,11 @@ def make_phantom(
         >>> image.shape, image.dtype, sorted(np.unique(label).tolist())
         ((32, 32, 24), dtype('float32'), [0, 1, 2, 3])
     """
+    layout = _resolve_style(style, layout, contrast, noise_hu, bias_hu)
+    if style == "realistic":
+        return make_realistic_phantom(shape, seed, num_organs, **_realistic_knobs(contrast, noise_hu, bias_hu))
     dims = _check_shape(shape)
     _check_num_organs(num_organs)
-    _check_layout(layout)
     rng = np.random.default_rng(seed)
     nx, ny, nz = dims
     x = np.arange(nx, dtype=np.float32)[:, None, None]
@@ -317,11 +390,15 @@ def write_synthetic_dataset(
     num: int = 8,
     num_validation: int = 2,
     shape: Sequence[int] = (96, 96, 64),
-    spacing: Sequence[float] = (1.5, 1.5, 2.0),
+    spacing: Sequence[float] | None = None,
     seed: int = 0,
     num_organs: int = 4,
     with_labels: bool = True,
-    layout: str = "random",
+    layout: str | None = None,
+    style: str = "simple",
+    contrast: float | None = None,
+    noise_hu: float | None = None,
+    bias_hu: float | None = None,
 ) -> Path:
     """Write ``num`` phantoms as NIfTI files and a Medical Segmentation Decathlon datalist.
 
@@ -338,19 +415,23 @@ def write_synthetic_dataset(
         num: number of cases, >= 1. Defaults to 8.
         num_validation: cases kept for validation, 0..num. Defaults to 2.
         shape: volume shape (X, Y, Z). Defaults to ``(96, 96, 64)``.
-        spacing: voxel size in mm (x, y, z), positive. Defaults to ``(1.5, 1.5, 2.0)``.
+        spacing: voxel size in mm (x, y, z), positive. Defaults to ``(1.5, 1.5, 2.0)`` for the simple
+            style and :func:`monai_mae.data.realistic.realistic_spacing` (an adult-sized patient) for
+            the realistic one.
         seed: dataset seed; case ``i`` uses an independent seed derived from it. Defaults to 0.
         num_organs: organs per phantom. Defaults to 4.
         with_labels: write ``labelsTr`` and ``"label"`` entries. Defaults to True.
         layout: organ placement of :func:`make_phantom`, ``"random"`` or ``"anatomical"``.
-            Defaults to ``"random"``.
+            Defaults to ``"random"`` (realistic style: ``"anatomical"``).
+        style, contrast, noise_hu, bias_hu: phantom style and the realistic style's difficulty
+            options, as in :func:`make_phantom`. Defaults to ``"simple"`` and None (the style's defaults).
 
     Returns:
-        Path of the written ``datalist.json``.
+        Path of the written ``datalist.json``. With the realistic style, ``"labels"`` names the organs.
 
     Raises:
-        ValueError: for a bad ``num``, ``num_validation``, ``shape``, ``spacing``, ``num_organs``
-            or ``layout``.
+        ValueError: for a bad ``num``, ``num_validation``, ``shape``, ``spacing``, ``num_organs``,
+            ``layout``, ``style``, ``contrast``, ``noise_hu`` or ``bias_hu``; nothing is written then.
 
     Examples::
 
@@ -364,9 +445,17 @@ def write_synthetic_dataset(
         raise ValueError(f"num must be an int >= 1, got {num!r}.")
     if not isinstance(num_validation, (int, np.integer)) or not 0 <= num_validation <= num:
         raise ValueError(f"num_validation must be an int in 0..num ({num}), got {num_validation!r}.")
-    dims = _check_shape(shape)
-    _check_num_organs(num_organs)
-    _check_layout(layout)
+    layout = _resolve_style(style, layout, contrast, noise_hu, bias_hu)
+    knobs = _realistic_knobs(contrast, noise_hu, bias_hu)
+    if style == "realistic":
+        check_realistic_options(num_organs, **knobs)
+        default_spacing = realistic_spacing(shape)  # checks the shape (each >= 16)
+        dims = _check_shape(shape)
+        spacing = default_spacing if spacing is None else spacing
+    else:
+        dims = _check_shape(shape)
+        _check_num_organs(num_organs)
+        spacing = _SIMPLE_SPACING if spacing is None else spacing
     spacing_t = tuple(float(s) for s in spacing)
     if len(spacing_t) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing_t):
         raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing!r}.")
@@ -379,7 +468,7 @@ def write_synthetic_dataset(
     case_seeds = np.random.SeedSequence(seed).generate_state(num)
     entries: list[dict[str, str]] = []
     for i, case_seed in enumerate(case_seeds):
-        image, label = make_phantom(dims, seed=int(case_seed), num_organs=num_organs, layout=layout)
+        image, label = make_phantom(dims, int(case_seed), num_organs, layout, style=style, **knobs)
         name = f"phantom_{i:03d}.nii.gz"
         _save_nifti(np.round(image).astype(np.int16), affine, out / "imagesTr" / name)
         entry = {"image": f"imagesTr/{name}"}
@@ -389,15 +478,22 @@ def write_synthetic_dataset(
         entries.append(entry)
 
     num_training = num - num_validation
+    if style == "realistic":
+        options = "".join(f", {name} {value}" for name, value in knobs.items())
+        kind = f"realistic style{options}"
+        names = {str(k): REALISTIC_ORGANS[k - 1] for k in range(1, num_organs + 1)}
+    else:
+        kind = f"{layout} layout"
+        names = {str(k): f"organ_{k}" for k in range(1, num_organs + 1)}
     datalist = {
         "name": "monai-mae synthetic CT phantoms",
         "description": (
             f"{num} synthetic CT-like phantoms (shape {list(dims)}, spacing {list(spacing_t)} mm, "
-            f"seed {seed}, {num_organs} organs, {layout} layout) written by monai_mae.data.synthetic"
+            f"seed {seed}, {num_organs} organs, {kind}) written by monai_mae.data.synthetic"
         ),
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
-        "labels": {"0": "background", **{str(k): f"organ_{k}" for k in range(1, num_organs + 1)}},
+        "labels": {"0": "background", **names},
         "numTraining": num_training,
         "training": entries[:num_training],
         "validation": entries[num_training:],
@@ -482,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Examples::
 
         python -m monai_mae.data.synthetic ./data/synthetic --num 8 --num-validation 2 --shape 96 96 64
+        python -m monai_mae.data.synthetic ./data/realistic --style realistic --shape 128 128 48 --num-organs 9
     """
     parser = argparse.ArgumentParser(
         prog="python -m monai_mae.data.synthetic", description="Write synthetic CT-like phantoms and datalist.json."
@@ -490,10 +587,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=8, help="number of cases (default 8)")
     parser.add_argument("--num-validation", type=int, default=2, help="cases kept for validation (default 2)")
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("SX", "SY", "SZ"))
+    parser.add_argument(
+        "--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+        help="voxel size in mm (default: 1.5 1.5 2.0; realistic style: an adult-sized patient)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-organs", type=int, default=4)
-    parser.add_argument("--layout", choices=LAYOUTS, default="random", help="organ placement (default: random)")
+    parser.add_argument("--layout", choices=LAYOUTS, default=None, help="organ placement (default: random)")
+    parser.add_argument("--style", choices=STYLES, default="simple", help="phantom style (default: simple)")
+    parser.add_argument("--contrast", type=float, default=None, help="realistic style: soft-tissue contrast scale")
+    parser.add_argument("--noise-hu", type=float, default=None, help="realistic style: noise standard deviation (HU)")
+    parser.add_argument("--bias-hu", type=float, default=None, help="realistic style: smooth bias std (HU)")
     parser.add_argument("--no-labels", action="store_true", help="write images only")
     args = parser.parse_args(argv)
     try:
@@ -507,6 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_organs=args.num_organs,
             with_labels=not args.no_labels,
             layout=args.layout,
+            style=args.style,
+            contrast=args.contrast,
+            noise_hu=args.noise_hu,
+            bias_hu=args.bias_hu,
         )
     except ValueError as err:
         parser.error(str(err))
