@@ -93,6 +93,7 @@ from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
 from monai_mae.networks.mim import MaskedImageModel
 from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
+from monai_mae.data.realistic import REALISTIC_ORGANS, realistic_spacing
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
 from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer
 from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
@@ -134,11 +135,15 @@ _VIT_ONLY = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "mae_cls_token
 
 # settings added after runs had been cached: left out of the cache keys while off (0), so the keys of
 # the MAEs and fine-tunes made before they existed stay valid
-_ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale")
+_ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale", "style")
+STYLES = ("simple", "realistic")
+
+
+_OFF = {"style": "simple"}  # the value of a later setting that means "as before it existed" (default: 0)
 
 
 def _without_unset_later_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k not in _ADDED_LATER or v}
+    return {k: v for k, v in settings.items() if k not in _ADDED_LATER or v != _OFF.get(k, 0)}
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,9 @@ class BenefitConfig:
     Attributes:
         phantom_shape, phantom_spacing: size (voxels) and voxel size (mm) of the generated phantoms;
             the transforms keep this native spacing.
+        style: ``"simple"`` (the original phantoms) or ``"realistic"`` (an upper-abdomen CT with body wall, table,
+            bowel, 9 labelled structures, partial volume, correlated noise and bias: docs/phantoms.md);
+            ``--setting realistic`` selects :data:`REALISTIC_CHANGES`.
         layout, num_organs: organ placement and number of organs of the phantoms
             (:func:`monai_mae.data.make_phantom`); ``"anatomical"`` keeps a patient-like arrangement,
             which is what an MAE can learn from unlabeled volumes (with ``"random"`` placement nothing
@@ -187,6 +195,7 @@ class BenefitConfig:
     phantom_shape: tuple[int, int, int] = (64, 64, 48)
     phantom_spacing: tuple[float, float, float] = (2.25, 2.25, 2.67)
     layout: str = "anatomical"
+    style: str = "simple"
     num_organs: int = 5
     num_unlabeled: int = 96
     num_labeled_pool: int = 8
@@ -248,8 +257,12 @@ class BenefitConfig:
             raise ValueError(f"labeled_sizes must be >= 1 and seeds non-empty, got {self.labeled_sizes}, {self.seeds}.")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}.")
-        if not 1 <= self.num_organs <= len(ORGAN_TYPES):
-            raise ValueError(f"num_organs must be in 1..{len(ORGAN_TYPES)}, got {self.num_organs}.")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}.")
+        if self.style == "realistic" and self.layout != "anatomical":
+            raise ValueError(f"the realistic style has the anatomical layout only, got layout={self.layout!r}.")
+        if not 1 <= self.num_organs <= len(self.organ_names(all_organs=True)):
+            raise ValueError(f"num_organs must be in 1..{len(self.organ_names(all_organs=True))}, got {self.num_organs}.")
         if not (self.residual_scale == "auto" or (isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0)):
             raise ValueError(f"residual_scale must be 'auto' or a positive number, got {self.residual_scale!r}.")
         if not (self.intensity_shift >= 0 and 0 <= self.intensity_scale < 1):
@@ -259,9 +272,14 @@ class BenefitConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}.")
 
+    def organ_names(self, all_organs: bool = False) -> list[str]:
+        """Names of the labels 1..num_organs (of every label the style has with ``all_organs``)."""
+        names = list(REALISTIC_ORGANS) if self.style == "realistic" else [organ[0] for organ in ORGAN_TYPES]
+        return names if all_organs else names[: self.num_organs]
+
     def pretrain_key(self) -> str:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
-        names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
+        names = ("phantom_shape", "phantom_spacing", "layout", "style", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
                  "patch", "num_layers", *_MAE_ONLY)  # fmt: skip
         if self.architecture in CNNS:  # a masked-image model of the network itself; the ViT sizes do not matter
             names = ("architecture", *(n for n in names if n not in _VIT_ONLY))
@@ -322,9 +340,26 @@ CNN_CHANGES: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(preset: str, architecture: str) -> BenefitConfig:
-    """``PRESETS[preset]`` with the changes of ``architecture`` (:data:`VITSEG_CHANGES`, :data:`CNN_CHANGES`)."""
+#: What ``--setting realistic`` changes in each preset: phantoms that behave like abdominal CT (docs/phantoms.md) at
+#: the voxel size of an adult-sized patient (:func:`monai_mae.data.realistic.realistic_spacing`), so each organ is a
+#: small part of the volume and of a crop; liver, kidney, bone, lung, spleen, pancreas and stomach labelled.
+REALISTIC_CHANGES: dict[str, dict[str, Any]] = {
+    "cpu": dict(style="realistic", phantom_shape=(128, 128, 48), phantom_spacing=realistic_spacing((128, 128, 48)),
+                num_organs=7),
+    "gpu": dict(style="realistic", phantom_shape=(256, 256, 96), phantom_spacing=realistic_spacing((256, 256, 96)),
+                num_organs=9),
+    "quick": dict(style="realistic", phantom_shape=(48, 48, 32), phantom_spacing=realistic_spacing((48, 48, 32)),
+                  num_organs=5),
+}  # fmt: skip
+SETTINGS = ("phantoms", "realistic")
+
+
+def preset_config(preset: str, architecture: str, setting: str = "phantoms") -> BenefitConfig:
+    """``PRESETS[preset]`` with the changes of ``architecture`` (:data:`VITSEG_CHANGES`, :data:`CNN_CHANGES`) and of
+    ``setting`` (``"phantoms"``: none; ``"realistic"``: :data:`REALISTIC_CHANGES`)."""
     cfg = dataclasses.replace(PRESETS[preset], architecture=architecture)
+    if setting == "realistic":
+        cfg = dataclasses.replace(cfg, **REALISTIC_CHANGES[preset])
     if architecture == "vitseg":
         cfg = dataclasses.replace(cfg, **VITSEG_CHANGES[preset])
     elif architecture in CNNS:
@@ -342,8 +377,9 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
         ``(unlabeled, labeled_pool, test)`` datalist entries (absolute paths; ``unlabeled`` without labels).
     """
     tag = "x".join(map(str, cfg.phantom_shape)) + "_" + "x".join(f"{s:g}" for s in cfg.phantom_spacing)
-    tag += f"_{cfg.layout}{cfg.num_organs}"
-    geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing, layout=cfg.layout, num_organs=cfg.num_organs)
+    tag += f"_{cfg.layout}{cfg.num_organs}" + ("_realistic" if cfg.style == "realistic" else "")
+    geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing, layout=cfg.layout, num_organs=cfg.num_organs,
+                    **({"style": "realistic"} if cfg.style == "realistic" else {}))  # fmt: skip
     unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}"
     labeled_dir = work_dir / f"data_{tag}" / f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
     ensure_dataset(unlabeled_dir, num=cfg.num_unlabeled, num_validation=0, seed=1000, with_labels=False,
@@ -509,7 +545,7 @@ def finetune(
 def evaluate_dice(cfg: BenefitConfig, net: torch.nn.Module, test_items: list[dict], device: torch.device, amp: bool) -> dict:
     """Sliding-window Dice of the final weights on the held-out phantoms: mean over organs, and per organ."""
     loader = DataLoader(get_dataset(test_items, _eval_transforms(), cache="none"), batch_size=1, num_workers=0)
-    names = [ORGAN_TYPES[i][0] for i in range(cfg.num_organs)]  # organ k is ORGAN_TYPES[k - 1]
+    names = cfg.organ_names()  # label k is names[k - 1]
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=net, amp=amp, amp_kwargs={"dtype": torch.bfloat16},
         inferer=SlidingWindowInferer(cfg.roi, sw_batch_size=cfg.sw_batch_size, overlap=0.5, mode="gaussian"),
@@ -579,7 +615,7 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         "",
         "Settings: "
         f"phantoms {'x'.join(map(str, cfg.phantom_shape))} at {'x'.join(f'{s:g}' for s in cfg.phantom_spacing)} mm, "
-        f"{cfg.layout} layout, {cfg.num_organs} organs; "
+        f"{cfg.style} style, {cfg.layout} layout, {cfg.num_organs} organs; "
         f"{cfg.roi}^3 crops; ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
         f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
         + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "") + f". MAE: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
@@ -723,6 +759,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="unetr",
                         help="segmentation network: unetr (patch 16) or vitseg (pure ViT, patch 8; the preset's VITSEG_CHANGES)")  # fmt: skip
+    parser.add_argument("--setting", choices=SETTINGS, default="phantoms",
+                        help="phantoms (the original anatomical phantoms) or realistic (abdominal-CT-like volumes)")
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
     parser.add_argument("--step-times", type=int, default=None, metavar="STEPS",
                         help="only measure the seconds per fine-tuning step of UNETR and ViTSeg at the preset's sizes (interleaved)")
@@ -780,6 +818,17 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def portable_command(argv: Sequence[str]) -> str:
+    """The command line of this run with paths made relative to the repository (``<tmp>/NAME`` outside it)."""
+    parts = ["python", "benchmarks/pretrain_benefit.py"]
+    for arg in argv:
+        if os.path.isabs(arg):
+            path = Path(arg).resolve()
+            arg = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else f"<tmp>/{path.name}"
+        parts.append(arg)
+    return " ".join(shlex.quote(a) for a in parts)
+
+
 def _load_done(path: Path) -> dict[tuple[str, int, int], dict]:
     """Finished fine-tunes of an earlier, interrupted run with the same settings (a torn last line is skipped)."""
     done = {}
@@ -796,7 +845,7 @@ def _load_done(path: Path) -> dict[tuple[str, int, int], dict]:
 def build_config(args: argparse.Namespace) -> BenefitConfig:
     """The preset with every given flag applied."""
     preset = "quick" if args.quick else args.preset
-    cfg = preset_config(preset, getattr(args, "architecture", "unetr"))
+    cfg = preset_config(preset, getattr(args, "architecture", "unetr"), getattr(args, "setting", "phantoms"))
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
     for name in ("labeled_sizes", "seeds"):
         if name in changes:
@@ -834,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     amp = args.amp if args.amp is not None else device.type == "cuda"
     work_dir = args.work_dir or args.out_dir / "pretrain_benefit_work"
     name = ("pretrain_benefit_quick" if args.quick else "pretrain_benefit") + f"_{cfg.architecture}"
+    name += "_realistic" if cfg.style == "realistic" else ""
     t0 = time.perf_counter()
 
     unlabeled, pool, test = prepare_data(cfg, work_dir)
@@ -873,11 +923,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     rows = summarise(runs, cfg)
     env = {
-        "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/pretrain_benefit.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": portable_command(argv if argv is not None else sys.argv[1:]),
         "device": f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)" if device.type == "cpu"
         else torch.cuda.get_device_name(device),
         "torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "amp": amp, "total_minutes": (time.perf_counter() - t0) / 60,
+        "threads": torch.get_num_threads(), "amp": amp,
+        "total_minutes": (pretrain["seconds"] + sum(r["seconds"] for r in runs)) / 60,  # cached parts included
+        "minutes_this_invocation": (time.perf_counter() - t0) / 60,
     }  # fmt: skip
     markdown = format_markdown(rows, cfg, env, pretrain)
     args.out_dir.mkdir(parents=True, exist_ok=True)
