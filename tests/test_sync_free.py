@@ -17,8 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from monai_mae import MAEViT, MaskedReconstructionLoss, MaskGenerator, content_aware_weights, random_masking
-from monai_mae.networks.masking import mask_from_keep, sample_predicted
+from monai_mae import (
+    MAEViT,
+    MaskedReconstructionLoss,
+    MaskGenerator,
+    content_aware_weights,
+    mae_patchify_and_mask,
+    patchify,
+    random_masking,
+    restore_patches,
+)
+from monai_mae.networks.masking import mask_from_keep, sample_predicted, split_indices
 from monai_mae.networks.vitseg import ViTSeg
 
 aten = torch.ops.aten
@@ -147,6 +156,21 @@ def test_vitseg_training_step_has_no_host_read(options):
     assert (counter.scalar_reads, counter.boolean_masks) == ([], [])
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_masking_helpers_have_no_host_read(device):
+    images = torch.rand(2, 3, 64, 64).to(device)
+    generator = torch.Generator().manual_seed(0) if device == "cpu" else None
+    with HostReadCounter() as counter:
+        visible, masked_indices, permutation = mae_patchify_and_mask(images, 16, 0.75, generator=generator)
+        restored = restore_patches(visible, permutation)
+        weights = content_aware_weights(images, 16)
+        weighted = random_masking(patchify(images, 16), 0.75, weights=weights, generator=generator, validate=False)
+        tokens, voxels = MaskGenerator(32, 16, 8, 0.75, tube_axis=2)(2, generator=generator, device=device)
+    assert (counter.scalar_reads, counter.boolean_masks) == ([], [])
+    assert (visible.shape, masked_indices.shape, restored.shape) == ((2, 4, 768), (2, 12), (2, 16, 768))
+    assert weighted.visible.shape == (2, 4, 768) and (tokens.shape, voxels.shape) == ((2, 64), (2, 32, 32, 32))
+
+
 def test_counter_sees_what_it_must_refuse():
     """The counter is not blind: the reads this module rules out are all seen."""
     x = torch.rand(2, 8)
@@ -211,3 +235,10 @@ def test_mae_training_forward_is_one_graph(options):
 
     explained = torch._dynamo.explain(step)(torch.rand(2, 1, 32, 32, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_split_indices_equals_boolean_indexing():
+    keep = torch.rand(5, 40).argsort(dim=1) < 13  # 13 True per row, at random places
+    visible, masked = split_indices(keep, 13)
+    index = torch.arange(40).expand(5, 40)
+    assert torch.equal(visible, index[keep].view(5, 13)) and torch.equal(masked, index[~keep].view(5, 27))
