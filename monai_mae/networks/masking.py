@@ -27,7 +27,6 @@ __all__ = [
     "random_masking",
     "num_visible",
     "split_indices",
-    "gather_tokens",
     "mask_from_keep",
     "num_predicted",
     "sample_predicted",
@@ -94,15 +93,6 @@ def split_indices(selected: torch.Tensor, n_selected: int) -> tuple[torch.Tensor
     return order[:, :n_selected], order[:, n_selected:]
 
 
-def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``tokens (B, N, D)`` at ``indices (B, M)`` -> ``(B, M, D)``, by ``gather``."""
-    return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def _mask_dtype(tokens: torch.Tensor) -> torch.dtype:
-    return tokens.dtype if tokens.is_floating_point() else torch.float32
-
-
 def _row_count(flags: torch.Tensor, rule: str) -> int:
     """The number of True entries per row of ``flags (B, N)``, the same in every row: a host read of ``flags``.
 
@@ -130,18 +120,18 @@ def mask_from_keep(tokens: torch.Tensor, keep: torch.Tensor, n_keep: int | None 
         ValueError: when ``keep`` does not match ``tokens`` or rows keep different numbers of tokens
             (checked only when ``n_keep`` is None).
     """
-    batch, n_tokens, _ = tokens.shape
+    batch, n_tokens, width = tokens.shape
     if keep.shape != (batch, n_tokens):
         raise ValueError(f"keep mask of shape {tuple(keep.shape)} does not match tokens (B, N) = {(batch, n_tokens)}.")
     keep = keep.to(dtype=torch.bool)
     if n_keep is None:
         n_keep = _row_count(keep, "keep the same number of tokens")
-    keep = keep.to(device=tokens.device)
+    keep = keep.to(device=tokens.device, non_blocking=True)  # from the CPU: no wait for the device's queue
     visible_indices, masked_indices = split_indices(keep, n_keep)  # (B, N_keep), (B, N - N_keep)
     return MaskingResult(
-        visible=gather_tokens(tokens, visible_indices),  # original order
+        visible=tokens.gather(1, visible_indices.unsqueeze(-1).expand(-1, -1, width)),  # original order
         keep=keep,
-        mask=(~keep).to(_mask_dtype(tokens)),
+        mask=(~keep).to(tokens.dtype if tokens.is_floating_point() else torch.float32),
         visible_indices=visible_indices,
         masked_indices=masked_indices,
     )
@@ -213,7 +203,7 @@ def random_masking(
             raise ValueError(f"weights must be (B, N) = {(batch, n_tokens)}, got {tuple(weights.shape)}.")
         if validate or (validate is None and weights.device.type == "cpu" and not is_compiling()):
             _check_weights(weights, n_keep)
-        weights = weights.to(device=tokens.device, dtype=torch.float32)
+        weights = weights.to(device=tokens.device, dtype=torch.float32, non_blocking=True)
     chosen = torch.multinomial(weights, n_keep, replacement=False, generator=generator)  # (B, N_keep)
     keep = torch.zeros(batch, n_tokens, dtype=torch.bool, device=tokens.device).scatter_(1, chosen, True)
     return mask_from_keep(tokens, keep, n_keep)
