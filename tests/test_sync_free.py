@@ -32,8 +32,10 @@ from monai_mae.networks.vitseg import ViTSeg
 
 aten = torch.ops.aten
 
-TINY = dict(hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4, decoder_hidden_size=24, decoder_mlp_dim=48,
-            decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+TINY = dict(
+    hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4,
+    decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4,
+)
 PRIMUS_BLOCKS = dict(pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1)
 MAE_VARIANTS = {
     "default": {},
@@ -49,9 +51,12 @@ VITSEG_VARIANTS = {
 
 #: ops that copy a device value to the host (a GPU -> CPU synchronisation)
 SCALAR_READS = {aten._local_scalar_dense, aten.item, aten.is_nonzero}
-#: ops whose output shape depends on tensor values (a host read on CUDA, a graph break in torch.compile)
-DATA_DEPENDENT = {aten.nonzero, aten.argwhere, aten.masked_select, aten.masked_scatter, aten.masked_scatter_,
-                  aten.unique_dim, aten._unique2, aten.unique_consecutive}  # fmt: skip
+#: ops driven by a boolean mask's values or with a value-dependent output shape (a host read on CUDA, a graph
+#: break in torch.compile)
+DATA_DEPENDENT = {
+    aten.nonzero, aten.argwhere, aten.masked_select, aten.masked_scatter, aten.masked_scatter_,
+    aten.unique_dim, aten._unique2, aten.unique_consecutive,
+}
 INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_, aten._unsafe_index}
 
 
@@ -70,7 +75,7 @@ class HostReadCounter(TorchDispatchMode):
         elif packet in DATA_DEPENDENT:
             self.boolean_masks.append(str(func))
         elif packet in INDEXING:
-            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            indices = args[1] if len(args) > 1 else (kwargs or {}).get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()):
                 self.boolean_masks.append(str(func))
         return func(*args, **(kwargs or {}))
