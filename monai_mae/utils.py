@@ -1,6 +1,6 @@
 """Small helpers shared across monai-mae, one per job: process rank, model unwrapping, finding a
 network's ViT encoder, the weight-decay rule, reading JSON, checking a positive number, durable
-file writes.
+file writes, telling whether ``torch.compile`` is tracing.
 
 Import-light on purpose (the standard library and torch only, nothing from ``monai_mae``), so any
 module can use it without an import cycle.
@@ -23,6 +23,7 @@ __all__ = [
     "NO_WEIGHT_DECAY_NAMES",
     "atomic_write",
     "find_vit",
+    "is_compiling",
     "is_distributed",
     "is_main_process",
     "is_positive_finite",
@@ -178,6 +179,16 @@ def is_positive_finite(value: Any) -> bool:
         [True, True, False, False, False, False, False]
     """
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# torch >= 2.3; earlier releases have no public query and are treated as never tracing
+_torch_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` (dynamo) is tracing the caller: code that reads tensor values to the host
+    (``bool(t)``, ``t.item()``) would break the graph there. False on torch < 2.3."""
+    return bool(_torch_is_compiling()) if _torch_is_compiling is not None else False
 
 
 def _fsync_dir(folder: Path) -> None:

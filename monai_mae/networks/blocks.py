@@ -23,6 +23,8 @@ from monai.networks.layers import DropPath
 from monai.utils import look_up_option
 from torch.utils.checkpoint import checkpoint
 
+from monai_mae.utils import is_compiling
+
 __all__ = [
     "MLP_TYPES",
     "Rope",
@@ -142,7 +144,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 # torch >= 2.3; before, compiled graphs break at the eager rotation's out= products (still correct)
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+_is_compiling = is_compiling
 
 
 class _Rotate(torch.autograd.Function):

@@ -17,7 +17,7 @@ from monai.utils import ensure_tuple_rep, look_up_option
 from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
 from monai_mae.networks.cross_decoder import build_cross_blocks
 from monai_mae.networks.display import reconstruct_image
-from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted
+from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted, split_indices
 from monai_mae.networks.patching import check_image_input, patch_grid, patch_pattern, patchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 
@@ -139,12 +139,14 @@ class VisiblePatchEmbedding(nn.Module):
             tokens = tokens + self.pos_embed(grid)
         return self.dropout(tokens)
 
-    def forward(self, patches: torch.Tensor, keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, visible: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Embed the kept patches.
 
         Args:
             patches: ``(B, N_keep, prod(P) * C)`` visible patches, in grid order.
-            keep: ``(B, N)`` bool keep-mask they were selected with.
+            visible: ``(B, N_keep)`` their ascending indices (``MaskingResult.visible_indices``), or the
+                ``(B, N)`` bool keep-mask they were selected with (the indices are then derived from it,
+                without reading anything back from the device).
             grid: the input's patch grid (``prod(grid) == N``).
 
         Returns:
@@ -152,8 +154,9 @@ class VisiblePatchEmbedding(nn.Module):
         """
         tokens = self.project(patches)  # (B, N_keep, D)
         if self.pos_embed_type != "rope":
-            pos = self.pos_embed(grid).expand(keep.shape[0], -1, -1)[keep]  # (B * N_keep, D)
-            tokens = tokens + pos.view_as(tokens)
+            if visible.dtype == torch.bool:
+                visible = split_indices(visible, patches.shape[1])[0]
+            tokens = tokens + self.pos_embed(grid)[0][visible]  # (B, N_keep, D)
         return self.dropout(tokens)
 
 
@@ -419,9 +422,14 @@ class MAEViT(nn.Module):
         generator: torch.Generator | None = None,
         mask: torch.Tensor | None = None,
     ) -> MaskingResult:
-        """Choose the visible patches: from a given ``mask`` (B, N; 1 = masked) or at random."""
+        """Choose the visible patches: from a given ``mask`` (B, N; 1 = masked) or at random.
+
+        A given mask is counted on its own device (a host read there) before it moves to ``patches``'
+        device: a CPU mask, as :class:`~monai_mae.networks.masking.MaskGenerator` makes by default, costs
+        a GPU step no synchronisation.
+        """
         if mask is not None:
-            return mask_from_keep(patches, mask.to(patches.device) < 0.5)
+            return mask_from_keep(patches, mask < 0.5)
         return random_masking(patches, masking_ratio, weights=weights, generator=generator)
 
     def _rope(
@@ -449,7 +457,7 @@ class MAEViT(nn.Module):
             ``(B, 1 + N_keep, hidden_size)``, class token first, after the final norm (``(B, N_keep,
             hidden_size)`` without a class token).
         """
-        tokens = self.patch_embedding(masking.visible, masking.keep, grid)  # (B, N_keep, D)
+        tokens = self.patch_embedding(masking.visible, masking.visible_indices, grid)  # (B, N_keep, D)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         rope = self._rope(self.rope, grid, masking.visible_indices, tokens.device)
@@ -472,8 +480,9 @@ class MAEViT(nn.Module):
             grid: the input's patch grid.
             predict: ``decoder_type="cross"`` only: ``(B, M)`` indices of the patches to reconstruct; None
                 (default) reconstructs every masked patch. Must be None for the self-attention decoder.
-            visible: ``decoder_type="cross"`` only: ``(B, N_keep)`` ascending indices of the visible
-                patches (``MaskingResult.visible_indices``); None (default) derives them from ``keep``.
+            visible: ``(B, N_keep)`` ascending indices of the visible patches
+                (``MaskingResult.visible_indices``); None (default) derives them from ``keep`` (a sort on
+                the device: ``N_keep`` is the latent's length, no count is read back).
 
         Returns:
             ``(B, N, prod(P) * C)`` predicted patches in the token layout of ``patchify``: every patch
@@ -483,11 +492,12 @@ class MAEViT(nn.Module):
             return self._forward_cross_decoder(latent, keep, grid, predict, visible)
         if predict is not None:
             raise ValueError("predict needs decoder_type='cross': the self-attention decoder reconstructs every patch.")
-        x = self.decoder_embed(latent)  # (B, 1 + N_keep, Dd)
+        x = self.decoder_embed(latent)  # (B, prefix + N_keep, Dd)
         batch, n_tokens = keep.shape
-        full = self.mask_tokens.to(x.dtype).expand(batch, n_tokens, -1).clone()  # (B, N, Dd)
         prefix = self.num_prefix_tokens
-        full[keep] = x[:, prefix:].reshape(-1, x.shape[-1])  # visible tokens back in place
+        visible = split_indices(keep, x.shape[1] - prefix)[0] if visible is None else visible.to(keep.device)
+        full = self.mask_tokens.to(x.dtype).expand(batch, n_tokens, -1)  # (B, N, Dd)
+        full = full.scatter(1, visible[..., None].expand(-1, -1, x.shape[-1]), x[:, prefix:])  # visible back in place
         pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)
         full = full + pos
         rope = self._rope(self.decoder_rope, grid, None, full.device)
@@ -506,13 +516,13 @@ class MAEViT(nn.Module):
         """Cross decoder: queries for the ``predict`` patches ``(B, M)`` attend to the visible tokens; ``(B, N, P)``."""
         x = self.decoder_embed(latent)  # (B, prefix + N_keep, Dd)
         batch, n_tokens = keep.shape
+        prefix = self.num_prefix_tokens
         if visible is None or predict is None:
-            index = torch.arange(n_tokens, device=keep.device).expand(batch, n_tokens)
-            visible = index[keep].view(batch, -1) if visible is None else visible  # (B, N_keep), grid order like the latent
-            predict = index[~keep].view(batch, -1) if predict is None else predict  # (B, M)
+            derived = split_indices(keep, x.shape[1] - prefix)  # (B, N_keep) in grid order like the latent, the rest
+            visible = derived[0] if visible is None else visible
+            predict = derived[1] if predict is None else predict  # (B, M)
         visible, predict = visible.to(keep.device), predict.to(keep.device)
         pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)[0]
-        prefix = self.num_prefix_tokens
         memory = x[:, prefix:] + pos[visible]  # (B, N_keep, Dd)
         memory = torch.cat([x[:, :prefix], memory], dim=1) if prefix else memory  # (B, prefix + N_keep, Dd)
         queries = self.mask_tokens.to(x.dtype) + pos[predict]  # (B, M, Dd)
@@ -538,7 +548,8 @@ class MAEViT(nn.Module):
             return None, masking.mask
         if not self.training or self.decoder_predict_ratio >= 1.0:  # every masked patch: what masking already knows
             return masking.masked_indices, masking.mask
-        return sample_predicted(masking.mask, self.decoder_predict_ratio, generator=generator)
+        n_masked = masking.masked_indices.shape[1]  # known: no count read back from the device
+        return sample_predicted(masking.mask, self.decoder_predict_ratio, generator=generator, n_masked=n_masked)
 
     def forward_encoder(
         self, x: torch.Tensor, masking_ratio: float = 0.0, generator: torch.Generator | None = None
@@ -576,7 +587,8 @@ class MAEViT(nn.Module):
                 (see :func:`~monai_mae.networks.masking.content_aware_weights`).
             generator: optional ``torch.Generator`` on ``x``'s device, for reproducible masks.
             mask: optional ``(B, N)`` mask to use instead of drawing one (1 = masked; the same count
-                per sample), e.g. from :class:`~monai_mae.networks.masking.MaskGenerator`.
+                per sample), e.g. from :class:`~monai_mae.networks.masking.MaskGenerator`. Its count is read
+                on its own device: pass it on the CPU to keep a GPU step free of synchronisation.
 
         Returns:
             ``pred (B, N, prod(P) * C)`` and ``mask (B, N)`` with 1 = masked. With ``decoder_type="cross"``

@@ -1,7 +1,13 @@
-"""Random patch masking: ``torch.multinomial`` picks the visible set, a boolean keep-mask selects it.
+"""Random patch masking: ``torch.multinomial`` picks the visible set, fixed-size index tensors select it.
 
 Conventions (as in MONAI and the MAE paper): ``mask`` is 1 for masked patches and 0 for visible
 ones; ``keep`` is its boolean complement. Everything is computed on the tokens' device.
+
+No host round trip: the number of visible patches is known before the draw
+(``int(N * (1 - mask_ratio))``), so every tensor has a shape fixed in advance and the patches are
+selected with ``sort`` / ``gather`` / ``scatter`` on index tensors, never with a boolean mask (which
+would read the count back from the device). Checks that need a tensor's values run only where they
+cost no device synchronisation (see :func:`random_masking`'s ``validate``).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import torch
 from monai.utils import ensure_tuple_rep
 
 from monai_mae.networks.patching import patch_grid, patchify
+from monai_mae.utils import is_compiling
 
 __all__ = [
     "MaskingResult",
     "random_masking",
     "num_visible",
+    "split_indices",
     "mask_from_keep",
     "num_predicted",
     "sample_predicted",
@@ -62,32 +70,82 @@ def num_visible(num_tokens: int, mask_ratio: float) -> int:
     return n_keep
 
 
-def mask_from_keep(tokens: torch.Tensor, keep: torch.Tensor) -> MaskingResult:
+def split_indices(selected: torch.Tensor, n_selected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending indices of the selected and of the other entries of each row, with sizes known in advance.
+
+    A stable sort puts the selected entries first, each group in index order; unlike boolean indexing
+    it needs no count from the device. Every row must select exactly ``n_selected`` entries (not checked:
+    other rows give a wrong split, no error).
+
+    Args:
+        selected: ``(B, N)`` bool.
+        n_selected: how many entries each row selects.
+
+    Returns:
+        ``(first (B, n_selected), rest (B, N - n_selected))``, long.
+
+    Examples::
+
+        >>> split_indices(torch.tensor([[False, True, False, True]]), 2)
+        (tensor([[1, 3]]), tensor([[0, 2]]))
+    """
+    order = torch.sort(selected.logical_not().to(torch.uint8), dim=1, stable=True).indices  # (B, N)
+    return order[:, :n_selected], order[:, n_selected:]
+
+
+def _row_count(flags: torch.Tensor, rule: str) -> int:
+    """The number of True entries per row of ``flags (B, N)``, the same in every row: a host read of ``flags``.
+
+    Raises:
+        ValueError: when rows differ (``rule`` says what every sample must do).
+    """
+    counts = flags.sum(dim=1)
+    count = int(counts[0]) if flags.shape[0] else 0
+    if bool((counts != count).any()):
+        raise ValueError(f"every sample must {rule}, got counts {counts.tolist()}.")
+    return count
+
+
+def mask_from_keep(tokens: torch.Tensor, keep: torch.Tensor, n_keep: int | None = None) -> MaskingResult:
     """Build a :class:`MaskingResult` from a given boolean keep-mask.
 
     Args:
         tokens: ``(B, N, D)``.
         keep: ``(B, N)`` bool, True = visible; every row must keep the same number of tokens.
+        n_keep: that number, when known. None (default) counts it from ``keep`` and checks that the
+            rows agree: a host read of ``keep`` on its own device, so pass a CPU mask (moved to the
+            tokens' device after counting) or give ``n_keep`` to keep a GPU step free of synchronisation.
 
     Raises:
-        ValueError: when ``keep`` does not match ``tokens`` or rows keep different numbers of tokens.
+        ValueError: when ``keep`` does not match ``tokens`` or rows keep different numbers of tokens
+            (checked only when ``n_keep`` is None).
     """
     batch, n_tokens, width = tokens.shape
     if keep.shape != (batch, n_tokens):
         raise ValueError(f"keep mask of shape {tuple(keep.shape)} does not match tokens (B, N) = {(batch, n_tokens)}.")
-    keep = keep.to(device=tokens.device, dtype=torch.bool)
-    counts = keep.sum(dim=1)
-    n_keep = int(counts[0])
-    if bool((counts != n_keep).any()):
-        raise ValueError(f"every sample must keep the same number of tokens, got counts {counts.tolist()}.")
-    index = torch.arange(n_tokens, device=tokens.device).expand(batch, n_tokens)
+    keep = keep.to(dtype=torch.bool)
+    if n_keep is None:
+        n_keep = _row_count(keep, "keep the same number of tokens")
+    keep = keep.to(device=tokens.device, non_blocking=True)  # from the CPU: no wait for the device's queue
+    visible_indices, masked_indices = split_indices(keep, n_keep)  # (B, N_keep), (B, N - N_keep)
     return MaskingResult(
-        visible=tokens[keep].view(batch, n_keep, width),  # boolean indexing keeps the original order
+        visible=tokens.gather(1, visible_indices.unsqueeze(-1).expand(-1, -1, width)),  # original order
         keep=keep,
         mask=(~keep).to(tokens.dtype if tokens.is_floating_point() else torch.float32),
-        visible_indices=index[keep].view(batch, n_keep),
-        masked_indices=index[~keep].view(batch, n_tokens - n_keep),
+        visible_indices=visible_indices,
+        masked_indices=masked_indices,
     )
+
+
+def _check_weights(weights: torch.Tensor, n_keep: int) -> None:
+    """Value checks of keep-weights ``(B, N)`` (host reads of ``weights``)."""
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("weights must be finite and non-negative.")
+    positive = (weights > 0).sum(dim=1)
+    if bool((positive < n_keep).any()):
+        raise ValueError(
+            f"each row of weights needs at least N_keep = {n_keep} positive entries, got {positive.min().item()}."
+        )
 
 
 def random_masking(
@@ -95,11 +153,15 @@ def random_masking(
     mask_ratio: float,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    validate: bool | None = None,
 ) -> MaskingResult:
     """Mask a random subset of tokens per sample.
 
     The visible set is drawn with ``torch.multinomial`` without replacement (uniformly, or in
-    proportion to ``weights``) on the tokens' device, so no host round trip happens on a GPU.
+    proportion to ``weights``) on the tokens' device, sorted, and selected with ``gather``; the
+    masked indices come from a stable sort of the keep-mask. All shapes follow from ``N_keep``, so no
+    value is read back to the host (see ``validate`` for the one exception).
 
     Args:
         tokens: ``(B, N, D)``.
@@ -108,6 +170,13 @@ def random_masking(
             visible* (see :func:`content_aware_weights`). Each row needs at least ``N_keep``
             positive entries.
         generator: optional ``torch.Generator`` on the tokens' device, for reproducible masks.
+        validate: keyword-only. Whether to check the *values* of ``weights`` (finite, non-negative, at
+            least ``N_keep`` positive per row), which reads them to the host. None (default): only when
+            ``weights`` is a CPU tensor and ``torch.compile`` is not tracing, so a training step on a GPU
+            never waits for these checks; True: always (a synchronisation on a GPU); False: never. The
+            shape of ``weights`` is always checked. Unchecked bad weights give a device-side assert
+            inside ``torch.multinomial`` (negative, infinite or NaN entries) or a draw that includes
+            zero-weight tokens (too few positive entries).
 
     Returns:
         a :class:`MaskingResult`.
@@ -127,22 +196,17 @@ def random_masking(
     n_keep = num_visible(n_tokens, mask_ratio)
     if weights is None:
         if n_keep == n_tokens:
-            return mask_from_keep(tokens, torch.ones(batch, n_tokens, dtype=torch.bool, device=tokens.device))
+            return mask_from_keep(tokens, torch.ones(batch, n_tokens, dtype=torch.bool, device=tokens.device), n_keep)
         weights = torch.ones(batch, n_tokens, device=tokens.device)
     else:
         if weights.shape != (batch, n_tokens):
             raise ValueError(f"weights must be (B, N) = {(batch, n_tokens)}, got {tuple(weights.shape)}.")
-        weights = weights.to(device=tokens.device, dtype=torch.float32)
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("weights must be finite and non-negative.")
-        positive = (weights > 0).sum(dim=1)
-        if bool((positive < n_keep).any()):
-            raise ValueError(
-                f"each row of weights needs at least N_keep = {n_keep} positive entries, got {positive.min().item()}."
-            )
+        if validate or (validate is None and weights.device.type == "cpu" and not is_compiling()):
+            _check_weights(weights, n_keep)
+        weights = weights.to(device=tokens.device, dtype=torch.float32, non_blocking=True)
     chosen = torch.multinomial(weights, n_keep, replacement=False, generator=generator)  # (B, N_keep)
     keep = torch.zeros(batch, n_tokens, dtype=torch.bool, device=tokens.device).scatter_(1, chosen, True)
-    return mask_from_keep(tokens, keep)
+    return mask_from_keep(tokens, keep, n_keep)
 
 
 def num_predicted(num_masked: int, ratio: float) -> int:
@@ -151,7 +215,7 @@ def num_predicted(num_masked: int, ratio: float) -> int:
 
 
 def sample_predicted(
-    mask: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+    mask: torch.Tensor, ratio: float, generator: torch.Generator | None = None, n_masked: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose a random subset of the masked patches of each sample, the same number in every sample.
 
@@ -164,17 +228,20 @@ def sample_predicted(
         mask: ``(B, N)``, 1 = masked; every row must mask the same number of patches.
         ratio: fraction of the masked patches to keep, in ``(0, 1]``; ``M = num_predicted(n_masked, ratio)``.
         generator: optional ``torch.Generator`` on the mask's device, for reproducible draws.
+        n_masked: the number of masked patches per row, when known (``MaskingResult.masked_indices.shape[1]``).
+            None (default) counts it from ``mask`` and checks that the rows agree: a host read of ``mask``.
 
     Returns:
         ``indices (B, M)`` ascending, and ``predicted (B, N)`` in ``mask``'s dtype: 1 at those patches only.
 
     Raises:
-        ValueError: for a ratio outside ``(0, 1]`` or rows masking different numbers of patches.
+        ValueError: for a ratio outside ``(0, 1]`` or (when ``n_masked`` is None) rows masking different
+            numbers of patches.
 
     Examples::
 
         >>> r = random_masking(torch.randn(2, 16, 8), 0.75)
-        >>> indices, predicted = sample_predicted(r.mask, 0.25)
+        >>> indices, predicted = sample_predicted(r.mask, 0.25, n_masked=r.masked_indices.shape[1])
         >>> indices.shape, predicted.sum(1).tolist(), bool((predicted <= r.mask).all())
         (torch.Size([2, 3]), [3.0, 3.0], True)
     """
@@ -182,14 +249,11 @@ def sample_predicted(
         raise ValueError(f"decoder_predict_ratio must be in (0, 1], got {ratio}.")
     masked = mask > 0.5  # (B, N)
     batch, n_tokens = masked.shape
-    counts = masked.sum(dim=1)
-    n_masked = int(counts[0]) if batch else 0
-    if bool((counts != n_masked).any()):
-        raise ValueError(f"every sample must mask the same number of patches, got counts {counts.tolist()}.")
+    if n_masked is None:
+        n_masked = _row_count(masked, "mask the same number of patches")
     n_pred = num_predicted(n_masked, ratio)
     if n_pred == n_masked:
-        index = torch.arange(n_tokens, device=mask.device).expand(batch, n_tokens)
-        indices = index[masked].view(batch, n_masked)  # boolean indexing keeps the grid order
+        indices = split_indices(masked, n_masked)[0]  # grid order
     else:
         chosen = torch.multinomial(masked.float(), n_pred, replacement=False, generator=generator)  # (B, M)
         indices = chosen.sort(dim=1).values
