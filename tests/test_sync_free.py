@@ -27,7 +27,9 @@ from monai_mae import (
     random_masking,
     restore_patches,
 )
+from monai_mae.networks.cnn import CNN_ARCHITECTURES
 from monai_mae.networks.masking import mask_from_keep, sample_predicted, split_indices
+from monai_mae.networks.mim import MaskedImageModel
 from monai_mae.networks.vitseg import ViTSeg
 
 aten = torch.ops.aten
@@ -247,3 +249,35 @@ def test_split_indices_equals_boolean_indexing():
     visible, masked = split_indices(keep, 13)
     index = torch.arange(40).expand(5, 40)
     assert torch.equal(visible, index[keep].view(5, 13)) and torch.equal(masked, index[~keep].view(5, 27))
+
+
+# ----------------------------------------------------------------------- masked-image models of the CNNs
+CNN_OPTIONS = {
+    "unet": {"channels": [4, 8], "strides": [2], "num_res_units": 1},
+    "dynunet": {"base_filters": 4, "max_filters": 8},
+    "segresnet": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
+}
+
+
+def _mim(architecture: str, device: str = "cpu") -> MaskedImageModel:
+    return MaskedImageModel(architecture, 1, 32, patch_size=8, options=CNN_OPTIONS[architecture]).to(device).train()
+
+
+@pytest.mark.parametrize("architecture", CNN_ARCHITECTURES)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_masked_image_model_step_has_no_host_read(architecture, device):
+    net = _mim(architecture, device)
+    images = torch.rand(2, 1, 32, 32, 32, device=device)
+    with HostReadCounter() as counter:
+        loss = MaskedReconstructionLoss(8)(net(images), images)
+        loss.backward()
+    assert (counter.scalar_reads, counter.boolean_masks) == ([], [])
+    assert all(g is not None for g in _trainable_grads(net))
+
+
+def test_masked_image_model_forward_is_one_graph():
+    torch._dynamo.reset()
+    net = _mim("unet")
+    loss_fn = MaskedReconstructionLoss(8)
+    explained = torch._dynamo.explain(lambda images: loss_fn(net(images), images))(torch.rand(2, 1, 32, 32, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
