@@ -35,6 +35,8 @@ FROM_MODEL_FILE = ("inference.json", "evaluate.json")
 CONFIGS = [
     ("mae_pretrain", ["train.json"], "train#trainer"),
     ("mae_pretrain", ["train.json", "multi_gpu_train.json"], "train#trainer"),
+    ("mae_pretrain", ["train.json", "mim_cnn.json"], "train#trainer"),
+    ("mae_pretrain", ["train.json", "mim_cnn.json", "multi_gpu_train.json"], "train#trainer"),
     ("mae_pretrain", ["inference.json"], "evaluator"),
     ("mae_finetune", ["train.json"], "train#trainer"),
     ("mae_finetune", ["train.json", "multi_gpu_train.json"], "train#trainer"),
@@ -73,9 +75,14 @@ def model_files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+TINY_MIM = {"roi_size": [16, 16, 16], "patch_size": [8, 8, 8], "network_options": {"channels": [4, 8], "strides": [2]}}
+
+
 def _tiny(bundle: str, files: list[str], model_files: dict[str, Path]) -> dict:
     if files[-1] in FROM_MODEL_FILE:  # the network and the crop size come from the file
         return {"ckpt_path": str(model_files[bundle])}
+    if "mim_cnn.json" in files:
+        return TINY_MIM
     return TINY[bundle]
 
 
