@@ -636,6 +636,11 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
 
 
 ARM_STYLE = {("scratch", 0): "#c8462f", ("pretrained", 0): "#2864be", ("scratch", 1): "#e69f00", ("pretrained", 1): "#009e73"}
+_PALETTE = ("#c8462f", "#2864be", "#e69f00", "#009e73", "#7b3294", "#008837", "#d01c8b", "#4d4d4d", "#a6611a", "#0571b0")
+
+
+def _arm_colour(arm: str, k: int) -> str:
+    return ARM_STYLE.get((arm, k), _PALETTE[(2 * k + ARMS.index(arm)) % len(_PALETTE)])
 
 
 def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
@@ -659,7 +664,7 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
             offset = (k * len(ARMS) + j) * 0.08 - width / 2  # keep the error bars apart
             xs = [sizes.index(row["n_labeled"]) + offset for row in rows]
             axes.errorbar(
-                xs, [row[arm]["mean"] for row in rows], yerr=[row[arm]["std"] for row in rows], color=ARM_STYLE[(arm, k)],
+                xs, [row[arm]["mean"] for row in rows], yerr=[row[arm]["std"] for row in rows], color=_arm_colour(arm, k),
                 marker="o" if arm == "pretrained" else "s", linewidth=2.5, capsize=5,
                 linestyle="-" if arm == "pretrained" else "--",
                 label=f"{label}, {'MAE-pretrained encoder' if arm == 'pretrained' else 'from scratch'}",
@@ -736,6 +741,59 @@ def step_times(preset: str, steps: int, device: torch.device) -> dict[str, float
     return {arch: statistics.median(values) for arch, values in times.items()}
 
 
+def best_arms(reports: dict[str, dict], margin: float = 0.02, share: float = 0.8) -> list[dict]:
+    """Per labeled size: the best scratch arm and the best pretrained arm of any architecture, compared seed by seed.
+
+    The arms of every architecture fine-tune on the same labeled subset for a seed, so the difference is paired.
+    Only seeds that both best arms ran count.
+
+    Args:
+        reports: ``{architecture label: report}`` (the JSON of :func:`main`).
+        margin: the mean paired difference the pretrained arm must reach. Defaults to 0.02.
+        share: the fraction of seeds in which it must be better. Defaults to 0.8 (4 of 5).
+
+    Returns:
+        one dict per size: ``n_labeled``, ``scratch`` / ``pretrained`` (``architecture``, ``mean``, ``seeds``),
+        ``difference`` (mean), ``better`` (count), ``paired_seeds`` and ``target_met``.
+    """
+    dice: dict[tuple[str, str, int], dict[int, float]] = {}
+    for label, report in reports.items():
+        for run in report.get("runs", []):
+            dice.setdefault((label, run["arm"], run["n_labeled"]), {})[run["seed"]] = run["dice"]
+    rows = []
+    for n in sorted({key[2] for key in dice}):
+        best = {}
+        for arm in ARMS:
+            candidates = [(statistics.fmean(v.values()), label, v) for (label, a, size), v in dice.items()
+                          if a == arm and size == n]  # fmt: skip
+            if candidates:
+                best[arm] = max(candidates, key=lambda c: c[0])
+        if len(best) < 2:
+            continue
+        seeds = sorted(set(best["scratch"][2]) & set(best["pretrained"][2]))
+        diffs = [best["pretrained"][2][s] - best["scratch"][2][s] for s in seeds]
+        row = {"n_labeled": n, "paired_seeds": seeds, "difference": statistics.fmean(diffs) if diffs else float("nan"),
+               "better": sum(d > 0 for d in diffs)}  # fmt: skip
+        for arm in ARMS:
+            mean, label, values = best[arm]
+            row[arm] = {"architecture": label, "mean": mean, "seeds": sorted(values)}
+        row["target_met"] = bool(diffs) and row["difference"] >= margin and row["better"] >= share * len(seeds)
+        rows.append(row)
+    return rows
+
+
+def format_best_arms(rows: list[dict]) -> str:
+    """The :func:`best_arms` comparison as a markdown table."""
+    lines = ["| labeled volumes | best scratch arm | best pretrained arm | paired difference | pretrained better | "
+             "target (+0.02, 4 of 5) |", "| ---: | :--- | :--- | :---: | :---: | :---: |"]  # fmt: skip
+    for row in rows:
+        s, p = row["scratch"], row["pretrained"]
+        lines.append(f"| {row['n_labeled']} | {s['architecture']} {s['mean']:.3f} ({len(s['seeds'])} seeds) | "
+                     f"{p['architecture']} {p['mean']:.3f} ({len(p['seeds'])} seeds) | {row['difference']:+.3f} | "
+                     f"{row['better']}/{len(row['paired_seeds'])} | {'met' if row['target_met'] else 'missed'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def combine(paths: Sequence[Path], out_dir: Path) -> Path:
     """Read the JSON reports of runs with different ``--architecture`` and write one table and one chart."""
     reports = {}
@@ -743,7 +801,8 @@ def combine(paths: Sequence[Path], out_dir: Path) -> Path:
         report = json.loads(Path(path).read_text())
         reports[ARCH_NAMES[report["config"].get("architecture", "unetr")]] = report
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = format_combined(reports)
+    markdown = format_combined(reports) + "\nBest arm of any architecture, per labeled size:\n\n"
+    markdown += format_best_arms(best_arms(reports))
     (out_dir / "pretrain_benefit_combined.md").write_text(markdown)
     counts = {label: len({s for row in report["summary"] for s in row["seeds"]}) for label, report in reports.items()}
     title = " vs ".join(f"{label} ({n} seed{'s' if n != 1 else ''})" for label, n in counts.items())

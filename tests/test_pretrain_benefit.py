@@ -186,3 +186,29 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
 def test_step_times_of_every_architecture_at_the_preset_sizes():
     times = pb.step_times("quick", steps=1, device=pb.torch.device("cpu"))
     assert set(times) == {"unetr", "vitseg", "unet", "dynunet", "segresnet"} and all(t > 0 for t in times.values())
+
+
+def _report(arm_dice: dict[str, list[float]], n: int = 2) -> dict:
+    return {"runs": [{"arm": arm, "n_labeled": n, "seed": seed, "dice": d}
+                     for arm, values in arm_dice.items() for seed, d in enumerate(values)]}  # fmt: skip
+
+
+def test_best_arms_compare_the_best_of_any_architecture_seed_by_seed():
+    reports = {
+        "UNet": _report({"scratch": [0.80, 0.82, 0.84, 0.86, 0.88], "pretrained": [0.83, 0.85, 0.86, 0.85, 0.91]}),
+        "ViTSeg": _report({"scratch": [0.40, 0.45, 0.50, 0.55, 0.60], "pretrained": [0.90, 0.90, 0.90, 0.90, 0.95]}),
+    }
+    (row,) = pb.best_arms(reports)
+    assert row["scratch"]["architecture"] == "UNet" and row["pretrained"]["architecture"] == "ViTSeg"
+    assert row["difference"] == pytest.approx(0.07) and row["better"] == 5 and row["target_met"]
+    text = pb.format_best_arms([row])
+    assert "| 2 | UNet 0.840 (5 seeds) | ViTSeg 0.910 (5 seeds) | +0.070 | 5/5 | met |" in text
+    # better on average but only in 3 of 5 seeds: missed
+    reports["ViTSeg"] = _report({"scratch": [0.4] * 5, "pretrained": [0.98, 0.98, 0.98, 0.75, 0.75]})
+    (row,) = pb.best_arms(reports)
+    assert row["pretrained"]["architecture"] == "ViTSeg" and row["better"] == 3 and not row["target_met"]
+
+
+def test_the_report_command_names_no_temporary_path(tmp_path):
+    command = pb.portable_command(["--out-dir", str(tmp_path / "out"), "--work-dir", str(pb.REPO / "benchmarks")])
+    assert command == "python benchmarks/pretrain_benefit.py --out-dir '<tmp>/out' --work-dir benchmarks"
