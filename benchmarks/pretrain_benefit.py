@@ -135,11 +135,11 @@ _VIT_ONLY = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "mae_cls_token
 
 # settings added after runs had been cached: left out of the cache keys while off (0), so the keys of
 # the MAEs and fine-tunes made before they existed stay valid
-_ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale", "style")
+_ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale", "style", "curve_steps")
 STYLES = ("simple", "realistic")
 
 
-_OFF = {"style": "simple"}  # the value of a later setting that means "as before it existed" (default: 0)
+_OFF = {"style": "simple", "curve_steps": ()}  # the value of a later setting that means "as before it existed" (default: 0)
 
 
 def _without_unset_later_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +190,8 @@ class BenefitConfig:
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
         sw_batch_size: sliding-window batch at evaluation.
+        curve_steps: fine-tuning steps after which the held-out Dice is also measured (a learning curve in each
+            run's ``curve``: step, mean training loss since the previous point, Dice); empty = final weights only.
     """
 
     phantom_shape: tuple[int, int, int] = (64, 64, 48)
@@ -236,6 +238,7 @@ class BenefitConfig:
     labeled_sizes: tuple[int, ...] = (2, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
     sw_batch_size: int = 2
+    curve_steps: tuple[int, ...] = ()
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
@@ -504,9 +507,11 @@ def build_network(cfg: BenefitConfig, drop_path_rate: float = 0.0) -> torch.nn.M
 
 
 def finetune(
-    cfg: BenefitConfig, train_items: list[dict], seed: int, ckpt: Path | None, device: torch.device, amp: bool
+    cfg: BenefitConfig, train_items: list[dict], seed: int, ckpt: Path | None, device: torch.device, amp: bool,
+    test_items: list[dict] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Fine-tune ``cfg.architecture`` on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from ``ckpt`` or scratch."""
+    """Fine-tune ``cfg.architecture`` on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from
+    ``ckpt`` or scratch; with ``cfg.curve_steps`` and ``test_items``, the held-out Dice at those steps in ``curve``."""
     set_determinism(seed=seed)
     net = build_network(cfg, drop_path_rate=cfg.drop_path_rate if ckpt is not None else 0.0)
     load_pretrained(net, ckpt if ckpt is not None else "", residual_scale=cfg.residual_scale)
@@ -535,11 +540,28 @@ def finetune(
         logger.info(f"    step {engine.state.iteration}/{steps}: loss {recent:.3f} ({time.perf_counter() - start:.0f} s)")
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, steps // 4)), log_progress)
+    curve: list[dict] = []
+
+    def curve_point(engine: Any) -> None:
+        done = engine.state.iteration
+        if done in cfg.curve_steps and test_items:
+            since = curve[-1]["step"] if curve else 0
+            evaluation_start = time.perf_counter()
+            net.eval()
+            dice = evaluate_dice(cfg, net, test_items, device, amp)["dice"]
+            net.train()
+            curve.append({"step": done, "loss": statistics.fmean(losses[since:done]), "dice": dice,
+                          "seconds": time.perf_counter() - evaluation_start})
+            logger.info(f"    curve: step {done}: loss {curve[-1]['loss']:.3f}, held-out Dice {dice:.3f}")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, curve_point)
     start = time.perf_counter()
     trainer.run()
     tail = losses[-max(1, len(losses) // 10) :]
-    return net, {"steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start, "first_loss": losses[0],
-                 "final_loss": statistics.fmean(tail)}  # fmt: skip
+    evaluation = sum(point["seconds"] for point in curve)  # the curve's evaluations are not training time
+    info = {"steps": steps, "epochs": epochs, "seconds": time.perf_counter() - start - evaluation, "first_loss": losses[0],
+            "final_loss": statistics.fmean(tail)}  # fmt: skip
+    return net, {**info, "curve": curve} if curve else info
 
 
 def evaluate_dice(cfg: BenefitConfig, net: torch.nn.Module, test_items: list[dict], device: torch.device, amp: bool) -> dict:
@@ -831,7 +853,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the .md/.json/.png go")
     parser.add_argument("--work-dir", type=Path, default=None, help="generated data and MAE weights (default: OUT_DIR/pretrain_benefit_work)")
-    for name in ("labeled_sizes", "seeds"):
+    for name in ("labeled_sizes", "seeds", "curve_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="+", default=None)
     parser.add_argument("--layout", choices=LAYOUTS, default=None, help="organ placement of the phantoms")
     ints = ("num_organs", "num_unlabeled", "num_labeled_pool", "num_test", "roi", "patch", "hidden_size", "mlp_dim", "num_heads",
@@ -906,7 +928,7 @@ def build_config(args: argparse.Namespace) -> BenefitConfig:
     preset = "quick" if args.quick else args.preset
     cfg = preset_config(preset, getattr(args, "architecture", "unetr"), getattr(args, "setting", "phantoms"))
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
-    for name in ("labeled_sizes", "seeds"):
+    for name in ("labeled_sizes", "seeds", "curve_steps"):
         if name in changes:
             changes[name] = tuple(changes[name])
     cfg = dataclasses.replace(cfg, **changes)
@@ -968,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {runs[-1]['dice']:.3f} "
                                 f"(from {done_paths[arm].name})")  # fmt: skip
                     continue
-                net, info = finetune(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp)
+                net, info = finetune(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp, test)
                 result = evaluate_dice(cfg, net, test, device, amp)
                 cases = [Path(s["image"]).name for s in subset]
                 runs.append({"architecture": cfg.architecture, "arm": arm, "n_labeled": n, "seed": seed,

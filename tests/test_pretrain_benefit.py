@@ -212,3 +212,13 @@ def test_best_arms_compare_the_best_of_any_architecture_seed_by_seed():
 def test_the_report_command_names_no_temporary_path(tmp_path):
     command = pb.portable_command(["--out-dir", str(tmp_path / "out"), "--work-dir", str(pb.REPO / "benchmarks")])
     assert command == "python benchmarks/pretrain_benefit.py --out-dir '<tmp>/out' --work-dir benchmarks"
+
+
+def test_learning_curve_setting_leaves_earlier_cache_keys_alone():
+    cfg = pb.preset_config("cpu", "vitseg")
+    curved = pb.dataclasses.replace(cfg, curve_steps=(250, 500))
+    cpu = pb.torch.device("cpu")
+    assert pb._runs_key(cfg, cpu, False) != pb._runs_key(curved, cpu, False)
+    assert cfg.pretrain_key() == curved.pretrain_key() == "6538cdd3e3"  # the MAE of the committed ViTSeg report
+    args = pb.parse_args(["--architecture", "unet", "--curve-steps", "250", "500", "1000"])
+    assert pb.build_config(args).curve_steps == (250, 500, 1000)
