@@ -816,7 +816,7 @@ def format_best_arms(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def combine(paths: Sequence[Path], out_dir: Path) -> Path:
+def combine(paths: Sequence[Path], out_dir: Path, figures_dir: Path | None = None) -> Path:
     """Read the JSON reports of runs with different ``--architecture`` and write one table and one chart."""
     reports = {}
     for path in paths:
@@ -828,7 +828,8 @@ def combine(paths: Sequence[Path], out_dir: Path) -> Path:
     (out_dir / "pretrain_benefit_combined.md").write_text(markdown)
     counts = {label: len({s for row in report["summary"] for s in row["seeds"]}) for label, report in reports.items()}
     title = " vs ".join(f"{label} ({n} seed{'s' if n != 1 else ''})" for label, n in counts.items())
-    draw_chart({label: report["summary"] for label, report in reports.items()}, out_dir / "pretrain_benefit_combined.png",
+    figures_dir = out_dir if figures_dir is None else figures_dir
+    draw_chart({label: report["summary"] for label, report in reports.items()}, figures_dir / "pretrain_benefit_combined.png",
                f"Dice on held-out phantoms, {title}")  # fmt: skip
     print(markdown, flush=True)
     return out_dir / "pretrain_benefit_combined.md"
@@ -851,7 +852,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the .md/.json/.png go")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the .md/.json go")
+    parser.add_argument("--figures-dir", type=Path, default=None,
+                        help="where the .png goes (default: benchmarks/figures, or OUT_DIR when --out-dir is given)")
     parser.add_argument("--work-dir", type=Path, default=None, help="generated data and MAE weights (default: OUT_DIR/pretrain_benefit_work)")
     for name in ("labeled_sizes", "seeds", "curve_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="+", default=None)
@@ -899,6 +902,13 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _figures_dir(args: argparse.Namespace) -> Path:
+    if args.figures_dir is not None:
+        return args.figures_dir
+    default_out = args.out_dir.resolve() == (REPO / "benchmarks" / "results").resolve()
+    return REPO / "benchmarks" / "figures" if default_out else args.out_dir
+
+
 def portable_command(argv: Sequence[str]) -> str:
     """The command line of this run with paths made relative to the repository (``<tmp>/NAME`` outside it)."""
     parts = ["python", "benchmarks/pretrain_benefit.py"]
@@ -939,7 +949,7 @@ def build_config(args: argparse.Namespace) -> BenefitConfig:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.combine:
-        return {"combined": str(combine(args.combine, args.out_dir))}
+        return {"combined": str(combine(args.combine, args.out_dir, _figures_dir(args)))}
     if args.step_times:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -1017,10 +1027,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.md").write_text(markdown)
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    draw_chart({ARCH_NAMES[cfg.architecture]: rows}, args.out_dir / f"{name}.png",
+    draw_chart({ARCH_NAMES[cfg.architecture]: rows}, _figures_dir(args) / f"{name}.png",
                f"{ARCH_NAMES[cfg.architecture]} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")  # fmt: skip
     print(markdown, flush=True)
-    logger.info(f"wrote {args.out_dir / name}.md, .json and .png")
+    logger.info(f"wrote {args.out_dir / name}.md and .json, {_figures_dir(args) / name}.png")
     return report
 
 
