@@ -17,6 +17,7 @@ from monai_mae.engines.checkpoint import (
     atomic_save,
     list_checkpoints,
 )
+from monai_mae.engines.distributed import AccumulationNoSync, freeze_unused_parameters, rewrap_ddp
 from monai_mae.engines.augment import GPUAugmentPrepareBatch, crop_augmentation
 from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
@@ -37,9 +38,9 @@ from monai_mae.engines.training import (
 from monai_mae.utils import unwrap
 
 __all__ = [
-    "AutoResume", "AutocastInferer", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
+    "AccumulationNoSync", "AutoResume", "AutocastInferer", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
     "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "amp_inferer", "atomic_save", "build_optimizer", "cpu_bf16_supported", "engine_amp", "fused_adamw_supported",
-    "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
+    "encoder_parameters", "freeze_unused_parameters", "rewrap_ddp", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
     "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
     "GPUAugmentPrepareBatch", "PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "crop_augmentation",
 ]  # fmt: skip
