@@ -82,9 +82,13 @@ def _tiny(bundle: str, files: list[str], model_files: dict[str, Path]) -> dict:
 @pytest.mark.parametrize("device", [None, "cpu"], ids=["default", "cpu"])
 @pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
 def test_every_config_runs_initialize_and_builds_its_workflow(
-    bundle, files, workflow, device, dataset, tmp_path, single_process_group, model_files
+    bundle, files, workflow, device, dataset, tmp_path, single_process_group, model_files, monkeypatch
 ):
-    """``--device cpu`` arrives as the string ``"cpu"``: every expression that needs a device object must cope."""
+    """``--device cpu`` arrives as the string ``"cpu"``: every expression that needs a device object must cope.
+
+    The default device is evaluated as on a machine without CUDA (on a GPU machine it is ``cuda:0``).
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 0,
                  **_tiny(bundle, files, model_files)}  # fmt: skip
     if device is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
+from bundle_utils import CPU_ONLY, REPO, TINY_NETWORK, run_bundle, write_overrides
 from monai.bundle import ConfigParser
 
 from monai_mae import MAEViT
@@ -104,7 +105,7 @@ def test_verify_net_in_out(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "reconstructor",
            "--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", str(bundle / "configs" / "inference.json"),
            "--bundle_root", str(bundle), "--ckpt_path", str(ckpt)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **CPU_ONLY})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 

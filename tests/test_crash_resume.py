@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
+from bundle_utils import CPU_ONLY, REPO, TINY_NETWORK, run_bundle, write_overrides
 from monai.engines import SupervisedTrainer
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
@@ -48,7 +48,7 @@ def test_sigkill_then_same_command_resumes(dataset, tmp_path):
     out = tmp_path / "out"
     overrides = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
     cmd = _bundle_cmd(overrides, dataset, out)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **CPU_ONLY}
     first = out / "checkpoints" / "checkpoint_epoch=1.pt"
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
