@@ -142,6 +142,28 @@ def test_a_cuda_device_string_selects_nccl_amp_and_pinned_memory(bundle, files, 
     assert {key: parser.get_parsed_content(key) for key in present} == present
 
 
+@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                             ((7, 5), torch.float16), ((7, 0), torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
+def test_every_autocasting_engine_names_the_dtype_of_amp_dtype(bundle, files, workflow, capability, dtype, model_files,
+                                                               monkeypatch):  # fmt: skip
+    """On ``cuda:0``: bf16 on GPUs with native bf16 (H100, A100), fp16 on V100 / T4 (bf16 there is emulated)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    parser = _parser(bundle, files, device="cuda:0", **_tiny(bundle, files, model_files))
+    engines = [key for key in (workflow, "validate#evaluator") if key in parser]
+    autocasting = [key for key in engines if parser.get_parsed_content(f"{key}#amp") is True]
+    for key in autocasting:
+        assert parser.get_parsed_content(f"{key}#amp_kwargs") == {"dtype": dtype}, key
+    if (bundle, files) == ("mae_pretrain", ["inference.json"]):  # reconstructions in fp32, no autocast at all
+        assert autocasting == []
+    else:
+        assert workflow in autocasting
+    if "train#handlers" in parser:  # the trainer's GradScaler: loss scaling for fp16 only
+        scalers = [h for h in parser.get("train#handlers") if isinstance(h, dict) and h["_target_"].endswith("AmpGradScaler")]
+        assert len(scalers) == 1 and scalers[0]["dtype"] == "@amp_dtype"
+
+
 @pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
 def test_synthetic_data_only_for_the_bundle_default_dataset_dir(bundle, files, workflow, tmp_path):
     assert _parser(bundle, files).get_parsed_content("synthetic_if_missing") is True
