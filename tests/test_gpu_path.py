@@ -176,3 +176,31 @@ def test_bench_gpu_without_cuda_says_so(capsys, monkeypatch):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     assert "no CUDA device is available" in message and "--cpu-smoke" in message
+
+
+def _bench_gpu_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclass looks its module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+     ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 Something New", None),
+     ("Tesla V100-SXM2-16GB", None)],
+)  # fmt: skip
+def test_mfu_peak_is_looked_up_by_the_exact_device_name(name, tflops, monkeypatch):
+    """Every H100 was credited with the SXM peak; PCIe and NVL parts peak lower, unknown parts get no MFU."""
+    bench = _bench_gpu_module(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    args = bench._parser().parse_args([])
+    peak, text = bench._peak_flops(args, torch.device("cuda", 0))
+    if tflops is None:
+        assert peak is None and f"unknown for {name!r}: no MFU" in text
+    else:
+        assert peak == tflops * 1e12 and text == f"{tflops:g} TFLOP/s ({name})"
+    forced = bench._peak_flops(bench._parser().parse_args(["--gpu", "NVIDIA H100 PCIe"]), torch.device("cuda", 0))
+    assert forced == (756e12, "756 TFLOP/s (NVIDIA H100 PCIe)")
