@@ -26,7 +26,7 @@ NUM_CLASSES = 5
 TINY_UNETR = {"architecture": "unetr", "encoder#hidden_size": 48, "encoder#mlp_dim": 96, "encoder#num_heads": 4,
               "unetr#feature_size": 4}  # fmt: skip
 TINY_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
-                sw_batch_size=2, progress_bar=False, **TINY_UNETR)  # fmt: skip
+                sw_batch_size=2, progress_bar=False, **TINY_UNETR, deterministic=True)  # fmt: skip
 TINY_INFER = dict(num_workers=0, sw_batch_size=2)  # the network and the preprocessing come from the model file
 CONFIGS = REPO / "bundles" / "mae_finetune" / "configs"
 
@@ -38,7 +38,7 @@ def _run_layered(configs: list[str], overrides: Path, *args: str) -> subprocess.
            "--bundle_root", str(CONFIGS.parent), "--meta_file", str(CONFIGS / "metadata.json"),
            "--logging_file", str(CONFIGS / "logging.conf"), *args]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **CPU_ONLY}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env, deterministic=True)
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -163,7 +163,8 @@ def test_verify_net_in_out():
 
 # ------------------------------------------------------------------- self-describing model files
 TINY_VITSEG_RUN = dict(architecture="vitseg", roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
-                       sw_batch_size=2, progress_bar=False, max_epochs=1, **{"vitseg#decoder_channels": [8, 8, 8]})  # fmt: skip
+                       sw_batch_size=2, progress_bar=False, max_epochs=1, **{"vitseg#decoder_channels": [8, 8, 8]},
+                       deterministic=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from monai_mae.model_file import read_model, save_model
 pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
 
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=2, num_samples=2, num_workers=0,
-                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, **TINY_NETWORK)  # fmt: skip
+                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, deterministic=True,
+                **TINY_NETWORK)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

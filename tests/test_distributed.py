@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # every test runs torchrun with 2 processes
 
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=1, num_samples=2, num_workers=0,
                 lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, skip_bad_files=True,
-                **TINY_NETWORK)  # fmt: skip
+                **TINY_NETWORK, deterministic=True)  # fmt: skip
 
 # Test-only additions, layered last: every rank records the files of each batch it trained on and,
 # after training, probes the NaN guard and dumps the files, its weights and its optimizer's base lr.

@@ -13,11 +13,13 @@ import torch
 from bundle_utils import REPO, TINY_NETWORK
 from monai.bundle import ConfigParser
 from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.data import write_synthetic_dataset
-from monai_mae.engines import freeze_unused_parameters
+from monai_mae.engines import AccumulationNoSync, freeze_unused_parameters
 from monai_mae.networks.factory import ARCHITECTURES, segmentation_network
 
 #: tiny encoder settings per ViT architecture (UNETR fixes 12 layers and 16^3 patches); others use their defaults
@@ -142,3 +144,29 @@ def test_ddp_scans_for_unused_parameters_only_while_the_encoder_is_frozen(datase
     assert len({module for _, _, module in seen}) == 1  # one network, two wrappers
     key = "vit.blocks.0.attn.qkv.weight"
     assert not torch.equal(before[key], after[key])  # the encoder trained in epoch 2, through the new wrapper
+
+
+def test_accumulation_micro_steps_skip_the_ddp_all_reduce(single_process_group):
+    """accumulation_steps 2 over 5 iterations: DDP syncs on iterations 2, 4 and 5 (the optimizer's steps) only,
+    and the weights end as without DDP."""
+    torch.distributed.init_process_group("gloo")
+    data = [(torch.randn(2, 4), torch.randn(2, 3)) for _ in range(5)]
+    results, synced = [], []
+    for wrap in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        network = torch.nn.parallel.DistributedDataParallel(net) if wrap else net
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=network,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
+            accumulation_steps=2, decollate=False,
+        )  # fmt: skip
+        AccumulationNoSync().attach(trainer)
+        if wrap:
+            trainer.add_event_handler(
+                IterationEvents.FORWARD_COMPLETED, lambda e: synced.append(e.network.require_backward_grad_sync)
+            )
+        trainer.run()
+        results.append(net.weight.detach().clone())
+    assert synced == [False, True, False, True, True]
+    torch.testing.assert_close(results[1], results[0])
