@@ -2,8 +2,8 @@
 
 The bundle (``train.json``, parsed with ``monai.bundle.ConfigParser``) builds its network, optimizer, scheduler,
 per-iteration handlers (lr schedule, NaN guard, GradScaler choice, gradient clipping, stats and TensorBoard
-logging, lr logging) and MONAI's ``SupervisedTrainer``. The training batches are drawn once from its DataLoader and kept in memory, so neither side
-pays for loading. Then, from the same initial weights:
+logging, lr logging) and MONAI's ``SupervisedTrainer``. The training batches are drawn once from its DataLoader
+and kept in memory, so neither side pays for loading. Then, from the same initial weights:
 
 * ``bundle``: the trainer runs ``--steps`` iterations over those batches (validation off);
 * ``bare loop``: a plain PyTorch loop over the same batches: forward, the same loss, backward, clipping, AdamW
@@ -136,14 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name] = _timed(bare_loop(net, loss_fn, optimizer, scheduler, batches, parser["grad_clip"], plain),
                                    device, args.repeats)  # fmt: skip
     assert all(isinstance(b["image"], MetaTensor) for b in batches)  # the loader's output, as in a real run
-    print(f"mae_pretrain, {device.type}, ViT {args.hidden} x {args.layers}, {args.size}^3 crops, {args.patch}^3 patches, "
+    print(f"mae_pretrain, {device.type}, ViT {args.hidden} x {args.layers}, {args.size}^3 crops, "
+          f"{args.patch}^3 patches, "
           f"batch {args.batch_size}, {len(batches)} iterations per run, median of {args.repeats}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print("| loop | it/s | ms/it |\n| --- | --- | --- |")
     for name, seconds in results.items():
         print(f"| {name} | {len(batches) / seconds:.2f} | {1000 * seconds / len(batches):.1f} |")
     ratio = results["bundle (SupervisedTrainer + handlers)"] / results["bare loop"]
-    print(f"bundle / bare loop time per iteration: {ratio:.3f} ({'within' if ratio <= 1.10 else 'outside'} the 10% target)")
+    verdict = "within" if ratio <= 1.10 else "outside"
+    print(f"bundle / bare loop time per iteration: {ratio:.3f} ({verdict} the 10% target)")
     return 0
 
 

@@ -161,8 +161,8 @@ def rows_table(rows: Sequence[Row]) -> str:
             continue
         mfu = "n/a" if r.mfu is None else f"{100 * r.mfu:.3g}%"
         syncs = "n/a" if r.syncs_per_step is None else str(r.syncs_per_step)
-        lines.append(f"| {r.config} | {r.img_size}^3 / {r.patch}^3 | {r.model} | {r.batch_size} "
-                     f"| {_fmt(r.volumes_per_s, '.2f')} | {mfu} | {_fmt(r.peak_mem_gib, '.2f')} | {syncs} |")  # fmt: skip
+        figures = f"{_fmt(r.volumes_per_s, '.2f')} | {mfu} | {_fmt(r.peak_mem_gib, '.2f')} | {syncs}"
+        lines.append(f"| {r.config} | {r.img_size}^3 / {r.patch}^3 | {r.model} | {r.batch_size} | {figures} |")
     return "\n".join(lines)
 
 
