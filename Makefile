@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-quick wheel-smoke demo demo-finetune bench clean
+.PHONY: install test test-quick wheel-smoke demo demo-finetune bench gpu-check clean
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ demo-finetune: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_vs_monai.py
+
+# On a GPU machine (< 5 minutes): both bundles on cuda:0 with bf16 + compile, DDP on every visible GPU, and the
+# model table (volumes/s, MFU, peak memory, host syncs per step); exits 2 without CUDA. See docs/gpu.md.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

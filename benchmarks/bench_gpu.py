@@ -15,8 +15,9 @@ Printed as a markdown table, per (encoder, size, model):
 * MFU (model FLOP utilisation): FLOPs of one eager forward + loss + backward counted with
   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention kernels; the
   optimiser's elementwise work is not counted), divided by the median step time and by the GPU's
-  peak dense bf16 FLOP/s: ``--gpu`` picks it from ``PEAK_BF16_FLOPS`` (auto-detected from the device
-  name when left out) or ``--peak-tflops`` gives it.
+  peak dense bf16 FLOP/s: looked up by the device's exact name in ``bench_common.PEAK_BF16_TFLOPS``
+  (H100 SXM 989, PCIe 756, NVL 835 TFLOP/s; ``--gpu NAME`` uses another entry), or given with
+  ``--peak-tflops``; a device not in the table is reported without an MFU.
 
 MONAI's ``MaskedAutoEncoderViT`` (1.6.1) cannot run under autocast: its decoder writes the
 autocast (bf16) decoder tokens into a buffer built from the fp32 mask token with ``index_put``,
@@ -56,13 +57,12 @@ import torch.nn as nn
 from monai.networks.nets import MaskedAutoEncoderViT
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
-from monai_mae.engines import build_optimizer
+from monai_mae.engines import build_optimizer, cuda_bf16_supported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
-from bench_common import flop_counter  # noqa: E402
+from bench_common import PEAK_BF16_TFLOPS, flop_counter, peak_bf16_flops  # noqa: E402
 
 __all__ = [
-    "PEAK_BF16_FLOPS",
     "ENCODERS",
     "DECODER",
     "Result",
@@ -73,9 +73,6 @@ __all__ = [
     "main",
 ]
 
-#: Peak dense bf16 tensor-core FLOP/s (no sparsity) of known GPUs.
-PEAK_BF16_FLOPS = {"h100-sxm": 989e12, "h200": 989e12, "a100": 312e12}
-_NAME_HINTS = (("H200", "h200"), ("H100", "h100-sxm"), ("A100", "a100"))  # torch.cuda.get_device_name -> key
 
 ENCODERS = {
     "vit-b": dict(hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12),
@@ -263,7 +260,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument(
-        "--gpu", choices=sorted(PEAK_BF16_FLOPS), help="peak bf16 FLOP/s for the MFU (default: from the device name)"
+        "--gpu", choices=sorted(PEAK_BF16_TFLOPS), metavar="DEVICE_NAME",
+        help="take the MFU's peak bf16 FLOP/s of this device (default: the device's own name; one of "
+        + ", ".join(repr(n) for n in sorted(PEAK_BF16_TFLOPS)) + ")",
     )
     parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for the MFU, overriding --gpu")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the same code path on the CPU with tiny sizes")
@@ -276,13 +275,11 @@ def _peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[float |
         if args.peak_tflops <= 0:
             raise SystemExit(f"bench_gpu.py: --peak-tflops must be > 0, got {args.peak_tflops}.")
         return args.peak_tflops * 1e12, f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)"
-    key = args.gpu
-    if key is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        key = next((k for hint, k in _NAME_HINTS if hint in name), None)
-    if key is None:
-        return None, "unknown (pass --gpu or --peak-tflops for the MFU)"
-    return PEAK_BF16_FLOPS[key], f"{PEAK_BF16_FLOPS[key] / 1e12:g} TFLOP/s ({key})"
+    name = args.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else "")
+    peak = peak_bf16_flops(name) if name else None
+    if peak is None:
+        return None, f"unknown for {name or device.type!r}: no MFU (pass --peak-tflops)"
+    return peak, f"{peak / 1e12:g} TFLOP/s ({name})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,11 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{torch.version.cuda or 'none'}); run it on a GPU machine, or pass --cpu-smoke to run the same code "
                 "path on the CPU with tiny sizes.\n",
             )
-        if not torch.cuda.is_bf16_supported():
+        if not cuda_bf16_supported(torch.device("cuda", torch.cuda.current_device())):
             parser.exit(
                 2,
-                f"bench_gpu.py: {torch.cuda.get_device_name()} does not support bf16; this benchmark measures "
-                "bf16 autocast.\n",
+                f"bench_gpu.py: {torch.cuda.get_device_name()} has no native bf16 (it emulates it); "
+                "this benchmark measures bf16 autocast.\n",
             )
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cuda.matmul.allow_tf32 = True

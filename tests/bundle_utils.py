@@ -10,6 +10,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: environment for bundle subprocesses: no GPU visible, so the bundles' default device is the CPU on every
+#: machine (the tests check CPU behaviour: gloo, fp32, 2 threads; on a one-GPU machine rank 1 of a 2-process
+#: run would otherwise ask for cuda:1)
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
 TINY_NETWORK = {
     "network_def#hidden_size": 48,
     "network_def#mlp_dim": 96,
@@ -42,7 +47,7 @@ def run_bundle(
         "--logging_file", str(configs / "logging.conf"),
         *args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **CPU_ONLY}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"bundle run failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

@@ -89,9 +89,13 @@ def _tiny(bundle: str, files: list[str], model_files: dict[str, Path]) -> dict:
 @pytest.mark.parametrize("device", [None, "cpu"], ids=["default", "cpu"])
 @pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
 def test_every_config_runs_initialize_and_builds_its_workflow(
-    bundle, files, workflow, device, dataset, tmp_path, single_process_group, model_files
+    bundle, files, workflow, device, dataset, tmp_path, single_process_group, model_files, monkeypatch
 ):
-    """``--device cpu`` arrives as the string ``"cpu"``: every expression that needs a device object must cope."""
+    """``--device cpu`` arrives as the string ``"cpu"``: every expression that needs a device object must cope.
+
+    The default device is evaluated as on a machine without CUDA (on a GPU machine it is ``cuda:0``).
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 0,
                  **_tiny(bundle, files, model_files)}  # fmt: skip
     if device is not None:
@@ -143,6 +147,28 @@ def test_a_cuda_device_string_selects_nccl_amp_and_pinned_memory(bundle, files, 
     if "inference.json" not in files:
         assert set(present) >= {"amp", "train#dataloader#pin_memory"}
     assert {key: parser.get_parsed_content(key) for key in present} == present
+
+
+@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                             ((7, 5), torch.float16), ((7, 0), torch.float16)])  # fmt: skip
+@pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)
+def test_every_autocasting_engine_names_the_dtype_of_amp_dtype(bundle, files, workflow, capability, dtype, model_files,
+                                                               monkeypatch):  # fmt: skip
+    """On ``cuda:0``: bf16 on GPUs with native bf16 (H100, A100), fp16 on V100 / T4 (bf16 there is emulated)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    parser = _parser(bundle, files, device="cuda:0", **_tiny(bundle, files, model_files))
+    engines = [key for key in (workflow, "validate#evaluator") if key in parser]
+    autocasting = [key for key in engines if parser.get_parsed_content(f"{key}#amp") is True]
+    for key in autocasting:
+        assert parser.get_parsed_content(f"{key}#amp_kwargs") == {"dtype": dtype}, key
+    if (bundle, files) == ("mae_pretrain", ["inference.json"]):  # reconstructions in fp32, no autocast at all
+        assert autocasting == []
+    else:
+        assert workflow in autocasting
+    if "train#handlers" in parser:  # the trainer's GradScaler: loss scaling for fp16 only
+        scalers = [h for h in parser.get("train#handlers") if isinstance(h, dict) and h["_target_"].endswith("AmpGradScaler")]
+        assert len(scalers) == 1 and scalers[0]["dtype"] == "@amp_dtype"
 
 
 @pytest.mark.parametrize("bundle, files, workflow", CONFIGS, ids=IDS)

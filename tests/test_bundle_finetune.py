@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import REPO, run_bundle, write_overrides
+from bundle_utils import CPU_ONLY, REPO, run_bundle, write_overrides
 
 from monai_mae import MAEViT
 from monai_mae.data import write_synthetic_dataset
@@ -26,7 +26,7 @@ NUM_CLASSES = 5
 TINY_UNETR = {"architecture": "unetr", "encoder#hidden_size": 48, "encoder#mlp_dim": 96, "encoder#num_heads": 4,
               "unetr#feature_size": 4}  # fmt: skip
 TINY_RUN = dict(roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
-                sw_batch_size=2, progress_bar=False, **TINY_UNETR)  # fmt: skip
+                sw_batch_size=2, progress_bar=False, **TINY_UNETR, deterministic=True)  # fmt: skip
 TINY_INFER = dict(num_workers=0, sw_batch_size=2)  # the network and the preprocessing come from the model file
 CONFIGS = REPO / "bundles" / "mae_finetune" / "configs"
 
@@ -37,7 +37,7 @@ def _run_layered(configs: list[str], overrides: Path, *args: str) -> subprocess.
            "--config_file", str([*(str(CONFIGS / c) for c in configs), str(overrides)]),
            "--bundle_root", str(CONFIGS.parent), "--meta_file", str(CONFIGS / "metadata.json"),
            "--logging_file", str(CONFIGS / "logging.conf"), *args]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **CPU_ONLY}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
@@ -156,14 +156,15 @@ def test_verify_net_in_out():
            "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.json"),
            "--bundle_root", str(CONFIGS.parent), "--roi_size", "[32, 32, 32]",
            "--_meta_#network_data_format#inputs#image#spatial_shape", "[32, 32, 32]", *tiny]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **CPU_ONLY})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------- self-describing model files
 TINY_VITSEG_RUN = dict(architecture="vitseg", roi_size=[32, 32, 32], batch_size=1, num_samples=1, num_workers=0, warmup_epochs=1, val_interval=1,
-                       sw_batch_size=2, progress_bar=False, max_epochs=1, **{"vitseg#decoder_channels": [8, 8, 8]})  # fmt: skip
+                       sw_batch_size=2, progress_bar=False, max_epochs=1, **{"vitseg#decoder_channels": [8, 8, 8]},
+                       deterministic=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
+from bundle_utils import CPU_ONLY, REPO, TINY_NETWORK, run_bundle, write_overrides
 from monai.bundle import ConfigParser
 
 from monai_mae import MAEViT
@@ -20,7 +21,8 @@ from monai_mae.model_file import read_model, save_model
 pytestmark = pytest.mark.slow  # every test runs the bundle in a subprocess
 
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=2, num_samples=2, num_workers=0,
-                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, **TINY_NETWORK)  # fmt: skip
+                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, deterministic=True,
+                **TINY_NETWORK)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_verify_net_in_out(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "reconstructor",
            "--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", str(bundle / "configs" / "inference.json"),
            "--bundle_root", str(bundle), "--ckpt_path", str(ckpt)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **CPU_ONLY})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 

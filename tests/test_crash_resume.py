@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
+from bundle_utils import CPU_ONLY, REPO, TINY_NETWORK, run_bundle, write_overrides
 from monai.engines import SupervisedTrainer
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
@@ -21,7 +21,8 @@ from monai_mae.data import write_synthetic_dataset
 from monai_mae.engines import AutoResume, EpochCheckpointer, MAEPrepareBatch, build_optimizer, list_checkpoints
 
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=2, num_samples=2, num_workers=0,
-                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, **TINY_NETWORK)  # fmt: skip
+                lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, deterministic=True,
+                **TINY_NETWORK)  # fmt: skip
 MAX_EPOCHS = 5
 
 
@@ -48,7 +49,7 @@ def test_sigkill_then_same_command_resumes(dataset, tmp_path):
     out = tmp_path / "out"
     overrides = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
     cmd = _bundle_cmd(overrides, dataset, out)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **CPU_ONLY}
     first = out / "checkpoints" / "checkpoint_epoch=1.pt"
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from bundle_utils import REPO, TINY_NETWORK, write_overrides
+from bundle_utils import CPU_ONLY, REPO, TINY_NETWORK, write_overrides
 from ignite.engine import Engine, Events
 from monai.networks.nets import UNETR
 
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # every test runs torchrun with 2 processes
 
 TINY_RUN = dict(roi_size=[32, 32, 32], patch_size=[8, 8, 8], batch_size=1, num_samples=2, num_workers=0,
                 lr=2e-3, warmup_epochs=1, val_interval=1, progress_bar=False, skip_bad_files=True,
-                **TINY_NETWORK)  # fmt: skip
+                **TINY_NETWORK, deterministic=True)  # fmt: skip
 
 # Test-only additions, layered last: every rank records the files of each batch it trained on and,
 # after training, probes the NaN guard and dumps the files, its weights and its optimizer's base lr.
@@ -86,7 +86,8 @@ def _torchrun_bundle(
         "--logging_file", str(configs / "logging.conf"),
         "--dataset_dir", str(data), "--output_dir", str(out), "--max_epochs", "2", *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "tests")}
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **CPU_ONLY}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out.parent, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
@@ -195,7 +196,8 @@ def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
            "unetr#feature_size": 4},
     )  # fmt: skip
     recorder = write_overrides(tmp_path / "recorder.json", **FINETUNE_RECORDER)
-    ckpt = ("--pretrained_ckpt", str(tmp_path / "mae.pt"))
+    # --device cpu: on a machine with one GPU, rank 1 would otherwise ask for cuda:1
+    ckpt = ("--pretrained_ckpt", str(tmp_path / "mae.pt"), "--device", "cpu")
     log, ranks = _torchrun_bundle("mae_finetune", (tiny, recorder), data, out, *ckpt)
     assert all(r["world"] == 2 for r in ranks)
     # disjoint shards of the 4 labeled training volumes in each epoch
@@ -205,7 +207,8 @@ def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
         assert files[0] and files[1] and not files[0] & files[1], files
         assert files[0] | files[1] == training
     # both ranks started from the MAE encoder; epoch 1 trained the decoder only (frozen encoder under
-    # DDP with find_unused_parameters), epoch 2 everything; the replicas stayed identical throughout
+    # DDP with find_unused_parameters), epoch 2 everything (a new DDP wrapper without the scan); the replicas
+    # stayed identical throughout
     mae_state = mae.state_dict()
     for rank in ranks:
         for key, value in rank["start"].items():

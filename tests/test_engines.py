@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
@@ -16,6 +17,7 @@ from monai_mae.engines import (
     BestModelSaver,
     EpochCheckpointer,
     FinalModelSaver,
+    GPUAugmentPrepareBatch,
     GradientClipping,
     MAEPrepareBatch,
     NonFiniteLossError,
@@ -23,7 +25,9 @@ from monai_mae.engines import (
     atomic_save,
     build_optimizer,
     list_checkpoints,
+    as_plain_tensor,
     param_groups,
+    plain_prepare_batch,
     scaled_lr,
 )
 from monai_mae.engines.pictures import reconstruction_views
@@ -67,6 +71,41 @@ def test_prepare_batch_target_is_image_and_seeded_masks():
         MAEPrepareBatch(content_aware_strength=1.0)
     with pytest.raises(ValueError, match="no 'image' entry"):
         MAEPrepareBatch()({"img": images})
+
+
+def _meta_batch(with_label: bool = True) -> dict:
+    affine = torch.diag(torch.tensor([1.5, 1.5, 2.0, 1.0], dtype=torch.float64))
+    batch = {"image": MetaTensor(torch.rand(2, 1, 8, 8, 8), affine=affine)}
+    if with_label:
+        batch["label"] = MetaTensor(torch.randint(0, 3, (2, 1, 8, 8, 8)).float(), affine=affine)
+    return batch
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [MAEPrepareBatch(), MAEPrepareBatch(seed=1), plain_prepare_batch, GPUAugmentPrepareBatch(flip_prob=1.0),
+     GPUAugmentPrepareBatch(MAEPrepareBatch(), intensity_shift=0.1)],
+    ids=["mae", "mae-seeded", "supervised", "gpu-augment", "gpu-augment-mae"],
+)  # fmt: skip
+def test_prepare_batch_hooks_give_the_network_plain_tensors(hook):
+    """MetaTensors from the loader reach the network as plain tensors with the same values (no metadata cost)."""
+    batch = _meta_batch()
+    inputs, targets = hook(batch, torch.device("cpu"))[:2]
+    assert type(inputs) is torch.Tensor and type(targets) is torch.Tensor
+    assert inputs.shape == (2, 1, 8, 8, 8)
+    if isinstance(hook, MAEPrepareBatch):
+        assert torch.equal(inputs, batch["image"].as_tensor())
+    if hook is plain_prepare_batch:
+        assert torch.equal(inputs, batch["image"].as_tensor()) and torch.equal(targets, batch["label"].as_tensor())
+    assert isinstance(batch["image"], MetaTensor) and batch["image"].affine[0, 0] == 1.5  # the batch keeps its metadata
+
+
+def test_as_plain_tensor_converts_nested_containers_and_keeps_the_rest():
+    image = MetaTensor(torch.ones(2, 2))
+    out = as_plain_tensor({"a": image, "b": [image, (image, 3)], "c": "text"})
+    assert type(out["a"]) is torch.Tensor and out["a"].data_ptr() == image.data_ptr()  # no copy
+    assert type(out["b"][0]) is torch.Tensor and type(out["b"][1][0]) is torch.Tensor and out["b"][1][1] == 3
+    assert out["c"] == "text" and isinstance(out["b"][1], tuple)
 
 
 def test_param_groups_and_optimizer():

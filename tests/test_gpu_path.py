@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from bundle_utils import REPO, TINY_NETWORK
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
@@ -93,18 +94,59 @@ def test_train_config_wires_compile_amp_and_optimizer(tmp_path):
     parser.read_config(str(CONFIGS / "train.json"))
     parser.update({"bundle_root": str(REPO / "bundles" / "mae_pretrain"), "dataset_dir": str(data),
                    "output_dir": str(tmp_path / "out"), "roi_size": [16, 16, 16], "patch_size": [8, 8, 8],
-                   "num_workers": 0, "compile": True, **TINY_NETWORK})  # fmt: skip
+                   "num_workers": 0, "compile": True, "device": "cpu", **TINY_NETWORK})  # fmt: skip
     trainer = parser.get_parsed_content("train#trainer")
     assert trainer.compile and isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.network._orig_mod is parser.get_parsed_content("network")
-    assert trainer.amp is torch.cuda.is_available()
+    assert trainer.amp is False  # MONAI's autocast is CUDA-only; amp defaults to off on a CPU
     assert parser.get_parsed_content("amp_dtype") in (torch.bfloat16, torch.float16)
     fused = bool(parser.get_parsed_content("optimizer").defaults["fused"])
     assert fused is fused_adamw_supported(parser.get_parsed_content("network").parameters())
     assert fused  # CUDA, or CPU with torch >= 2.4
-    assert parser.get_parsed_content("train#dataloader").pin_memory is torch.cuda.is_available()
+    assert parser.get_parsed_content("train#dataloader").pin_memory is False
     parser.get_parsed_content("tb_writer").close()
     torch._dynamo.reset()
+
+
+COMPILE_RUNS = {
+    "mae_pretrain": {"roi_size": [16, 16, 16], "patch_size": [8, 8, 8], **TINY_NETWORK},
+    "mae_finetune": {"roi_size": [32, 32, 32], "num_classes": 3, "encoder#hidden_size": 24, "encoder#mlp_dim": 48,
+                     "encoder#num_layers": 2, "encoder#num_heads": 2, "vitseg#decoder_channels": [8, 8, 8]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bundle", sorted(COMPILE_RUNS))
+def test_compiled_bundle_trains_two_iterations_on_nifti_data(bundle, tmp_path):
+    """``--compile True`` on NIfTI volumes: the loaders give MetaTensors, the network must get plain tensors.
+
+    MONAI's trainer re-wraps a compiled network's output as a MetaTensor when its input was one, which failed
+    on the MAE's ``(pred, mask)`` tuple. aot_eager: the dynamo graph capture without inductor's C++ build.
+    """
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num=3, num_validation=1, shape=(32, 32, 32), num_organs=2)
+    configs = REPO / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser.update({"bundle_root": str(configs.parent), "dataset_dir": str(data), "output_dir": str(tmp_path / "out"),
+                   "device": "cpu", "num_workers": 0, "max_epochs": 1, "batch_size": 1, "num_samples": 1,
+                   "val_interval": 5, "progress_bar": False, "compile": True,
+                   "compile_kwargs": {"backend": "aot_eager"}, **COMPILE_RUNS[bundle]})  # fmt: skip
+    torch._dynamo.reset()
+    try:
+        for index in range(len(parser.get("initialize"))):
+            parser.get_parsed_content(f"initialize#{index}")
+        trainer = parser.get_parsed_content("train#trainer")
+        assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
+        inputs = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: inputs.append(type(e.state.output["image"])))
+        for index in range(len(parser.get("run"))):
+            parser.get_parsed_content(f"run#{index}")
+    finally:
+        torch._dynamo.reset()
+        parser.get_parsed_content("tb_writer").close()
+    assert trainer.state.iteration == 2 and inputs == [torch.Tensor, torch.Tensor]
+    assert torch.isfinite(torch.as_tensor(trainer.state.output["loss"]))
+    assert (tmp_path / "out" / "models" / "model.pt").is_file()
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -134,3 +176,31 @@ def test_bench_gpu_without_cuda_says_so(capsys, monkeypatch):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     assert "no CUDA device is available" in message and "--cpu-smoke" in message
+
+
+def _bench_gpu_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bench)  # its dataclass looks its module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+     ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 Something New", None),
+     ("Tesla V100-SXM2-16GB", None)],
+)  # fmt: skip
+def test_mfu_peak_is_looked_up_by_the_exact_device_name(name, tflops, monkeypatch):
+    """Every H100 was credited with the SXM peak; PCIe and NVL parts peak lower, unknown parts get no MFU."""
+    bench = _bench_gpu_module(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    args = bench._parser().parse_args([])
+    peak, text = bench._peak_flops(args, torch.device("cuda", 0))
+    if tflops is None:
+        assert peak is None and f"unknown for {name!r}: no MFU" in text
+    else:
+        assert peak == tflops * 1e12 and text == f"{tflops:g} TFLOP/s ({name})"
+    forced = bench._peak_flops(bench._parser().parse_args(["--gpu", "NVIDIA H100 PCIe"]), torch.device("cuda", 0))
+    assert forced == (756e12, "756 TFLOP/s (NVIDIA H100 PCIe)")

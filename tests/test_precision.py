@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
-from monai_mae.engines import MAEPrepareBatch
+from monai_mae.engines import GradientClipping, MAEPrepareBatch
 from monai_mae.engines import precision
 from monai_mae.engines.precision import AutocastInferer, amp_inferer, cpu_bf16_supported, engine_amp
 
@@ -130,3 +132,93 @@ def test_an_mae_trains_under_cpu_autocast(options, monkeypatch):
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())
     assert all(v.dtype == before[k].dtype for k, v in net.state_dict().items())
     assert not torch.equal(net.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+
+
+# ------------------------------------------------------------------ the autocast dtype and the GradScaler
+@pytest.mark.parametrize("capability, expected", [((9, 0), True), ((8, 6), True), ((8, 0), True), ((7, 5), False),
+                                                  ((7, 0), False)])  # fmt: skip
+def test_bf16_on_cuda_only_where_the_gpu_computes_it_natively(capability, expected, monkeypatch):
+    """V100 (7.0) and T4 (7.5) emulate bf16 (``is_bf16_supported()`` counts that): fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert precision.cuda_bf16_supported("cuda:1") is expected
+    assert asked == [torch.device("cuda:1")]  # the GPU named, not the current one
+    assert precision.amp_dtype("cuda:1") == (torch.bfloat16 if expected else torch.float16)
+    assert precision.amp_dtype("cpu") == torch.bfloat16
+
+
+def test_without_cuda_no_gpu_counts_as_bf16_capable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.cuda_bf16_supported("cuda") is False and precision.cuda_bf16_supported("cpu") is False
+
+
+class _Poisoned(torch.nn.Module):
+    """A linear layer whose weight gradient is +inf while ``poison`` is set (the loss stays finite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+        self.poison = False
+        self.linear.weight.register_hook(lambda g: torch.full_like(g, float("inf")) if self.poison else g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def _scaled_trainer(net: torch.nn.Module, dtype: torch.dtype, poison_at: int | None = None):
+    """A MONAI trainer with ``amp`` on and a CPU GradScaler from AmpGradScaler, clipping at norm 0.5."""
+    torch.manual_seed(0)
+    data = [(torch.randn(3, 4), torch.randn(3, 2)) for _ in range(3)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(), amp=True,
+        decollate=False,
+    )  # fmt: skip
+    record: list[dict] = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(net, "poison", e.state.iteration == poison_at))
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: record.append({"before": net.linear.weight.clone()}))
+    precision.AmpGradScaler(dtype, device_type="cpu").attach(trainer)
+    GradientClipping(max_norm=0.5).attach(trainer)
+    trainer.add_event_handler(  # after the clipping: the gradients the optimizer will see, and the scale
+        IterationEvents.BACKWARD_COMPLETED,
+        lambda e: record[-1].update(grad=net.linear.weight.grad.clone(), scale=e.scaler.get_scale(),
+                                    enabled=e.scaler.is_enabled()),
+    )  # fmt: skip
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: record[-1].update(after=net.linear.weight.clone()))
+    return trainer, data, record
+
+
+def test_fp16_scaler_unscales_clips_and_skips_the_step_with_an_inf_gradient():
+    net = _Poisoned()
+    reference = copy.deepcopy(net.linear)
+    trainer, data, record = _scaled_trainer(net, torch.float16, poison_at=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI opens torch.autocast("cuda") on a machine without CUDA
+        trainer.run()
+    assert [r["enabled"] for r in record] == [True] * 3
+    # iteration 1: the gradient the optimizer sees is the true one (unscaled), clipped to norm 0.5, and applied
+    images, labels = data[0]
+    torch.nn.MSELoss()(reference(images), labels).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    torch.testing.assert_close(record[0]["grad"], reference.weight.grad)
+    torch.testing.assert_close(record[0]["after"], record[0]["before"] - 0.1 * reference.weight.grad)
+    # iteration 2: an inf gradient; the step is skipped (weights unchanged) and the scale backs off by half
+    assert not torch.isfinite(record[1]["grad"]).all()
+    assert torch.equal(record[1]["after"], record[1]["before"])
+    assert record[0]["scale"] == 2.0**16 and trainer.scaler.get_scale() == 2.0**15
+    # iteration 3: finite again, the optimizer steps
+    assert torch.isfinite(record[2]["after"]).all() and not torch.equal(record[2]["after"], record[2]["before"])
+
+
+def test_bf16_gets_a_disabled_scaler_that_steps_unscaled():
+    net = _Poisoned()
+    trainer, _, record = _scaled_trainer(net, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.run()
+    assert [r["enabled"] for r in record] == [False] * 3 and trainer.scaler.get_scale() == 1.0
+    assert all(torch.linalg.vector_norm(r["grad"]) <= 0.5 + 1e-6 for r in record)  # clipped, never scaled
+    assert all(not torch.equal(r["after"], r["before"]) for r in record)
+    with pytest.raises(ValueError, match="dtype must be"):
+        precision.AmpGradScaler(torch.float32)

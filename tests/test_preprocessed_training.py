@@ -346,7 +346,7 @@ def test_loader_setting_and_worker_defaults(bundle, preprocessed, tmp_path, monk
         _parser(bundle, **{**base, "loader": "FastLoader"}).get_parsed_content("train#dataloader")
     assert "ThreadDataLoader" in str(error.value) + str(error.value.__cause__)
     # a CUDA device string: workers for a 16-core machine (per process under torchrun), pinned memory, prefetch
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("monai_mae.engines.runtime.available_cpus", lambda: 16)
     cuda = _parser(bundle, **{**{k: v for k, v in base.items() if k != "num_workers"}, "device": "cuda:1"})
     settings = {key: cuda.get_parsed_content(key) for key in ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")}
     assert settings == {"num_workers": 8, "pin_memory": True, "prefetch_factor": 4, "persistent_workers": True}

@@ -17,11 +17,21 @@ from monai_mae.engines.checkpoint import (
     atomic_save,
     list_checkpoints,
 )
+from monai_mae.engines.distributed import AccumulationNoSync, freeze_unused_parameters, rewrap_ddp
 from monai_mae.engines.augment import GPUAugmentPrepareBatch, crop_augmentation
 from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
-from monai_mae.engines.precision import AutocastInferer, amp_inferer, cpu_bf16_supported, engine_amp
-from monai_mae.engines.prepare_batch import MAEPrepareBatch
+from monai_mae.engines.precision import (
+    AmpGradScaler,
+    AutocastInferer,
+    amp_dtype,
+    amp_inferer,
+    cpu_bf16_supported,
+    cuda_bf16_supported,
+    engine_amp,
+)
+from monai_mae.engines.runtime import available_cpus, default_num_workers, seed_and_backends
+from monai_mae.engines.prepare_batch import MAEPrepareBatch, as_plain_tensor, plain_prepare_batch
 from monai_mae.engines.preprocessed import (
     PreprocessedCentreCropDataset,
     PreprocessedVolumeDataset,
@@ -37,9 +47,9 @@ from monai_mae.engines.training import (
 from monai_mae.utils import unwrap
 
 __all__ = [
-    "AutoResume", "AutocastInferer", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
-    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "amp_inferer", "atomic_save", "build_optimizer", "cpu_bf16_supported", "engine_amp", "fused_adamw_supported",
-    "encoder_parameters", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups",
-    "rank_zero_summary_writer", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
+    "AccumulationNoSync", "AmpGradScaler", "AutoResume", "AutocastInferer", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
+    "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "amp_dtype", "amp_inferer", "as_plain_tensor", "atomic_save", "available_cpus", "build_optimizer", "cpu_bf16_supported", "cuda_bf16_supported", "default_num_workers", "engine_amp", "fused_adamw_supported",
+    "encoder_parameters", "freeze_unused_parameters", "rewrap_ddp", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups", "plain_prepare_batch",
+    "rank_zero_summary_writer", "seed_and_backends", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
     "GPUAugmentPrepareBatch", "PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "crop_augmentation",
 ]  # fmt: skip

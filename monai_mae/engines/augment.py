@@ -19,12 +19,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from monai.engines.utils import PrepareBatch, default_prepare_batch
+from monai.engines.utils import PrepareBatch
 from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from monai.utils import CommonKeys
 
 from monai_mae.data.preprocess import from_storage_layout, gpu_augment
 from monai_mae.data.transforms import check_augment_options
+from monai_mae.engines.prepare_batch import as_plain_tensor, plain_prepare_batch
 
 __all__ = ["GPUAugmentPrepareBatch", "crop_augmentation"]
 
@@ -83,11 +84,12 @@ def crop_augmentation(
 class GPUAugmentPrepareBatch(PrepareBatch):
     """A ``prepare_batch`` that copies the batch to the device, augments it there, then calls the wrapped one.
 
-    The image (and label) tensors of a dictionary batch go to ``device`` with the trainer's
-    ``non_blocking`` flag, :func:`~monai_mae.data.gpu_augment` flips and jitters them per sample on
-    that device, and the wrapped ``prepare_batch`` (e.g. :class:`~monai_mae.engines.MAEPrepareBatch`,
-    or MONAI's ``default_prepare_batch`` for supervised training) builds the network's inputs from the
-    augmented batch; its own copy to the device is then a no-op. Shapes and dtypes are unchanged,
+    The image (and label) tensors of a dictionary batch go to ``device`` as plain tensors (without MONAI's
+    metadata) with the trainer's ``non_blocking`` flag, :func:`~monai_mae.data.gpu_augment` flips and jitters
+    them per sample on that device, and the wrapped ``prepare_batch`` (e.g.
+    :class:`~monai_mae.engines.MAEPrepareBatch`, or :func:`~monai_mae.engines.prepare_batch.plain_prepare_batch`
+    for supervised training) builds the network's inputs from the augmented batch; its own copy to the device
+    is then a no-op. Shapes and dtypes are unchanged,
     except with ``storage_layout=True``: the batch comes from
     ``PreprocessedCropDataset(storage_layout=True)`` ((B, C, Z, Y, X) in the file's dtypes) and
     :func:`~monai_mae.data.from_storage_layout` turns image and label into float32 (B, C, X, Y, Z)
@@ -95,7 +97,7 @@ class GPUAugmentPrepareBatch(PrepareBatch):
 
     Args:
         prepare_batch: the hook to wrap, called as ``prepare_batch(batch, device, non_blocking, **kwargs)``.
-            Defaults to None, MONAI's ``default_prepare_batch`` (``(image, label)``).
+            Defaults to None, :func:`~monai_mae.engines.prepare_batch.plain_prepare_batch` (``(image, label)``).
         flip_prob: probability of a flip along each spatial axis, in [0, 1]. Defaults to 0.1.
         intensity_shift: largest offset added to the image, >= 0. Defaults to 0.0.
         intensity_scale: largest relative change of the image's scale, in [0, 1). Defaults to 0.0.
@@ -139,7 +141,7 @@ class GPUAugmentPrepareBatch(PrepareBatch):
         if prepare_batch is not None and not callable(prepare_batch):
             raise TypeError(f"prepare_batch must be callable or None, got {type(prepare_batch).__name__}.")
         check_augment_options(flip_prob, intensity_shift, intensity_scale)
-        self.prepare_batch = prepare_batch if prepare_batch is not None else default_prepare_batch
+        self.prepare_batch = prepare_batch if prepare_batch is not None else plain_prepare_batch
         self.flip_prob = float(flip_prob)
         self.intensity_shift = float(intensity_shift)
         self.intensity_scale = float(intensity_scale)
@@ -164,7 +166,7 @@ class GPUAugmentPrepareBatch(PrepareBatch):
         batch = dict(batchdata)
         for key in (self.image_key, self.label_key):
             if isinstance(batch.get(key), torch.Tensor):
-                batch[key] = batch[key].to(device=device, non_blocking=non_blocking, **kwargs)
+                batch[key] = as_plain_tensor(batch[key]).to(device=device, non_blocking=non_blocking, **kwargs)
         if self.storage_layout:  # (B, C, Z, Y, X) float16/uint8 -> (B, C, X, Y, Z) float32, on the device
             batch = from_storage_layout(batch, (self.image_key, self.label_key))
         batch = gpu_augment(

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from monai_mae.engines.distributed import rewrap_ddp
 from monai_mae.model_file import read_model
 from monai_mae.networks.mim import load_mim_weights
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
@@ -234,9 +235,17 @@ class FreezeEncoder:
 
     def attach(self, engine: Engine) -> None:
         if self.epochs == 0:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._match_ddp)
             return
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         engine.add_event_handler(Events.COMPLETED, self._restore)
+
+    def _match_ddp(self, engine: Engine) -> None:
+        """Give the trainer a DDP wrapper that scans for unused parameters exactly while the encoder is frozen."""
+        network = getattr(engine, "network", None)
+        if isinstance(network, nn.parallel.DistributedDataParallel) and network.find_unused_parameters != self.frozen:
+            engine.network = rewrap_ddp(network, find_unused_parameters=self.frozen)
+            logger.info(f"FreezeEncoder: DistributedDataParallel find_unused_parameters={self.frozen}.")
 
     def freeze(self) -> None:
         """Set ``requires_grad=False`` on the encoder's trainable parameters (remembered for :meth:`unfreeze`)."""
@@ -267,6 +276,7 @@ class FreezeEncoder:
         elif epoch > self.epochs and self.frozen:
             self.unfreeze()
             logger.info(f"FreezeEncoder: epoch {epoch}: ViT encoder unfrozen, training the whole network.")
+        self._match_ddp(engine)
 
     def _restore(self, engine: Engine) -> None:
         if self.frozen:

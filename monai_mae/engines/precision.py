@@ -6,6 +6,12 @@ the inferer in :class:`AutocastInferer` (``torch.autocast("cpu", dtype=torch.bfl
 ``--amp true`` means bf16 autocast on both. On a CPU, bf16 pays only where the hardware has bf16
 matrix instructions (AVX512-BF16 or AMX, e.g. Intel Sapphire Rapids or AMD Zen 4 and later);
 elsewhere PyTorch emulates it and a step gets slower, which :func:`amp_inferer` warns about.
+
+One function decides the autocast dtype everywhere (:func:`amp_dtype`: every engine, inferer and bundle config
+names it): bf16 on a CPU and on CUDA GPUs with native bf16 (compute capability 8.0 and later: A100, H100, ...),
+fp16 on older GPUs (V100, T4), where ``torch.cuda.is_bf16_supported()`` says yes because it counts emulation.
+fp16 needs loss scaling, bf16 does not: :class:`AmpGradScaler` gives MONAI's trainer a disabled ``GradScaler``
+for bf16 (no scaling, no inf check, no host sync per step).
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ import warnings
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 
-__all__ = ["AutocastInferer", "amp_inferer", "cpu_bf16_supported", "engine_amp"]
+__all__ = [
+    "AmpGradScaler", "AutocastInferer", "amp_dtype", "amp_inferer", "cpu_bf16_supported", "cuda_bf16_supported",
+    "engine_amp",
+]  # fmt: skip
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -40,6 +50,67 @@ def cpu_bf16_supported() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def cuda_bf16_supported(device: str | torch.device = "cuda") -> bool:
+    """Whether the CUDA GPU ``device`` computes bf16 natively (compute capability >= 8.0, Ampere and later).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is emulated (V100, T4: slower than fp16); this
+    is its ``including_emulation=False`` answer, for the GPU named by ``device`` (not only the current one).
+    False without CUDA.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
+def amp_dtype(device: str | torch.device) -> torch.dtype:
+    """The autocast dtype for ``device``: bf16 on a CPU and on GPUs with native bf16, fp16 on older GPUs.
+
+    Example:
+        >>> amp_dtype("cpu")
+        torch.bfloat16
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not cuda_bf16_supported(device):
+        return torch.float16
+    return torch.bfloat16
+
+
+class AmpGradScaler:
+    """Give a MONAI ``SupervisedTrainer`` the ``GradScaler`` its autocast dtype needs.
+
+    MONAI's trainer builds a CUDA ``GradScaler`` whenever ``amp`` is on, whatever the dtype. Loss scaling
+    keeps fp16 gradients from underflowing; bf16 has fp32's range and needs none, and an enabled scaler costs
+    a host sync per step (it reads back whether a gradient was inf/NaN). At ``Events.STARTED`` (after
+    ``run()`` built its scaler) this replaces it with ``torch.amp.GradScaler(device_type, enabled=dtype is
+    fp16)``: a disabled scaler passes the loss and the step through unchanged. Does nothing when the
+    trainer's ``amp`` is off.
+
+    Args:
+        dtype: the trainer's autocast dtype (``amp_kwargs["dtype"]``); None: :func:`amp_dtype` of the trainer's
+            device.
+        device_type: the scaler's device type. Defaults to ``"cuda"`` (what MONAI's engines autocast).
+
+    Raises:
+        ValueError: for a dtype other than bf16 / fp16.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None, device_type: str = "cuda") -> None:
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or None, got {dtype!r}.")
+        self.dtype = dtype
+        self.device_type = device_type
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not getattr(engine, "amp", False):
+            return
+        dtype = self.dtype or amp_dtype(engine.state.device)
+        engine.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
 
 
 def _to_float32(value: Any) -> Any:
@@ -126,5 +197,5 @@ def amp_inferer(inferer: Inferer, device: str | torch.device, amp: bool) -> Infe
             RuntimeWarning,
             stacklevel=2,
         )
-    return AutocastInferer(inferer, device_type="cpu", dtype=torch.bfloat16)
+    return AutocastInferer(inferer, device_type="cpu", dtype=amp_dtype(device))
 

@@ -1,4 +1,16 @@
-"""``MAEPrepareBatch``: the batch hook that makes MONAI's stock ``SupervisedTrainer`` train an MAE."""
+"""Batch hooks that hand the network plain tensors: ``MAEPrepareBatch`` (the hook that makes MONAI's stock
+``SupervisedTrainer`` train an MAE) and ``plain_prepare_batch`` (MONAI's ``default_prepare_batch`` for
+supervised training).
+
+MONAI's loaders give ``MetaTensor``s; every operation on one goes through MONAI's Python wrapper
+(``__torch_function__``), a cost paid per operation that weighs most on small networks
+(``benchmarks/bench_bundle.py`` compares a loop on MetaTensors with one on plain tensors), and
+``SupervisedTrainer(compile=True)`` re-wraps the network's output as a ``MetaTensor`` when its input was one,
+which fails for an MAE's ``(pred, mask)`` tuple. Training needs no metadata, so these hooks drop it
+(``as_tensor()``, no copy) before the copy to the device. Evaluators that invert or save their predictions keep
+MONAI's default hook: their sliding-window inferer gives the network plain windows itself and puts the metadata
+back on the stitched prediction.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +18,42 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.engines.utils import PrepareBatch
+from monai.data import MetaTensor
+from monai.engines.utils import PrepareBatch, default_prepare_batch
 from monai.utils import CommonKeys
 
 from monai_mae.networks.masking import content_aware_weights
 
-__all__ = ["MAEPrepareBatch"]
+__all__ = ["MAEPrepareBatch", "as_plain_tensor", "plain_prepare_batch"]
+
+
+def as_plain_tensor(value: Any) -> Any:
+    """``value`` without MONAI's metadata: a ``MetaTensor`` becomes a plain ``torch.Tensor`` (same storage), a
+    dict / list / tuple is converted item by item, anything else comes back unchanged."""
+    if isinstance(value, MetaTensor):
+        return value.as_tensor()
+    if isinstance(value, Mapping):
+        return {k: as_plain_tensor(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_plain_tensor(v) for v in value)
+    return value
+
+
+def plain_prepare_batch(
+    batchdata: Mapping[str, Any] | torch.Tensor | Sequence[torch.Tensor],
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """MONAI's ``default_prepare_batch`` on plain tensors: ``(image, label)`` of a dict batch, on ``device``.
+
+    Example:
+        >>> from monai.data import MetaTensor
+        >>> image, label = plain_prepare_batch({"image": MetaTensor(torch.ones(1, 1, 2, 2)), "label": torch.zeros(1)})
+        >>> type(image).__name__, type(label).__name__
+        ('Tensor', 'Tensor')
+    """
+    return default_prepare_batch(as_plain_tensor(batchdata), device, non_blocking, **kwargs)
 
 
 class MAEPrepareBatch(PrepareBatch):
@@ -20,6 +62,7 @@ class MAEPrepareBatch(PrepareBatch):
     Like MONAI's ``DiffusionPrepareBatch`` this builds its own target, so the stock
     ``SupervisedTrainer`` / ``SupervisedEvaluator`` and ``SimpleInferer`` run an MAE unchanged:
     the network is called as ``network(images, **kwargs)`` and the loss as ``loss((pred, mask), images)``.
+    ``images`` is a plain tensor (a ``MetaTensor``'s metadata is dropped, see the module's notes).
 
     Args:
         image_key: key of the image in a dictionary batch. Defaults to ``"image"``.
@@ -69,7 +112,7 @@ class MAEPrepareBatch(PrepareBatch):
             images = batchdata
         else:
             images = batchdata[0]
-        images = images.to(device=device, non_blocking=non_blocking, **kwargs)
+        images = as_plain_tensor(images).to(device=device, non_blocking=non_blocking, **kwargs)
         net_kwargs: dict[str, Any] = {}
         if self.seed is not None:
             net_kwargs["generator"] = torch.Generator(device=images.device).manual_seed(self.seed)

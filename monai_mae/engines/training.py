@@ -16,6 +16,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from monai_mae.engines.checkpoint import list_checkpoints
+from monai_mae.engines.distributed import optimizer_steps_now
 from monai_mae.utils import is_distributed, is_main_process
 
 __all__ = [
@@ -112,17 +113,8 @@ class GradientClipping:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
-    @staticmethod
-    def _steps_now(engine: Engine) -> bool:
-        acc = getattr(engine, "accumulation_steps", 1)
-        if acc <= 1:
-            return True
-        length = engine.state.epoch_length
-        local = (engine.state.iteration - 1) % length if length else engine.state.iteration - 1
-        return (local + 1) % acc == 0 or (length is not None and local + 1 == length)
-
     def __call__(self, engine: Engine) -> None:
-        if not self._steps_now(engine):
+        if not optimizer_steps_now(engine):
             return
         scaler = getattr(engine, "scaler", None)
         if scaler is not None:
