@@ -5,6 +5,7 @@ import shutil
 import socket
 import warnings
 
+import ignite.distributed as idist
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ def single_process_group(monkeypatch):
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    idist.sync()  # Ignite caches the distributed context it last saw: back to serial for the tests that follow
 
 
 @pytest.fixture
