@@ -200,3 +200,25 @@ def test_finetune_nifti_chain_jitters_intensity_as_train_augment_says(tmp_path):
     off = _parser("mae_finetune", files, **{"train#augment": {"flip_prob": 0.1, "intensity_shift": 0.0, "intensity_scale": 0.0}})
     names = [type(t).__name__ for t in off.get_parsed_content("train#preprocessing").transforms]
     assert "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+@pytest.mark.parametrize("bundle, files", [("mae_pretrain", ["inference.json"]), ("mae_finetune", ["inference.json"]),
+                                           ("mae_finetune", ["train.json", "evaluate.json"])])  # fmt: skip
+def test_a_network_setting_given_to_a_config_that_loads_a_model_file_is_checked_against_it(bundle, files, model_files):
+    """``--network_def#hidden_size 192`` on inference/evaluate: checked against the file, not a config-parser error."""
+    ckpt = {"ckpt_path": str(model_files[bundle]), "device": "cpu"}
+    same = _parser(bundle, files, **ckpt, **{"network_def#hidden_size": 24})
+    assert same.get_parsed_content("network_def").hidden_size == 24
+    with pytest.raises(RuntimeError) as info:
+        _parser(bundle, files, **ckpt, **{"network_def#hidden_size": 192}).get_parsed_content("network_def")
+    assert isinstance(_root_cause(info.value), ValueError)
+    assert re.search(r"hidden_size=192 \(given\) vs hidden_size=24 \(in '.*\.pt'\)", str(_root_cause(info.value)))
+    with pytest.raises(RuntimeError) as info:
+        _parser(bundle, files, **ckpt, **{"network_def#feature_size": 8}).get_parsed_content("network_def")
+    assert re.search(r"\['feature_size'\] are not arguments recorded in '.*\.pt'", str(_root_cause(info.value)))
