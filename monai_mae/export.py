@@ -206,7 +206,7 @@ def _figures(run_dir: Path, model: ModelFile) -> list[str]:
     run = model.run or {}
     for key, value in run.items():
         if key.startswith("val_") and isinstance(value, (int, float)):
-            lines.append(f"- `{key}` {value:.4f} at epoch {run.get('epoch', '?')} (the validation that kept these weights)")
+            lines.append(f"- `{key}` {value:.4f} at epoch {run.get('epoch', '?')} (the validation that kept them)")
     metrics_file = run_dir / "eval" / "metrics.json"
     if metrics_file.is_file():
         try:
