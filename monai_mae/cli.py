@@ -142,10 +142,10 @@ def _common(sub: argparse.ArgumentParser, data_help: str, out_help: str) -> None
     sub.add_argument("--data", metavar="DIR", required=True, help=data_help)
     sub.add_argument("--out", metavar="RUN", required=True, help=out_help)
     sub.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
-    sub.add_argument("--config", metavar="FILE", action="append", default=[],
-                     help="JSON file of bundle settings layered after the bundle's configs (repeatable)")  # fmt: skip
-    sub.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
-                     help="any bundle setting, e.g. --set network_def#hidden_size=384 (repeatable)")  # fmt: skip
+    config_help = "JSON file of bundle settings layered after the bundle's configs (repeatable)"
+    sub.add_argument("--config", metavar="FILE", action="append", default=[], help=config_help)
+    set_help = "any bundle setting, e.g. --set network_def#hidden_size=384 (repeatable)"
+    sub.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_", help=set_help)
     sub.add_argument("--dry-run", action="store_true", help="print the equivalent python -m monai.bundle run command")
 
 
@@ -153,16 +153,17 @@ def _training(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--epochs", type=int, help="max_epochs")
     sub.add_argument("--modality", choices=MODALITIES, help="data preset (default ct; for fine-tuning: the file's)")
     sub.add_argument("--preprocessed", metavar="DIR", help="train from a folder written by monai-mae preprocess")
-    sub.add_argument("--multi-gpu", action="store_true",
-                     help="layer multi_gpu_train.json (run as torchrun --nproc_per_node N -m monai_mae ...)")
+    multi_help = "layer multi_gpu_train.json (run as torchrun --nproc_per_node N -m monai_mae ...)"
+    sub.add_argument("--multi-gpu", action="store_true", help=multi_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``monai-mae`` (bundle settings beyond the flags are left for :func:`_pairs`)."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="MAE pretraining and segmentation fine-tuning on CT and MRI (MONAI bundles).",
+        prog=PROG,
+        description="MAE pretraining and segmentation fine-tuning on CT and MRI (MONAI bundles).",
         epilog="Bundle settings: --config FILE, --set KEY=VALUE, or trailing --KEY VALUE. See docs/cli.md.",
-    )  # fmt: skip
+    )
     parser.add_argument("--version", action="version", version=f"monai-mae {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     kw = {"allow_abbrev": False}

@@ -55,6 +55,10 @@ _DROPPED = ("model_file", "best_ckpt", "final_ckpt", "modality")
 #: Entries of a model file's ``run`` record that hold paths (cut to their last component on export).
 _RUN_PATHS = ("output_dir", "pretrained_ckpt")
 _PACKAGES = ("pytorch-ignite", "nibabel", "einops", "tensorboard", "fire")
+#: Settings of run_settings.json left out of the README (folders), and the data-preset entries it shows.
+_UNSHOWN = ("dataset_dir", "output_dir", "bundle_root", "preprocessed_dir", "pretrained_ckpt", "ckpt_path")
+_SHOWN_PRESET = ("modality", "pixdim", "a_min", "a_max", "roi_size", "spatial_dims", "in_channels", "num_classes",
+                 "class_names")
 
 
 def run_model_file(run_dir: str | os.PathLike[str], ckpt: str | os.PathLike[str] | None = None) -> Path:
@@ -161,6 +165,7 @@ def _metadata(bundle: str, model: ModelFile, name: str, run_name: str) -> dict[s
     required = dict(meta.get("required_packages_version", {}))
     required.update({p: _version(p, required[p]) for p in _PACKAGES if p in required})
     required["monai-mae"] = __version__
+    meta.pop("optional_packages_version", None)  # MONAI's parser reads this deprecated key as required_packages_version
     epoch = (model.run or {}).get("epoch")
     meta.update(
         {
@@ -216,16 +221,16 @@ def _figures(run_dir: Path, model: ModelFile) -> list[str]:
         values = metrics.get("metrics", {})
         for key, value in sorted(values.items()) if isinstance(values, Mapping) else []:
             if isinstance(value, (int, float)):
-                lines.append(f"- `{key}` {value:.4f} (`monai-mae evaluate`, {metrics.get('num_cases', '?')} cases, "
-                             f"list `{metrics.get('datalist_key', '?')}`)")  # fmt: skip
+                cases, key_list = metrics.get("num_cases", "?"), metrics.get("datalist_key", "?")
+                lines.append(f"- `{key}` {value:.4f} (`monai-mae evaluate`, {cases} cases, list `{key_list}`)")
     return lines
 
 
 def _training_lines(run_dir: Path, model: ModelFile, bundle: str) -> list[str]:
     """Lines about what the run was trained on: the command's settings when recorded, the data preset, the start."""
     preset, run = model.data_preset or {}, model.run or {}
-    lines = [f"- bundle `{bundle}`, network `{model.network.get('_target_')}`"
-             + (f", the weights after epoch {run['epoch']}" if "epoch" in run else "")]  # fmt: skip
+    epoch = f", the weights after epoch {run['epoch']}" if "epoch" in run else ""
+    lines = [f"- bundle `{bundle}`, network `{model.network.get('_target_')}`{epoch}"]
     settings_file = run_dir / RUN_SETTINGS_NAME
     if settings_file.is_file():
         recorded = json.loads(settings_file.read_text())
@@ -233,15 +238,13 @@ def _training_lines(run_dir: Path, model: ModelFile, bundle: str) -> list[str]:
         data = settings.get("dataset_dir") or settings.get("preprocessed_dir")
         if data:
             lines.append(f"- data: the folder `{Path(str(data)).name}`" + _case_counts(Path(str(data))))
-        shown = {k: v for k, v in settings.items() if k not in ("dataset_dir", "output_dir", "bundle_root",
-                                                                 "preprocessed_dir", "pretrained_ckpt")}  # fmt: skip
+        shown = {k: _no_folder(v) for k, v in settings.items() if k not in _UNSHOWN}
         if shown:
             lines.append("- settings: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(shown.items())))
     else:
         lines.append(f"- the run folder holds no {RUN_SETTINGS_NAME} (it was not started by `monai-mae`): "
-                     "the data it was trained on is not recorded")  # fmt: skip
-    shown_preset = {k: preset[k] for k in ("modality", "pixdim", "a_min", "a_max", "roi_size", "spatial_dims",
-                                           "in_channels", "num_classes", "class_names") if k in preset}  # fmt: skip
+                     "the data it was trained on is not recorded")
+    shown_preset = {k: preset[k] for k in _SHOWN_PRESET if k in preset}
     lines.append("- data preset: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in shown_preset.items()))
     if run.get("pretrained_ckpt"):
         lines.append(f"- encoder initialised from `{Path(str(run['pretrained_ckpt'])).name}`")
@@ -249,6 +252,11 @@ def _training_lines(run_dir: Path, model: ModelFile, bundle: str) -> list[str]:
         if key in run:
             lines.append(f"- `{key}` {json.dumps(run[key])}")
     return lines
+
+
+def _no_folder(value: Any) -> Any:
+    """An absolute path cut to its last component (the README names no folder of the machine it was made on)."""
+    return Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
 
 
 def _case_counts(data: Path) -> str:
@@ -367,8 +375,10 @@ def export_run(
     model_path = run_model_file(run_dir, ckpt)
     model = read_model(model_path, mmap=True)
     if not model.describes:
-        raise ValueError(f"{model.source} does not describe its network (a plain state dict); only model files "
-                         "written by monai-mae's bundles can be exported.")  # fmt: skip
+        raise ValueError(
+            f"{model.source} does not describe its network (a plain state dict); only model files written by "
+            "monai-mae's bundles can be exported."
+        )
     bundle = _bundle_of(model)
     name = name or out_dir.name
     config = _inference_config(bundle, model_path, model)

@@ -209,7 +209,7 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 @pytest.mark.parametrize("bundle, files", [("mae_pretrain", ["inference.json"]), ("mae_finetune", ["inference.json"]),
-                                           ("mae_finetune", ["train.json", "evaluate.json"])])  # fmt: skip
+                                           ("mae_finetune", ["train.json", "evaluate.json"])])
 def test_a_network_setting_given_to_a_config_that_loads_a_model_file_is_checked_against_it(bundle, files, model_files):
     """``--network_def#hidden_size 192`` on inference/evaluate: checked against the file, not a config-parser error."""
     ckpt = {"ckpt_path": str(model_files[bundle]), "device": "cpu"}

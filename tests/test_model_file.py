@@ -113,7 +113,7 @@ def test_files_carry_their_format_version_and_a_newer_format_is_refused_by_name(
     content["monai_mae"].update(format_version=newer, version="9.0.0")
     torch.save(content, tmp_path / "newer.pt")
     expected = (rf"'.*newer.pt' has model-file format {newer} \(written by monai-mae 9.0.0\), but monai-mae "
-                rf"{__version__} reads formats up to {FORMAT_VERSION}; upgrade monai-mae")  # fmt: skip
+                rf"{__version__} reads formats up to {FORMAT_VERSION}; upgrade monai-mae")
     for read in (read_model, build_network, data_preset_for, lambda p: encoder_settings(p, "vitseg")):
         with pytest.raises(ValueError, match=expected):
             read(tmp_path / "newer.pt")
