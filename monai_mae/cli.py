@@ -277,7 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``monai-mae`` with ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0, or 2 for bad input (the message names it; argparse errors exit the same way).
+        The exit status: 0, or 2 when the bundle run stops on bad input (one line on stderr names it).
+
+    Raises:
+        SystemExit: status 2 for bad arguments or settings found before the run (the message names them), 0 for
+            ``--help`` / ``--version``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _FORWARDED:
