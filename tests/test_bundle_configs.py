@@ -222,3 +222,13 @@ def test_a_network_setting_given_to_a_config_that_loads_a_model_file_is_checked_
     with pytest.raises(RuntimeError) as info:
         _parser(bundle, files, **ckpt, **{"network_def#feature_size": 8}).get_parsed_content("network_def")
     assert re.search(r"\['feature_size'\] are not arguments recorded in '.*\.pt'", str(_root_cause(info.value)))
+
+
+@pytest.mark.parametrize("bundle", ["mae_pretrain", "mae_finetune"])
+def test_the_per_iteration_loss_log_is_off_while_the_progress_bar_is_on(bundle):
+    """The progress bar and StatsHandler's per-iteration lines would interleave on the console."""
+    handlers = _parser(bundle, ["train.json"]).config["train"]["handlers"]
+    (index,) = [i for i, h in enumerate(handlers) if h["_target_"] == "monai.handlers.StatsHandler"]
+    for progress_bar in (True, False):
+        stats = _parser(bundle, ["train.json"], progress_bar=progress_bar).get_parsed_content(f"train#handlers#{index}")
+        assert stats.iteration_log is (not progress_bar) and stats.epoch_log is True
