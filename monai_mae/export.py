@@ -117,6 +117,7 @@ def _dumps(value: Any, indent: int = 0) -> str:
 
 
 def _plain_json(value: Any) -> Any:
+    """A parsed config value as plain JSON (tensors and arrays become lists)."""
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
