@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Wheel smoke test: build the wheel, install it into a fresh venv, and use it from outside the repository.
-# Catches files the package reads at run time but the wheel does not carry (data presets, ...).
+# Catches files the package reads at run time but the wheel does not carry (data presets, the bundles, ...):
+# from another folder, the monai-mae command runs synth, pretrain, finetune and export with tiny settings,
+# and the exported bundle runs its inference with python -m monai.bundle run.
 #   .ci/wheel_smoke.sh            (or: make wheel-smoke)
 # PYTHON picks the interpreter of the fresh venv (default python3). Everything is written under a
 # temporary folder, removed at the end (KEEP=1 keeps it); the repository is only read.
@@ -29,9 +31,11 @@ WHEEL="$(ls "$WORK"/dist/monai_mae-*.whl)"
 "$WORK/venv/bin/python" - "$WHEEL" <<'EOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-for needed in ("monai_mae/data/presets/ct.json", "monai_mae/data/presets/mri.json"):
+for needed in ("monai_mae/data/presets/ct.json", "monai_mae/data/presets/mri.json",
+               "monai_mae/bundles/mae_pretrain/configs/train.json", "monai_mae/bundles/mae_finetune/configs/train.json",
+               "monai_mae/bundles/mae_finetune/configs/inference.json", "monai_mae/bundles/mae_finetune/LICENSE"):
     assert needed in names, f"{sys.argv[1]} lacks {needed}"
-print(f"{sys.argv[1]}: {len(names)} files, presets included")
+print(f"{sys.argv[1]}: {len(names)} files, presets and bundles included")
 EOF
 
 # 2. torch first: a bare torch requirement would pull the CUDA build (gigabytes).
@@ -42,7 +46,7 @@ step "installing torch==2.13.0, then the wheel with its dependencies"
 # 3. Use it from another folder: no repository on sys.path, only the installed package.
 mkdir -p "$WORK/run"
 cd "$WORK/run"
-step "import, presets, tiny synthetic dataset"
+step "import, presets, monai-mae synth: a tiny synthetic dataset"
 "$WORK/venv/bin/python" - "$REPO" <<'EOF'
 import sys
 from pathlib import Path
@@ -59,22 +63,51 @@ assert ct["modality"] == "ct" and ct["a_min"] == -175.0 and ct["a_max"] == 250.0
 assert mri["modality"] == "mri" and mri["pixdim"] == [1.0, 1.0, 1.0], mri
 print(f"monai_mae from {where.parent}; presets ct and mri loaded")
 EOF
-"$WORK/venv/bin/python" -m monai_mae.data.synthetic "$WORK/data" --num 3 --num-validation 1 --shape 32 32 24
+MM="$WORK/venv/bin/monai-mae"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$MM" --version
+"$MM" synth data --num 3 --num-validation 1 --shape 32 32 24
 
-step "one tiny epoch of the mae_pretrain bundle (cpu)"
-B="$REPO/bundles/mae_pretrain/configs"
-cat > "$WORK/tiny.json" <<'EOF'
+step "monai-mae pretrain: one tiny epoch (cpu), the bundle configs from the installed package"
+cat > tiny_pretrain.json <<'EOF'
 {
     "roi_size": [16, 16, 16], "patch_size": [8, 8, 8], "batch_size": 1, "num_samples": 1, "num_workers": 0,
-    "max_epochs": 1, "warmup_epochs": 1, "val_interval": 1, "progress_bar": false,
+    "warmup_epochs": 1, "val_interval": 1, "progress_bar": false,
     "network_def#hidden_size": 48, "network_def#mlp_dim": 96, "network_def#num_layers": 2, "network_def#num_heads": 4,
     "network_def#decoder_hidden_size": 32, "network_def#decoder_mlp_dim": 64, "network_def#decoder_num_layers": 1,
     "network_def#decoder_num_heads": 4
 }
 EOF
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$WORK/venv/bin/python" -m monai.bundle run \
-    --config_file "['$B/train.json','$WORK/tiny.json']" --bundle_root "$REPO/bundles/mae_pretrain" \
-    --meta_file "$B/metadata.json" --logging_file "$B/logging.conf" \
-    --dataset_dir "$WORK/data" --output_dir "$WORK/out" --device cpu
-test -s "$WORK/out/models/model.pt" || { echo "wheel smoke: no $WORK/out/models/model.pt" >&2; exit 1; }
+"$MM" pretrain --data data --out mae --epochs 1 --device cpu --config tiny_pretrain.json
+test -s mae/models/model.pt || { echo "wheel smoke: no mae/models/model.pt" >&2; exit 1; }
+"$WORK/venv/bin/python" - "$WORK/venv" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+from monai_mae.packaged import bundles_root
+
+recorded = json.loads(Path("mae/run_settings.json").read_text())
+assert recorded["bundle"] == "mae_pretrain" and recorded["config_files"][0] == "train.json", recorded
+assert Path(sys.argv[1]).resolve() in bundles_root().resolve().parents, bundles_root()  # the wheel's own bundles
+print(f"bundles from {bundles_root()}")
+EOF
+
+step "monai-mae finetune --pretrained mae/models/model.pt: one tiny epoch (cpu)"
+cat > tiny_finetune.json <<'EOF'
+{
+    "roi_size": [16, 16, 16], "batch_size": 1, "num_samples": 1, "num_workers": 0, "warmup_epochs": 1,
+    "val_interval": 1, "sw_batch_size": 1, "progress_bar": false, "vitseg#decoder_channels": [8, 8, 8]
+}
+EOF
+"$MM" finetune --data data --out seg --pretrained mae/models/model.pt --epochs 1 --device cpu \
+    --config tiny_finetune.json
+test -s seg/models/model.pt || { echo "wheel smoke: no seg/models/model.pt" >&2; exit 1; }
+
+step "monai-mae export seg bundle_out, then the exported bundle's inference.json with python -m monai.bundle run"
+"$MM" export seg bundle_out
+(cd bundle_out && "$WORK/venv/bin/python" -m monai.bundle run --config_file configs/inference.json \
+    --meta_file configs/metadata.json --logging_file configs/logging.conf --bundle_root . \
+    --dataset_dir "$WORK/run/data" --output_dir "$WORK/run/seg_out" --device cpu --num_workers 0)
+ls seg_out/segmentations/*_seg.nii.gz >/dev/null || { echo "wheel smoke: no segmentation written" >&2; exit 1; }
 step "passed"

@@ -11,6 +11,10 @@ MONAI's own classes, other tools) still load; they just describe nothing.
 
 Settings the user passes that contradict the file stop the run with a ``ValueError`` naming both
 values: a silent mismatch would fine-tune a different architecture, or preprocess differently.
+
+The description carries ``format_version`` (:data:`FORMAT_VERSION`); a file of a newer format than this
+package reads stops with a ``ValueError`` that says to upgrade, instead of failing somewhere later. Files
+without the field (monai-mae 0.1.0) are read as before.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from monai_mae.utils import atomic_write, unwrap
 from monai_mae.version import __version__
 
 __all__ = [
+    "FORMAT_VERSION",
     "ModelFile",
     "PREPROCESSING_KEYS",
     "ENCODER_KEYS",
@@ -45,6 +50,9 @@ __all__ = [
 
 DESCRIPTION_KEY = "monai_mae"
 WEIGHTS_KEY = "network"
+#: The model-file format this version writes and the newest it reads. Raise it with every change of the
+#: description's layout or meaning (and the package version with it); files without the field predate it.
+FORMAT_VERSION = 1
 #: Data-preset entries that decide the preprocessing (a conflict in these stops the run).
 PREPROCESSING_KEYS = ("modality", "pixdim", "a_min", "a_max", "orientation", "spatial_dims", "in_channels")
 #: Encoder settings a fine-tuning network takes from a pretrained MAE file (MAEViT / ViTSeg names).
@@ -65,6 +73,8 @@ class ModelFile:
         version: the monai-mae version that wrote the file, or None.
         run: free-form facts about the run (bundle, output folder, epoch, ...), or None.
         source: where it was read from (for messages).
+        format_version: the file's model-file format (:data:`FORMAT_VERSION`), or None for files that
+            predate the field (plain state dicts, monai-mae 0.1.0).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -73,6 +83,7 @@ class ModelFile:
     version: str | None = None
     run: dict[str, Any] | None = None
     source: str = "model file"
+    format_version: int | None = None
 
     @property
     def describes(self) -> bool:
@@ -119,7 +130,7 @@ def save_model(
     data_preset: Mapping[str, Any] | None = None,
     run: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a self-describing model file (atomically, fsynced): weights, network spec, data preset, version, run.
+    """Write a self-describing model file (atomically, fsynced): weights, network spec, data preset, versions, run.
 
     Args:
         network: the trained network (DDP / compile wrappers are unwrapped).
@@ -135,6 +146,7 @@ def save_model(
         "network": network_spec(network),
         "data_preset": _plain(dict(data_preset)) if data_preset is not None else None,
         "version": __version__,
+        "format_version": FORMAT_VERSION,
         "run": _plain(dict(run)) if run is not None else None,
     }
     content = {WEIGHTS_KEY: network.state_dict(), DESCRIPTION_KEY: description}
@@ -152,7 +164,8 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
 
     Raises:
         FileNotFoundError: for a missing path.
-        ValueError: when the file cannot be loaded or holds no mapping of tensors.
+        ValueError: when the file cannot be loaded, holds no mapping of tensors, or has a model-file format
+            newer than :data:`FORMAT_VERSION` (written by a newer monai-mae).
     """
     name = "checkpoint"
     obj: Any = source
@@ -179,6 +192,7 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
     if not isinstance(weights, Mapping) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"the model file {name} holds no weights (top-level keys: {list(obj)[:8]}).")
     description = description if isinstance(description, Mapping) else {}
+    format_version = _check_format_version(description, name)
     return ModelFile(
         state_dict={k: v for k, v in weights.items() if isinstance(v, torch.Tensor)},
         network=description.get("network"),
@@ -186,7 +200,24 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
         version=description.get("version"),
         run=description.get("run"),
         source=name,
+        format_version=format_version,
     )
+
+
+def _check_format_version(description: Mapping[str, Any], name: str) -> int | None:
+    """The description's ``format_version`` (None when absent); a newer or malformed one raises ``ValueError``."""
+    if "format_version" not in description:
+        return None
+    value = description["format_version"]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"the model file {name} has format_version {value!r}; expected an int >= 1.")
+    if value > FORMAT_VERSION:
+        raise ValueError(
+            f"the model file {name} has model-file format {value} (written by monai-mae "
+            f"{description.get('version', 'unknown')}), but monai-mae {__version__} reads formats up to "
+            f"{FORMAT_VERSION}; upgrade monai-mae (pip install -U monai-mae) to read it."
+        )
+    return value
 
 
 def _instantiate(spec: Mapping[str, Any], source: str) -> nn.Module:
@@ -222,11 +253,12 @@ def build_network(source: str | os.PathLike | ModelFile, load_weights: bool = Tr
         load_weights: load the file's weights (strict). Defaults to True.
         overrides: constructor arguments to set; None values are ignored. A value that differs from
             the recorded one raises, except for arguments that do not change the weights' shapes
-            (``img_size`` for inference on other crops, dropout, drop path, activation checkpointing).
+            (``img_size`` for inference on other crops, dropout, drop path, activation checkpointing);
+            so does an argument the file does not record (the file decides the network).
 
     Raises:
         ValueError: when the file describes no network, names a class outside monai / monai_mae, or an
-            override contradicts it.
+            override contradicts it or is not among its recorded arguments.
     """
     model = source if isinstance(source, ModelFile) else read_model(source)
     if not model.describes:
@@ -237,6 +269,13 @@ def build_network(source: str | os.PathLike | ModelFile, load_weights: bool = Tr
     spec = dict(model.network)
     free = {"img_size", "dropout_rate", "drop_path_rate", "activation_checkpointing", "save_attn"}
     given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(k for k in given if k not in spec and k not in free)
+    if unknown:
+        raise ValueError(
+            f"network settings {unknown} are not arguments recorded in {model.source}, which decides the network "
+            f"({spec.get('_target_')}; recorded: {sorted(k for k in spec if k != '_target_')}). Leave them out, "
+            f"or pass only recorded arguments with the recorded values."
+        )
     _conflicts(given, spec, [k for k in given if k not in free], "network settings", model.source)
     spec.update(given)
     network = _instantiate(spec, model.source)

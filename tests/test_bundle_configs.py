@@ -233,3 +233,35 @@ def test_finetune_nifti_chain_jitters_intensity_as_train_augment_says(tmp_path):
     off = _parser("mae_finetune", files, **{"train#augment": {"flip_prob": 0.1, "intensity_shift": 0.0, "intensity_scale": 0.0}})
     names = [type(t).__name__ for t in off.get_parsed_content("train#preprocessing").transforms]
     assert "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+@pytest.mark.parametrize("bundle, files", [("mae_pretrain", ["inference.json"]), ("mae_finetune", ["inference.json"]),
+                                           ("mae_finetune", ["train.json", "evaluate.json"])])
+def test_a_network_setting_given_to_a_config_that_loads_a_model_file_is_checked_against_it(bundle, files, model_files):
+    """``--network_def#hidden_size 192`` on inference/evaluate: checked against the file, not a config-parser error."""
+    ckpt = {"ckpt_path": str(model_files[bundle]), "device": "cpu"}
+    same = _parser(bundle, files, **ckpt, **{"network_def#hidden_size": 24})
+    assert same.get_parsed_content("network_def").hidden_size == 24
+    with pytest.raises(RuntimeError) as info:
+        _parser(bundle, files, **ckpt, **{"network_def#hidden_size": 192}).get_parsed_content("network_def")
+    assert isinstance(_root_cause(info.value), ValueError)
+    assert re.search(r"hidden_size=192 \(given\) vs hidden_size=24 \(in '.*\.pt'\)", str(_root_cause(info.value)))
+    with pytest.raises(RuntimeError) as info:
+        _parser(bundle, files, **ckpt, **{"network_def#feature_size": 8}).get_parsed_content("network_def")
+    assert re.search(r"\['feature_size'\] are not arguments recorded in '.*\.pt'", str(_root_cause(info.value)))
+
+
+@pytest.mark.parametrize("bundle", ["mae_pretrain", "mae_finetune"])
+def test_the_per_iteration_loss_log_is_off_while_the_progress_bar_is_on(bundle):
+    """The progress bar and StatsHandler's per-iteration lines would interleave on the console."""
+    handlers = _parser(bundle, ["train.json"]).config["train"]["handlers"]
+    (index,) = [i for i, h in enumerate(handlers) if h["_target_"] == "monai.handlers.StatsHandler"]
+    for progress_bar in (True, False):
+        stats = _parser(bundle, ["train.json"], progress_bar=progress_bar).get_parsed_content(f"train#handlers#{index}")
+        assert stats.iteration_log is (not progress_bar) and stats.epoch_log is True

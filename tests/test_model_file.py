@@ -8,9 +8,18 @@ from monai.networks.nets import UNETR
 
 from monai_mae import MAEViT
 from monai_mae.data import load_data_preset
-from monai_mae.model_file import build_network, data_preset_for, encoder_settings, network_spec, read_model, save_model
+from monai_mae.model_file import (
+    FORMAT_VERSION,
+    build_network,
+    data_preset_for,
+    encoder_settings,
+    network_spec,
+    read_model,
+    save_model,
+)
 from monai_mae.networks.factory import segmentation_network
 from monai_mae.networks.vitseg import ViTSeg
+from monai_mae.version import __version__
 
 SMALL = dict(hidden_size=24, mlp_dim=48, num_layers=2, num_heads=2, qkv_bias=True)
 DECODER = dict(decoder_hidden_size=16, decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2)
@@ -91,3 +100,31 @@ def test_unetr_from_the_factory_is_described_and_rebuilt(tmp_path):
     assert isinstance(build_network(path), UNETR)
     with pytest.raises(ValueError, match="in_channels=2 differs from the encoder's in_channels"):
         segmentation_network("vitseg", 2, 3, 32, encoder={"in_channels": 1, **SMALL})
+
+
+def test_files_carry_their_format_version_and_a_newer_format_is_refused_by_name(mae_file, tmp_path):
+    path, _ = mae_file
+    content = torch.load(path, weights_only=True)
+    assert read_model(path).format_version == FORMAT_VERSION == content["monai_mae"]["format_version"]
+    del content["monai_mae"]["format_version"]  # a file of monai-mae 0.1.0: read as before
+    torch.save(content, tmp_path / "old.pt")
+    assert read_model(tmp_path / "old.pt").format_version is None and build_network(tmp_path / "old.pt") is not None
+    newer = FORMAT_VERSION + 1
+    content["monai_mae"].update(format_version=newer, version="9.0.0")
+    torch.save(content, tmp_path / "newer.pt")
+    expected = (rf"'.*newer.pt' has model-file format {newer} \(written by monai-mae 9.0.0\), but monai-mae "
+                rf"{__version__} reads formats up to {FORMAT_VERSION}; upgrade monai-mae")
+    for read in (read_model, build_network, data_preset_for, lambda p: encoder_settings(p, "vitseg")):
+        with pytest.raises(ValueError, match=expected):
+            read(tmp_path / "newer.pt")
+    content["monai_mae"]["format_version"] = "2"
+    torch.save(content, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"format_version '2'; expected an int >= 1"):
+        read_model(tmp_path / "odd.pt")
+
+
+def test_a_network_setting_the_file_does_not_record_is_refused_by_name(mae_file):
+    path, _ = mae_file
+    with pytest.raises(ValueError, match=r"settings \['feature_size'\] are not arguments recorded in '.*model.pt'"):
+        build_network(path, load_weights=False, feature_size=8)
+    assert build_network(path, load_weights=False, hidden_size=24).hidden_size == 24  # recorded and equal: accepted

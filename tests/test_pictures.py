@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 
@@ -12,7 +13,7 @@ from ignite.engine import Engine
 from PIL import Image
 
 from monai_mae import patchify
-from monai_mae.engines import ReconstructionSaver, SegmentationOverlaySaver
+from monai_mae.engines import ReconstructionSaver, SegmentationOverlaySaver, pictures
 from monai_mae.engines.pictures import (
     overlay_slice,
     reconstruction_figure,
@@ -154,3 +155,15 @@ def test_without_matplotlib_training_goes_on_with_one_warning(tmp_path, no_matpl
     assert state.epoch == 3 and not (tmp_path / "reconstructions").exists() and saver.last_path is None
     warnings = [r.getMessage() for r in caplog.records if "ReconstructionSaver" in r.getMessage()]
     assert len(warnings) == 1 and "training goes on without pictures" in warnings[0] and "monai-mae[plots]" in warnings[0]
+
+
+def test_pillow_is_imported_only_where_pictures_are_written(monkeypatch, tmp_path):
+    """pillow is no dependency of its own (matplotlib, the plots extra, brings it): the module loads without it."""
+    for name in [n for n in sys.modules if n == "PIL" or n.startswith("PIL.")] + ["PIL"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    spec = importlib.util.spec_from_file_location("pictures_without_pillow", pictures.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # no top-level PIL import
+    saver = module.ReconstructionSaver(tmp_path, patch_size=(8, 8, 4))
+    with pytest.raises(ImportError):
+        saver._write(np.zeros((4, 4, 3), np.uint8), 1)

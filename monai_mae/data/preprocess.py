@@ -1349,14 +1349,18 @@ def gpu_augment(
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m monai_mae.data.preprocess") -> int:
     """``python -m monai_mae.data.preprocess DATASET_DIR OUT_DIR --modality ct|mri [options]``.
+
+    Args:
+        argv: arguments without the program name; defaults to ``sys.argv[1:]``.
+        prog: the program name in usage and error messages (``monai-mae preprocess`` from the command).
 
     Returns:
         0 on success; errors are reported by ``argparse`` (exit status 2) naming the problem.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m monai_mae.data.preprocess",
+        prog=prog,
         description="Apply the deterministic transforms of a data preset once to every volume of a Decathlon "
         "datalist and store them as .npy files for random-crop training (resumable).",
     )

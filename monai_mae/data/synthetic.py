@@ -563,11 +563,12 @@ def ensure_dataset(dataset_dir: str | os.PathLike[str], synthetic_if_missing: bo
     return write_synthetic_dataset(dataset_dir, **kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m monai_mae.data.synthetic") -> int:
     """Command line: ``python -m monai_mae.data.synthetic OUT_DIR --num N``.
 
     Args:
         argv: arguments without the program name; defaults to ``sys.argv[1:]``.
+        prog: the program name in usage and error messages (``monai-mae synth`` from the command).
 
     Returns:
         Exit status 0.
@@ -581,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         python -m monai_mae.data.synthetic ./data/realistic --style realistic --shape 128 128 48 --num-organs 9
     """
     parser = argparse.ArgumentParser(
-        prog="python -m monai_mae.data.synthetic", description="Write synthetic CT-like phantoms and datalist.json."
+        prog=prog, description="Write synthetic CT-like phantoms and datalist.json."
     )
     parser.add_argument("out_dir", help="output folder")
     parser.add_argument("--num", type=int, default=8, help="number of cases (default 8)")

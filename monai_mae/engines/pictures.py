@@ -3,8 +3,8 @@ during fine-tuning validation, drawn with matplotlib and ``monai.visualize``.
 
 matplotlib is optional (``pip install monai-mae[plots]``). Without it the drawing functions raise an
 ``ImportError`` naming that command, and the handlers log one warning and let training go on without
-pictures. The handlers write PNGs on rank 0 and, given a ``summary_writer``, the same picture to
-TensorBoard.
+pictures. The handlers write PNGs on rank 0 (with pillow, which matplotlib requires, so it is imported
+only there) and, given a ``summary_writer``, the same picture to TensorBoard.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
-from PIL import Image
 
 from monai_mae.networks.display import masked_input, reconstruct_image
 from monai_mae.utils import is_main_process
@@ -348,6 +347,8 @@ class _PictureSaver:
         return True
 
     def _write(self, picture: np.ndarray, epoch: int) -> None:
+        from PIL import Image  # a matplotlib dependency: present whenever pictures are drawn
+
         self.folder.mkdir(parents=True, exist_ok=True)
         self.last_path = self.folder / f"epoch_{epoch:04d}.png"
         Image.fromarray(picture).save(self.last_path)
