@@ -44,7 +44,7 @@ def cxx_compiler():
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    """Three CT phantoms 24 x 24 x 16 with labels: ``phantom_000``, ``phantom_001`` training, ``phantom_002`` validation."""
+    """Three CT phantoms 24 x 24 x 16 with labels: phantom_000 and phantom_001 training, phantom_002 validation."""
     root = tmp_path_factory.mktemp("phantoms")
     write_synthetic_dataset(root, num=3, num_validation=1, shape=(24, 24, 16), num_organs=2)
     return root
