@@ -554,6 +554,9 @@ def test_cli_in_process(synthetic, ct_out, tmp_path, capsys):
         assert info.value.code == 2
         assert re.search(expected, capsys.readouterr().err), expected
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as info:  # the program name the monai-mae command passes
+        pre.main(["-h"], prog="monai-mae preprocess")
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("usage: monai-mae preprocess [-h] --modality")
 
 
 def test_preset_file_and_spacing_override(synthetic, tmp_path):

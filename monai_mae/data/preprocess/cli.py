@@ -15,9 +15,9 @@ from monai_mae.data.transforms import MODALITIES
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m monai_mae.data.preprocess",
+        prog=prog,
         description="Apply the deterministic transforms of a data preset once to every volume of a Decathlon "
         "datalist and store them as .npy files for random-crop training (resumable).",
     )
@@ -39,16 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m monai_mae.data.preprocess") -> int:
     """``python -m monai_mae.data.preprocess DATASET_DIR OUT_DIR --modality ct|mri [options]``.
 
     Args:
-        argv: the arguments (without the program name). Defaults to None, ``sys.argv[1:]``.
+        argv: arguments without the program name; defaults to ``sys.argv[1:]``.
+        prog: the program name in usage and error messages (``monai-mae preprocess`` from the command).
 
     Returns:
         0 on success; errors are reported by ``argparse`` (exit status 2) naming the problem.
     """
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.spacing is not None and len(args.spacing) not in (1, 3):
         parser.error(f"--spacing takes 1 or 3 numbers, got {args.spacing}.")
