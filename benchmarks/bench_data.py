@@ -14,13 +14,13 @@ DataLoader worker process) and its peak memory:
     (today's default, ``get_dataset(cache="none")``);
 (b) ``persistent``: MONAI ``PersistentDataset`` (``get_dataset(cache="persistent")``), steady state;
     the first pass, which fills the on-disk cache, is reported separately;
-(c) ``preprocessed``: :class:`~monai_mae.data.preprocess.PreprocessedCropDataset` (memory-mapped
+(c) ``preprocessed``: :class:`~monai_mae.data.PreprocessedCropDataset` (memory-mapped
     crops of float16 ``.npy``) over a folder made by :func:`~monai_mae.data.preprocess.preprocess_dataset`
     (1 worker, 1 thread; its time per volume and disk size are reported). Flips and intensity jitter
     belong on the GPU there (``gpu_augment``) and are not in this path; (a) and (b) flip on the CPU;
 (d) ``storage``: the same dataset with ``storage_layout=True`` (what the bundles' ``gpu_augment`` path
     reads): float16 crops as stored, spatial axes reversed, a plain copy of the file's rows, no
-    conversion; :func:`~monai_mae.data.preprocess.from_storage_layout` turns each batch into float32
+    conversion; :func:`~monai_mae.data.from_storage_layout` turns each batch into float32
     (B, C, X, Y, Z) on the GPU. Its cost is timed here on this CPU (1 thread, per crop, not counted in
     the worker's rate) and estimated for the GPU from the bytes it moves (``--gpu-bandwidth``).
 
@@ -93,13 +93,16 @@ import torch
 from monai.data import DataLoader
 
 from monai_mae import MaskedReconstructionLoss, mae_vit
-from monai_mae.data import get_dataset, get_pretrain_transforms, load_data_preset, load_datalist
-from monai_mae.data.preprocess import (
-    FOREGROUND_MARGIN,
+from monai_mae.data import (
     PreprocessedCropDataset,
     from_storage_layout,
+    get_dataset,
+    get_pretrain_transforms,
+    load_data_preset,
+    load_datalist,
     preprocess_dataset,
 )
+from monai_mae.data.preprocess import FOREGROUND_MARGIN
 from monai_mae.data.synthetic import make_phantom
 from monai_mae.engines import build_optimizer
 from monai_mae.utils import atomic_write

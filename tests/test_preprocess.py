@@ -1,6 +1,7 @@
 """Preprocess once (monai_mae.data.preprocess): stored volumes equal the in-memory MONAI chain, resume after
 damage or a kill, manifest checks, bad inputs, the CLI, crops read through memory maps, 2D slices, crops in the
-storage layout converted back, gpu_augment."""
+storage layout converted back, gpu_augment. The manifest's journal, a folder of the first format and the lock:
+test_preprocess_manifest.py."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ from monai_mae.data import (
     read_manifest,
     write_synthetic_dataset,
 )
+from monai_mae.data import crops
 from monai_mae.data import preprocess as pre
+from monai_mae.data.preprocess import checks
 from monai_mae.engines import MAEPrepareBatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +260,7 @@ def test_dataset_randomness_transform_and_errors(ct_out, monkeypatch):
     # each item maps its files afresh: the dataset holds no open map to carry across a DataLoader fork
     opened = []
     real_load = np.load
-    monkeypatch.setattr(pre.np, "load", lambda *a, **k: opened.append(k.get("mmap_mode")) or real_load(*a, **k))
+    monkeypatch.setattr(crops.np, "load", lambda *a, **k: opened.append(k.get("mmap_mode")) or real_load(*a, **k))
     fixed[0], fixed[0], labelled[0]  # two crops each: one map per file and item
     assert opened == ["r"] * 4 and not [v for v in vars(fixed).values() if isinstance(v, np.ndarray)]
     assert len(pickle.loads(pickle.dumps(fixed))) == len(fixed)
@@ -520,7 +523,7 @@ def test_a_named_folder_without_datalist_is_an_error(tmp_path):
 
 def test_disk_space_is_estimated_and_checked(synthetic, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="monai_mae.data.preprocess")
-    monkeypatch.setattr(pre, "_free_bytes", lambda path: (tmp_path, 1000))
+    monkeypatch.setattr(checks, "free_bytes", lambda path: (tmp_path, 1000))
     need = f"{4 * (40 * 40 * 32 * 3 + 256) / 1000:.1f} KB"
     with pytest.raises(OSError, match=rf"not enough disk space .* up to {need} needed, 1\.0 KB free") as info:
         preprocess_dataset(synthetic, tmp_path / "pre", "ct", workers=1)
@@ -551,6 +554,9 @@ def test_cli_in_process(synthetic, ct_out, tmp_path, capsys):
         assert info.value.code == 2
         assert re.search(expected, capsys.readouterr().err), expected
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as info:  # the program name the monai-mae command passes
+        pre.main(["-h"], prog="monai-mae preprocess")
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("usage: monai-mae preprocess [-h] --modality")
 
 
 def test_preset_file_and_spacing_override(synthetic, tmp_path):
@@ -647,9 +653,9 @@ def test_resume_after_kill_9(tmp_path):
     deadline, done = time.monotonic() + 240, []
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                done = json.loads((out / "manifest.json").read_text())["volumes"]
-            except (FileNotFoundError, json.JSONDecodeError):
+            try:  # manifest.json of the run's start and the journal of the volumes since
+                done = read_manifest(out, require_complete=False, check_files=False)["volumes"]
+            except (FileNotFoundError, ValueError):
                 done = []
             if done:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -659,13 +665,16 @@ def test_resume_after_kill_9(tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and 1 <= len(done) < 12, f"not killed mid-run ({len(done)} done)"
-    killed = json.loads((out / "manifest.json").read_text())
-    assert not killed["complete"] and (out / ".preprocess.lock").exists()  # the lock of a dead process
+    killed = read_manifest(out, require_complete=False, check_files=False)
+    assert not killed["complete"] and (out / ".preprocess.lock").exists()  # the lock file of a dead process
+    assert json.loads((out / "manifest.json").read_text())["volumes"] == []  # as written at the start
+    assert len((out / "manifest.journal").read_text().splitlines()) >= len(done)  # one line per finished volume
     with pytest.raises(ValueError, match="incomplete preprocessing"):
         read_manifest(out)
     kept = {e["name"]: (out / e["files"]["image"]).stat().st_ino for e in killed["volumes"]}
     manifest = preprocess_dataset(raw, out, "ct", workers=1)
     assert manifest["complete"] and len(manifest["volumes"]) == 12 and not list(out.rglob("*.tmp"))
+    assert not (out / "manifest.journal").exists()  # compacted into manifest.json
     assert all((out / f"images/{name}.npy").stat().st_ino == ino for name, ino in kept.items())
     reference = preprocess_dataset(raw, tmp_path / "clean", "ct", workers=1)
     for entry, ref in zip(manifest["volumes"], reference["volumes"]):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from bundle_utils import REPO, TINY_NETWORK, run_bundle, write_overrides
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
 
-from monai_mae.data import PreprocessedCropDataset, load_data_preset, preprocess_dataset, write_synthetic_dataset
+from monai_mae.data import PreprocessedCropDataset, load_data_preset, preprocess_dataset
 from monai_mae.engines import (
     GPUAugmentPrepareBatch,
     MAEPrepareBatch,
@@ -39,21 +38,6 @@ TINY = {
 }  # fmt: skip
 #: the pictures (matplotlib layout) take most of a tiny validation's time and are tested elsewhere
 NO_PICTURES = {"validate#evaluator#val_handlers": "$@validate#handlers[:3]"}
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantoms")
-    write_synthetic_dataset(root, num=3, num_validation=1, shape=(24, 24, 16), num_organs=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def preprocessed(phantoms, tmp_path_factory) -> Path:
-    """CT preset, labels kept: 2 training and 1 validation volume."""
-    out = tmp_path_factory.mktemp("pre") / "ct"
-    preprocess_dataset(phantoms, out, "ct", workers=1)
-    return out
 
 
 def _parser(bundle: str, files: tuple[str, ...] = ("train.json",), **overrides) -> ConfigParser:
@@ -178,7 +162,7 @@ def test_a_folder_without_manifest_is_named(tmp_path):
 def test_finetune_needs_labels_in_the_folder(phantoms, tmp_path):
     images_only = tmp_path / "images_only"
     preprocess_dataset(phantoms, images_only, "ct", workers=1, labels=False)
-    with pytest.raises(ValueError, match=r"3 volume\(s\) have no label"):
+    with pytest.raises(ValueError, match=r"images_only: 2 volume\(s\) of 'training' have no label"):
         check_preprocessed_dir(images_only, load_data_preset("ct"), with_label=True)
     check_preprocessed_dir(images_only, load_data_preset("ct"), log=False)  # fine for pretraining
 

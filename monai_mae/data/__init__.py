@@ -1,14 +1,19 @@
-"""Data layer: synthetic CT phantoms (simple and realistic), Decathlon datalists, and CT/MRI transform presets."""
+"""Data layer: synthetic CT phantoms (simple and realistic), Decathlon datalists, CT/MRI transform presets,
+augmentation, and the preprocess-once path (``preprocess`` writes a folder, ``crops`` reads it)."""
 
 from __future__ import annotations
 
+from monai_mae.data.augment import check_augment_options, crop_augmentation, gpu_augment
+from monai_mae.data.crops import (
+    PreprocessedCentreCropDataset,
+    PreprocessedCropDataset,
+    PreprocessedVolumeDataset,
+    from_storage_layout,
+)
 from monai_mae.data.datalist import check_nifti, check_volume, load_datalist, validate_datalist
 from monai_mae.data.preprocess import (
-    PreprocessedCropDataset,
     check_manifest,
-    from_storage_layout,
     get_deterministic_transforms,
-    gpu_augment,
     preprocess_dataset,
     read_manifest,
 )
@@ -23,13 +28,17 @@ from monai_mae.data.transforms import (
 )
 
 __all__ = [
+    "PreprocessedCentreCropDataset",
     "PreprocessedCropDataset",
+    "PreprocessedVolumeDataset",
     "REALISTIC_ORGANS",
     "STYLES",
     "ReplaceNonFinited",
+    "check_augment_options",
     "check_manifest",
     "check_nifti",
     "check_volume",
+    "crop_augmentation",
     "data_preset_names",
     "ensure_dataset",
     "from_storage_layout",

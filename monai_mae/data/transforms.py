@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.resources
 import inspect
 import logging
-import math
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -33,9 +32,6 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
     RandSpatialCropSamplesd,
     ScaleIntensityRanged,
     Spacingd,
@@ -44,13 +40,13 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep, look_up_option
 
+from monai_mae.data.augment import augment_transforms, check_augment_options
 from monai_mae.utils import read_json
 
 __all__ = [
     "CACHE_MODES",
     "MODALITIES",
     "ReplaceNonFinited",
-    "check_augment_options",
     "data_preset_names",
     "get_dataset",
     "get_pretrain_transforms",
@@ -137,21 +133,6 @@ class ReplaceNonFinited(MapTransform):
         return d
 
 
-def check_augment_options(flip_prob: float, intensity_shift: float, intensity_scale: float) -> None:
-    """Raise ``ValueError`` naming the first augmentation option out of range.
-
-    The ranges every augmentation of the package accepts (:func:`get_pretrain_transforms`,
-    :func:`~monai_mae.data.gpu_augment`, :func:`~monai_mae.engines.crop_augmentation`):
-    ``flip_prob`` in [0, 1], ``intensity_shift`` finite and >= 0, ``intensity_scale`` in [0, 1).
-    """
-    if not 0.0 <= float(flip_prob) <= 1.0:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}.")
-    if not (0.0 <= float(intensity_shift) and math.isfinite(float(intensity_shift))):
-        raise ValueError(f"intensity_shift must be a finite number >= 0, got {intensity_shift!r}.")
-    if not 0.0 <= float(intensity_scale) < 1.0:
-        raise ValueError(f"intensity_scale must be in [0, 1), got {intensity_scale!r}.")
-
-
 def get_pretrain_transforms(
     modality: str = "ct",
     roi_size: Sequence[int] | int = (96, 96, 96),
@@ -186,7 +167,8 @@ def get_pretrain_transforms(
        ``RandFlipd`` on each spatial axis with ``flip_prob``, then the optional intensity jitter
        of the image, per crop: ``RandScaleIntensityd(factors=intensity_scale)`` and
        ``RandShiftIntensityd(offsets=intensity_shift)`` (the fine-tuning recipe of the
-       ``mae_finetune`` bundle). Validation: ``CenterSpatialCropd``.
+       ``mae_finetune`` bundle; these three steps are :func:`~monai_mae.data.augment.augment_transforms`).
+       Validation: ``CenterSpatialCropd``.
     5. 2D (``spatial_dims=2``): crops are ``(roi_h, roi_w, 1)`` axial slabs, squeezed with
        ``SqueezeDimd(dim=-1)`` so batches are (B, C, H, W); validation takes the centre slice.
     6. ``EnsureTyped``.
@@ -306,12 +288,8 @@ def get_pretrain_transforms(
         xforms.append(CenterSpatialCropd(keys=all_keys, roi_size=crop))
     if spatial_dims == 2:
         xforms.append(SqueezeDimd(keys=all_keys, dim=-1))
-    if train and flip_prob > 0:
-        xforms += [RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
-    if train and float(intensity_scale) > 0:
-        xforms.append(RandScaleIntensityd(keys=image_keys, factors=float(intensity_scale), prob=1.0))
-    if train and float(intensity_shift) > 0:
-        xforms.append(RandShiftIntensityd(keys=image_keys, offsets=float(intensity_shift), prob=1.0))
+    if train:
+        xforms += augment_transforms(all_keys, image_keys, spatial_dims, flip_prob, intensity_shift, intensity_scale)
     xforms.append(EnsureTyped(keys=all_keys))
     return Compose(xforms)
 

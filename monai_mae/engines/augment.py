@@ -20,65 +20,13 @@ from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
-from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 from monai.utils import CommonKeys
 
-from monai_mae.data.preprocess import from_storage_layout, gpu_augment
-from monai_mae.data.transforms import check_augment_options
+from monai_mae.data.augment import check_augment_options, crop_augmentation, gpu_augment
+from monai_mae.data.crops import from_storage_layout
 from monai_mae.engines.prepare_batch import as_plain_tensor, plain_prepare_batch
 
 __all__ = ["GPUAugmentPrepareBatch", "crop_augmentation"]
-
-
-def crop_augmentation(
-    spatial_dims: int = 3,
-    flip_prob: float = 0.1,
-    intensity_shift: float = 0.0,
-    intensity_scale: float = 0.0,
-    with_label: bool = False,
-) -> Compose | None:
-    """The CPU form of the augmentation: MONAI dictionary transforms for one crop dict.
-
-    ``RandFlipd`` on each spatial axis with ``flip_prob`` (image and label, as the training chain of
-    :func:`~monai_mae.data.get_pretrain_transforms` does), then ``RandScaleIntensityd`` and
-    ``RandShiftIntensityd`` on the image (each only when its range is > 0).
-
-    Args:
-        spatial_dims: 2 or 3 (axes flipped). Defaults to 3.
-        flip_prob: probability of a flip along each spatial axis, in [0, 1]. Defaults to 0.1.
-        intensity_shift: largest offset added to the image, >= 0. Defaults to 0.0.
-        intensity_scale: largest relative change of the image's scale, in [0, 1). Defaults to 0.0.
-        with_label: flip ``"label"`` with ``"image"``. Defaults to False.
-
-    Returns:
-        A ``Compose`` for :class:`~monai_mae.data.PreprocessedCropDataset`'s ``transform``, or None
-        when every option is 0 (nothing to do).
-
-    Raises:
-        ValueError: for ``spatial_dims`` not 2 or 3 or an option out of range.
-
-    Examples::
-
-        >>> t = crop_augmentation(3, flip_prob=1.0, with_label=True)
-        >>> crop = {"image": torch.arange(8.0).reshape(1, 2, 2, 2), "label": torch.arange(8.0).reshape(1, 2, 2, 2)}
-        >>> out = t(crop)
-        >>> out["image"].flatten().tolist() == out["label"].flatten().tolist() == list(range(7, -1, -1))
-        True
-        >>> crop_augmentation(2, flip_prob=0.0) is None
-        True
-    """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    check_augment_options(flip_prob, intensity_shift, intensity_scale)
-    keys = [CommonKeys.IMAGE, CommonKeys.LABEL] if with_label else [CommonKeys.IMAGE]
-    steps: list[Callable] = []
-    if float(flip_prob) > 0:
-        steps += [RandFlipd(keys=keys, prob=float(flip_prob), spatial_axis=axis) for axis in range(spatial_dims)]
-    if float(intensity_scale) > 0:
-        steps.append(RandScaleIntensityd(keys=CommonKeys.IMAGE, factors=float(intensity_scale), prob=1.0))
-    if float(intensity_shift) > 0:
-        steps.append(RandShiftIntensityd(keys=CommonKeys.IMAGE, offsets=float(intensity_shift), prob=1.0))
-    return Compose(steps) if steps else None
 
 
 class GPUAugmentPrepareBatch(PrepareBatch):
