@@ -306,7 +306,7 @@ def test_presets_ship_inside_the_package():
     assert sorted(e.name for e in packaged.iterdir() if e.name.endswith(".json")) == ["ct.json", "mri.json"]
     assert data_preset_names() == ["ct", "mri"]
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"monai_mae.data" = ["presets/*.json"]' in pyproject
+    assert '"monai_mae.data.presets" = ["*.json"]' in pyproject and '"monai_mae.data.presets"' in pyproject.split("package-dir")[0]
 
 
 @pytest.mark.parametrize("name", ["ct", "mri"])
