@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-quick wheel-smoke demo demo-finetune bench gpu-check clean
+.PHONY: install test test-quick docs wheel-smoke demo demo-finetune bench gpu-check clean
 
 install: $(STAMP)
 
@@ -27,6 +27,16 @@ test: install
 QUICK_WORKERS ?= 2
 test-quick: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests
+
+# The documentation site (Sphinx + MyST + furo) into docs/_build/html, warnings as errors; installs the docs
+# extra first. The API pages are generated from the docstrings into docs/api/generated/.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 # Build the wheel, install it with its dependencies into a fresh venv, and use it from outside the
 # repository (presets, one tiny epoch of the mae_pretrain bundle). Writes only under a temporary folder.
@@ -69,4 +79,4 @@ gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) runs outputs .pytest_cache
+	rm -rf $(VENV) runs outputs .pytest_cache docs/_build docs/api/generated

@@ -924,7 +924,7 @@ def format_report(
 
 
 def environment(args: argparse.Namespace, n_steps: int, warmup: int) -> dict[str, str]:
-    """What the README quotes: versions, CPU, threads, command line."""
+    """What benchmarks/README.md quotes: versions, CPU, threads, command line."""
     return {
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable), *sys.argv]),
         "torch": torch.__version__,

@@ -316,7 +316,7 @@ PRESETS: dict[str, BenefitConfig] = {
 #: about 70% of UNETR's wall-clock time. The MAE objective mattered most: with normalised pixels at lr
 #: 1.5e-3 the pretrained ViTSeg lost to scratch under every fine-tuning recipe we tried, and without the
 #: visible-patch term its last layer kept too little of each patch's own detail for ViTSeg's light decoder
-#: (README, "What this shows").
+#: (``docs/pretraining_study.md``, "What this shows").
 VITSEG_CHANGES: dict[str, dict[str, Any]] = {
     "cpu": dict(architecture="vitseg", patch=8, num_layers=6, mae_cls_token=False, pretrain_epochs=100,
                 norm_pix_loss=False, visible_loss_weight=1.0, pretrain_lr=5e-4, finetune_steps=800, intensity_shift=0.1,

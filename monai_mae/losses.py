@@ -36,7 +36,7 @@ class MaskedReconstructionLoss(nn.Module):
     also give back the patches the encoder saw, so the encoder's last layer keeps each visible
     patch's own detail instead of only what predicts its masked neighbours. That detail is what a
     light segmentation decoder reading only the last layer (:class:`~monai_mae.networks.vitseg.ViTSeg`)
-    needs; see README, "Does pretraining pay?". The self-attention decoder predicts every patch;
+    needs; see ``docs/pretraining_study.md``. The self-attention decoder predicts every patch;
     the cross decoder (``decoder_type="cross"``) predicts none of the visible ones, so use 0 there
     (:func:`check_visible_weight`).
 

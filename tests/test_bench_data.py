@@ -2,7 +2,7 @@
 
 The in-process run (``--isolation none``) takes a few seconds; the default run, whose loader
 measurements run in forked children, is marked slow. The full-size figures are a benchmark
-(README, Benchmarks).
+(``benchmarks/README.md``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``benchmarks/bench_vs_monai.py --decoders``: MAEViT's decoder variants timed side by side, on the quick config.
 
-The MONAI comparison itself is a benchmark (README, Benchmarks); this checks the decoder table end to end.
+The MONAI comparison itself is a benchmark (``benchmarks/README.md``); this checks the decoder table end to end.
 """
 
 from __future__ import annotations

@@ -173,8 +173,8 @@ def get_pretrain_transforms(
        ``SqueezeDimd(dim=-1)`` so batches are (B, C, H, W); validation takes the centre slice.
     6. ``EnsureTyped``.
 
-    Outputs per item: train, a list of ``num_samples`` dicts with ``image`` (C, *roi_size)
-    (and ``label`` (1, *roi_size), integer-valued floats); validation, one such dict.
+    Outputs per item: train, a list of ``num_samples`` dicts with ``image`` ``(C, *roi_size)``
+    (and ``label`` ``(1, *roi_size)``, integer-valued floats); validation, one such dict.
 
     Args:
         modality: ``"ct"`` or ``"mri"``. Defaults to ``"ct"``.
