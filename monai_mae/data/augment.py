@@ -157,7 +157,7 @@ def gpu_augment(
     own device (moved to the batch's device) or torch's default generator of the batch's device.
 
     Args:
-        batch: dict with ``image_key`` (B, C, *S) and optionally ``label_key`` (B, C', *S), 2D or 3D.
+        batch: dict with ``image_key`` ``(B, C, *S)`` and optionally ``label_key`` ``(B, C', *S)``, 2D or 3D.
         flip_prob: probability of a flip along each spatial axis, in [0, 1]. Defaults to 0.1.
         intensity_shift: largest offset added to the image, >= 0. Defaults to 0.1.
         intensity_scale: largest relative change of the image's scale, in [0, 1). Defaults to 0.1.

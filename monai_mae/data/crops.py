@@ -60,7 +60,7 @@ class PreprocessedCropDataset(torch.utils.data.Dataset):
     is equally likely, as in ``RandSpatialCropSamplesd``.
 
     Each item is a list of ``num_samples`` dicts ``{"image": float32 tensor (C, *roi_size)}``, with
-    ``"label"`` (1, *roi_size), integer-valued float32, when ``with_label`` — the layout of MONAI's
+    ``"label"`` ``(1, *roi_size)``, integer-valued float32, when ``with_label`` — the layout of MONAI's
     ``RandSpatialCropSamplesd``, which ``monai.data.DataLoader`` (``list_data_collate``) flattens into
     a batch of ``batch_size * num_samples`` crops. Crops are random positions, not positive/negative
     sampled around the label as ``RandCropByPosNegLabeld`` does.
@@ -76,7 +76,7 @@ class PreprocessedCropDataset(torch.utils.data.Dataset):
     ``--image-dtype float32``; uint8 labels); in 2D the crop's two in-plane axes reversed, e.g.
     (C, Y, X) for axial slices and (C, Z, Y) with ``slice_axis=0``. Padding is the same (zeros,
     centred). :func:`from_storage_layout` turns a collated batch back into exactly the default
-    crops (float32, (B, C, *roi_size)) on any device, e.g. after the non-blocking copy
+    crops (float32, ``(B, C, *roi_size)``) on any device, e.g. after the non-blocking copy
     (:class:`~monai_mae.engines.GPUAugmentPrepareBatch` with ``storage_layout=True``); the copy
     then also moves half the bytes. With several channels (stored interleaved, fastest-varying)
     the copy gathers each channel with a stride.
@@ -103,7 +103,7 @@ class PreprocessedCropDataset(torch.utils.data.Dataset):
         preset: keyword-only. The run's data preset; when given, :func:`~monai_mae.data.check_manifest` stops a run
             whose preset differs from the folder's. Defaults to None.
         storage_layout: keyword-only. Return crops in the file's dtype and reversed spatial order
-            (see above) instead of float32 (C, *roi_size). Defaults to False.
+            (see above) instead of float32 ``(C, *roi_size)``. Defaults to False.
 
     Raises:
         FileNotFoundError / ValueError: from :func:`~monai_mae.data.read_manifest` and
@@ -243,7 +243,7 @@ class PreprocessedCropDataset(torch.utils.data.Dataset):
         """The crop of volume ``index`` at ``start`` (see :meth:`crop_starts`), without ``transform``.
 
         Returns:
-            ``{"image": (C, *roi_size) float32}`` plus ``"label"`` (1, *roi_size) with ``with_label``;
+            ``{"image": (C, *roi_size) float32}`` plus ``"label"`` ``(1, *roi_size)`` with ``with_label``;
             with ``storage_layout``, the file's dtypes and the spatial axes reversed.
         """
         return self._read(index, [start])[0]
@@ -274,7 +274,7 @@ def from_storage_layout(
     microseconds at a GPU's memory bandwidth, milliseconds on one CPU core.
 
     Args:
-        batch: a (B, C, *S reversed) tensor, or a dict whose ``keys`` entries are such tensors
+        batch: a ``(B, C, *S reversed)`` tensor, or a dict whose ``keys`` entries are such tensors
             (other entries and missing keys pass through).
         keys: the dict entries to convert. Defaults to ``("image", "label")``.
         dtype: the result's dtype. Defaults to ``torch.float32``.
