@@ -333,6 +333,12 @@ def encoder_settings(
 
 def _cnn_settings(model: ModelFile | None, architecture: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """The CNN options recorded by a masked-image-pretrained file, after checking that it fits ``architecture``."""
+    vit_settings = sorted(k for k in given if k in ENCODER_KEYS and k not in ("in_channels", "spatial_dims"))
+    if vit_settings:
+        raise ValueError(
+            f"encoder settings {vit_settings} are for a ViT encoder ('vitseg' / 'unetr'); architecture="
+            f"{architecture!r} takes its options from its own setting (e.g. {architecture}#channels)."
+        )
     if model is None:
         return dict(given)
     recorded = model.network if model.describes else None
@@ -351,17 +357,22 @@ def _cnn_settings(model: ModelFile | None, architecture: str, given: Mapping[str
     return merge_cnn_options(recorded.get("options"), given, model.source)
 
 
-def architecture_for(pretrained_ckpt: str | os.PathLike | None, default: str = "vitseg") -> str:
-    """The fine-tuning architecture a pretrained file implies: a masked-image-pretrained CNN's own, else ``default``.
+def architecture_for(
+    pretrained_ckpt: str | os.PathLike | None, default: str = "vitseg", scratch: str | None = None
+) -> str:
+    """The fine-tuning architecture a pretrained file implies.
 
-    An MAE (ViT) file, a plain state dict or no file (``""``) gives ``default``.
+    A masked-image-pretrained CNN gives its own architecture; an MAE (ViT) file or a plain state dict gives
+    ``default``; no file (``""``, training from scratch) gives ``scratch`` (``default`` when None).
 
     Examples::
 
-        >>> architecture_for("", default="unet")
+        >>> architecture_for("", default="vitseg", scratch="unet")
         'unet'
     """
-    if pretrained_ckpt is None or not os.fspath(pretrained_ckpt).strip() or not Path(pretrained_ckpt).is_file():
+    if pretrained_ckpt is None or not os.fspath(pretrained_ckpt).strip():
+        return default if scratch is None else scratch
+    if not Path(pretrained_ckpt).is_file():
         return default
     model = read_model(pretrained_ckpt, mmap=True)
     if model.describes and model.network.get("_target_") == MIM_TARGET:

@@ -265,3 +265,14 @@ def test_the_per_iteration_loss_log_is_off_while_the_progress_bar_is_on(bundle):
     for progress_bar in (True, False):
         stats = _parser(bundle, ["train.json"], progress_bar=progress_bar).get_parsed_content(f"train#handlers#{index}")
         assert stats.iteration_log is (not progress_bar) and stats.epoch_log is True
+
+
+def test_finetune_from_scratch_defaults_to_the_best_scratch_network(tmp_path):
+    """No pretrained file: MONAI's UNet (the best scratch arm of benchmarks/pretrain_benefit.py); an MAE file: ViTSeg."""
+    parser = _parser("mae_finetune", ["train.json"], output_dir=str(tmp_path / "out"), roi_size=[32, 32, 32])
+    assert parser.get_parsed_content("architecture") == "unet"
+    assert type(parser.get_parsed_content("network_def")).__name__ == "UNet"
+    mae = MAEViT(1, 32, 16, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2)
+    save_model(mae, tmp_path / "mae.pt")
+    parser = _parser("mae_finetune", ["train.json"], pretrained_ckpt=str(tmp_path / "mae.pt"))
+    assert parser.get_parsed_content("architecture") == "vitseg"

@@ -160,10 +160,14 @@ def test_checkpoint_and_architecture_must_agree(tmp_path):
         encoder_settings(tmp_path / "mim.pt", "vitseg")
     with pytest.raises(ValueError, match=r"holds monai_mae.networks.mae.MAEViT; pretrain with .*mim_cnn.json"):
         encoder_settings(tmp_path / "mae.pt", "unet")
-    assert architecture_for(tmp_path / "mae.pt", default="vitseg") == "vitseg"
+    assert architecture_for(tmp_path / "mae.pt", default="vitseg", scratch="unet") == "vitseg"
+    assert architecture_for("", default="vitseg", scratch="unet") == "unet"  # from scratch: the best scratch network
+    assert architecture_for("", default="vitseg") == "vitseg"
     recorded = encoder_settings(tmp_path / "mim.pt", "unet")
     with pytest.raises(ValueError, match=r"channels=\[8, 16\] \(given\) vs \[4, 8\]"):
         segmentation_network("unet", 1, 3, 16, encoder=recorded, options={"channels": [8, 16]})
+    with pytest.raises(ValueError, match=r"encoder settings \['hidden_size'\] are for a ViT encoder"):
+        encoder_settings("", "unet", given={"hidden_size": 192})
     agreeing = segmentation_network("unet", 1, 3, 16, encoder=recorded, options={"channels": (4, 8)})
     assert agreeing.network_spec["channels"] == [4, 8]
 
