@@ -110,8 +110,9 @@ def test_train_config_wires_compile_amp_and_optimizer(tmp_path):
 
 COMPILE_RUNS = {
     "mae_pretrain": {"roi_size": [16, 16, 16], "patch_size": [8, 8, 8], **TINY_NETWORK},
-    "mae_finetune": {"roi_size": [32, 32, 32], "num_classes": 3, "encoder#hidden_size": 24, "encoder#mlp_dim": 48,
-                     "encoder#num_layers": 2, "encoder#num_heads": 2, "vitseg#decoder_channels": [8, 8, 8]},
+    "mae_finetune": {"architecture": "vitseg", "roi_size": [32, 32, 32], "num_classes": 3, "encoder#hidden_size": 24,
+                     "encoder#mlp_dim": 48, "encoder#num_layers": 2, "encoder#num_heads": 2,
+                     "vitseg#decoder_channels": [8, 8, 8]},
 }  # fmt: skip
 
 
