@@ -95,7 +95,9 @@ from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
 from monai_mae.data.realistic import REALISTIC_ORGANS, realistic_spacing
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
-from monai_mae.engines import GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer
+from monai_mae.engines import (
+    GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer, keep_freed_memory,
+)
 from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
 
 __all__ = [
@@ -969,6 +971,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _quiet_engine_logs()
     cfg = build_config(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        keep_freed_memory()  # large activations reused between steps instead of faulted in again
     if args.threads:
         torch.set_num_threads(args.threads)
     amp = args.amp if args.amp is not None else device.type == "cuda"

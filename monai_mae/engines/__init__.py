@@ -30,7 +30,7 @@ from monai_mae.engines.precision import (
     cuda_bf16_supported,
     engine_amp,
 )
-from monai_mae.engines.runtime import available_cpus, default_num_workers, seed_and_backends
+from monai_mae.engines.runtime import available_cpus, default_num_workers, keep_freed_memory, seed_and_backends
 from monai_mae.engines.prepare_batch import MAEPrepareBatch, as_plain_tensor, plain_prepare_batch
 from monai_mae.engines.preprocessed import (
     PreprocessedCentreCropDataset,
@@ -50,6 +50,6 @@ __all__ = [
     "AccumulationNoSync", "AmpGradScaler", "AutoResume", "AutocastInferer", "BestModelSaver", "EpochCheckpointer", "FinalModelSaver", "FreezeEncoder", "GradientClipping", "LearningRateLogger", "MAEPrepareBatch",
     "NonFiniteLossError", "NonFiniteLossGuard", "ReconstructionSaver", "SegmentationOverlaySaver", "amp_dtype", "amp_inferer", "as_plain_tensor", "atomic_save", "available_cpus", "build_optimizer", "cpu_bf16_supported", "cuda_bf16_supported", "default_num_workers", "engine_amp", "fused_adamw_supported",
     "encoder_parameters", "freeze_unused_parameters", "rewrap_ddp", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups", "plain_prepare_batch",
-    "rank_zero_summary_writer", "seed_and_backends", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
+    "rank_zero_summary_writer", "seed_and_backends", "keep_freed_memory", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
     "GPUAugmentPrepareBatch", "PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "crop_augmentation",
 ]  # fmt: skip
