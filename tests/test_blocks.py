@@ -13,20 +13,10 @@ import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock, TransformerBlock
 from monai.networks.layers import DropPath
 
-from monai_mae.networks.blocks import (
-    MLP_TYPES,
-    AxialRoPE,
-    EncoderBlock,
-    GeluMLP,
-    LayerScale,
-    RoPEAttention,
-    SwiGLU,
-    apply_rope,
-    apply_rope_qkv,
-    build_blocks,
-    grid_coordinates,
-    run_blocks,
-)
+from monai_mae.networks.attention import RoPEAttention
+from monai_mae.networks.blocks import EncoderBlock, LayerScale, build_blocks, run_blocks
+from monai_mae.networks.mlp import MLP_TYPES, GeluMLP, SwiGLU
+from monai_mae.networks.rope import AxialRoPE, apply_rope, apply_rope_qkv, grid_coordinates
 from monai_mae.networks.mae import MAEViT
 
 
@@ -294,14 +284,14 @@ def test_apply_rope_tables_must_not_require_grad():
 @pytest.mark.parametrize("qkv", [False, True])
 def test_rope_traced_formula_equals_eager_node(monkeypatch, qkv):
     """Under torch.compile the rotation is plain tensor ops (fused by the compiler): same values and gradients."""
-    import monai_mae.networks.blocks as blocks_module
+    import monai_mae.networks.rope as rope_module
 
     torch.manual_seed(15)
     rope = AxialRoPE(10, 3)(torch.randint(0, 5, (2, 6, 3)).float(), prefix_tokens=1)
     x = torch.randn(*((2, 7, 3, 2, 10) if qkv else (2, 2, 7, 10)), requires_grad=True)
     fn = apply_rope_qkv if qkv else apply_rope
     eager = values_and_grads(lambda: fn(x, rope), [x])
-    monkeypatch.setattr(blocks_module, "_is_compiling", lambda: True)
+    monkeypatch.setattr(rope_module, "_is_compiling", lambda: True)
     traced = values_and_grads(lambda: fn(x, rope), [x])
     assert_same(traced, eager, atol=1e-6)
 

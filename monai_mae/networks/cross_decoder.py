@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_mae.networks.blocks import Rope, apply_rope, mlp_and_layer_scales
+from monai_mae.networks.blocks import mlp_and_layer_scales
+from monai_mae.networks.rope import Rope, apply_rope
 
 __all__ = ["CrossAttention", "CrossDecoderBlock", "build_cross_blocks"]
 
