@@ -46,7 +46,8 @@ def records_init_args(init: _Init) -> _Init:
 
 
 def check_heads(width: int, heads: int, prefix: str = "") -> None:
-    """Raise a ``ValueError`` naming ``{prefix}hidden_size`` and ``{prefix}num_heads`` unless ``heads`` divides ``width``."""
+    """Raise a ``ValueError`` naming ``{prefix}hidden_size`` and ``{prefix}num_heads`` unless ``heads``
+    divides ``width``."""
     if width % heads:
         raise ValueError(f"{prefix}hidden_size={width} must be divisible by {prefix}num_heads={heads}.")
 
@@ -126,7 +127,8 @@ class ViTEncoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
         self.patch_embedding = VisiblePatchEmbedding(
-            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate, spatial_dims
+            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate,
+            spatial_dims,
         )
         self.grid_size = self.patch_embedding.grid_size
         self.num_prefix_tokens = int(bool(cls_token))
@@ -135,7 +137,9 @@ class ViTEncoder(nn.Module):
         monai_blocks = monai_blocks and not self.use_rope and mlp_type == "gelu"
         monai_blocks = monai_blocks and layer_scale_init is None and drop_path_rate == 0
         if save_attn and not monai_blocks:
-            raise ValueError("save_attn needs the default blocks (no rope, mlp_type, layer_scale_init or drop_path_rate).")
+            raise ValueError(
+                "save_attn needs the default blocks (no rope, mlp_type, layer_scale_init or drop_path_rate)."
+            )
         #: the block options besides the sizes, for further blocks of the same kind (an MAE decoder's)
         self.block_options: dict[str, Any] = dict(
             mlp_type=mlp_type, layer_scale_init=layer_scale_init, monai_blocks=monai_blocks, save_attn=save_attn,

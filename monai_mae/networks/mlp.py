@@ -18,7 +18,8 @@ MLP_TYPES = ("gelu", "swiglu")
 
 
 class SwiGLU(nn.Module):
-    """``linear2(silu(a) * b)`` with ``a, b = linear1(x).chunk(2)``: ``mlp_dim`` hidden units, ``2 * mlp_dim`` in ``linear1``."""
+    """``linear2(silu(a) * b)`` with ``a, b = linear1(x).chunk(2)``: ``mlp_dim`` hidden units, ``2 * mlp_dim``
+    outputs in ``linear1``."""
 
     def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0) -> None:
         super().__init__()

@@ -22,7 +22,9 @@ __all__ = ["Rope", "AxialRoPE", "apply_rope", "apply_rope_qkv", "grid_coordinate
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B or 1, 1, M, R)
 
 
-def grid_coordinates(grid: Sequence[int], indices: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
+def grid_coordinates(
+    grid: Sequence[int], indices: torch.Tensor | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """Integer grid coordinates of tokens in row-major order over ``grid``.
 
     Args:

@@ -1,11 +1,11 @@
 """``ViTSeg``: a pure-ViT segmentation network with a light transposed-convolution decoder.
 
-The encoder is :class:`~monai_mae.networks.encoder.ViTEncoder`, as in
-:class:`~monai_mae.networks.mae.MAEViT`, run on every token, with the same parameter names (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``), so an MAE checkpoint loads
-with :func:`~monai_mae.networks.transfer.load_mae_encoder`. After the final norm the token grid is
-turned back into an image and upsampled by one transposed convolution per factor of 2 of the patch
-size (each followed by a norm and an activation) to full-resolution logits. This is the shape of
-Primus (Wald et al., arXiv 2503.01835), which reaches nnU-Net's level with 8^3 patches.
+The encoder is :class:`~monai_mae.networks.encoder.ViTEncoder`, as in :class:`~monai_mae.networks.mae.MAEViT`,
+run on every token, with the same parameter names (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``), so an
+MAE checkpoint loads with :func:`~monai_mae.networks.transfer.load_mae_encoder`. After the final norm the
+token grid is turned back into an image and upsampled by one transposed convolution per factor of 2 of the
+patch size (each followed by a norm and an activation) to full-resolution logits. This is the shape of Primus
+(Wald et al., arXiv 2503.01835), which reaches nnU-Net's level with 8^3 patches.
 """
 
 from __future__ import annotations
