@@ -15,8 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_mae.utils import is_compiling
-
 __all__ = ["Rope", "AxialRoPE", "apply_rope", "apply_rope_qkv", "grid_coordinates"]
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B or 1, 1, M, R)
@@ -88,95 +86,26 @@ class AxialRoPE(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-    """Write ``x`` rotated by ``sign * angle`` into ``out`` (same shape): channel ``j < R`` pairs with ``R + j``.
-
-    ``cos`` / ``sin`` broadcast against ``x[..., :R]``; channels from ``2R`` on are copied unchanged. The
-    products are formed in the wider of ``x``'s and the tables' dtypes (float32 for a bfloat16 ``x``) and
-    written in ``out``'s: no temporary of ``x``'s size when the dtypes agree.
-    """
-    r = cos.shape[-1]
-    x1, x2 = x[..., :r], x[..., r : 2 * r]
-    o1, o2 = out[..., :r], out[..., r : 2 * r]
-    if x.dtype == cos.dtype == out.dtype:
-        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)  # x1 cos - x2 sin
-        torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)  # x2 cos + x1 sin
-    else:
-        dtype = torch.promote_types(x.dtype, cos.dtype)
-        x1, x2 = x1.to(dtype), x2.to(dtype)
-        o1.copy_(torch.addcmul(x1 * cos, x2, sin, value=-sign))
-        o2.copy_(torch.addcmul(x2 * cos, x1, sin, value=sign))
-    if x.shape[-1] > 2 * r:
-        out[..., 2 * r :].copy_(x[..., 2 * r :])
-
-
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotation as plain differentiable tensor operations (what :func:`torch.compile` traces and fuses)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` rotated by the angles of ``(cos, sin)``: channel ``j < R`` pairs with ``R + j``, channels from ``2R``
+    on pass unchanged; computed in the wider of ``x``'s and the tables' dtypes, returned contiguous in ``x``'s."""
     r = cos.shape[-1]
     dtype = torch.promote_types(x.dtype, cos.dtype)
-    x1, x2, rest = x[..., :r].to(dtype), x[..., r : 2 * r].to(dtype), x[..., 2 * r :]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
-
-
-# torch >= 2.3; before, compiled graphs break at the eager rotation's out= products (still correct)
-_is_compiling = is_compiling
-
-
-class _Rotate(torch.autograd.Function):
-    """Rotary embedding as one autograd node: the backward pass rotates the gradient back (a rotation's
-    transpose is the rotation by minus the angle), so only the shared ``(cos, sin)`` tables are saved and
-    forward and backward each write one output, without intermediate copies.
-
-    ``qkv=False``: ``x (..., hd)`` -> contiguous ``(..., hd)``. ``qkv=True``: ``x (B, M, 3, H, hd)`` (a fused
-    projection, token-major) -> contiguous head-major ``(3, B, H, M, hd)`` with queries and keys rotated
-    and values copied: the layout in which SDPA's CPU kernel runs fastest, at no extra pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qkv: bool) -> torch.Tensor:
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise ValueError("the rotary (cos, sin) tables must not require gradients (AxialRoPE's never do).")
-        ctx.save_for_backward(cos, sin)
-        ctx.qkv = qkv
-        if not qkv:
-            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            _rotate_into(out, x, cos, sin, 1.0)
-            return out
-        batch, n_tokens, _, heads, head_dim = x.shape
-        out = torch.empty(3, batch, heads, n_tokens, head_dim, dtype=x.dtype, device=x.device)
-        _Rotate.rotate_qkv(out.permute(1, 3, 0, 2, 4), x, cos, sin, 1.0)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        if not ctx.qkv:
-            grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-            _rotate_into(grad_x, grad, cos, sin, -1.0)
-        else:
-            grad = grad.permute(1, 3, 0, 2, 4)  # (B, M, 3, H, hd) view
-            grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-            _Rotate.rotate_qkv(grad_x, grad, cos, sin, -1.0)
-        return grad_x, None, None, None
-
-    @staticmethod
-    def rotate_qkv(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-        """``out``, ``x``: ``(B, M, 3, H, hd)`` (any strides); ``cos`` / ``sin``: ``(B, M, 1, 1, R)``."""
-        _rotate_into(out[:, :, :2], x[:, :, :2], cos, sin, sign)  # queries and keys
-        out[:, :, 2].copy_(x[:, :, 2])  # values pass
+    x1, x2 = x[..., :r].to(dtype), x[..., r : 2 * r].to(dtype)
+    parts = [torch.addcmul(x1 * cos, x2, sin, value=-1.0), torch.addcmul(x2 * cos, x1, sin)]  # x1 cos - x2 sin, ...
+    if x.shape[-1] > 2 * r:
+        parts.append(x[..., 2 * r :].to(dtype))
+    return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate ``x`` ``(B, H, M, head_dim)``: channel ``j < R`` pairs with channel ``R + j``; the rest pass.
 
     Any ``x (..., head_dim)`` works with ``cos`` / ``sin`` that broadcast against ``x[..., :R]``. The result
-    is contiguous, in ``x``'s dtype (computed in float32 for bfloat16 ``x``).
+    is contiguous, in ``x``'s dtype (computed in float32 for bfloat16 ``x``). Plain tensor operations:
+    autograd saves only the tables, and :func:`torch.compile` fuses them.
     """
-    cos, sin = rope
-    if _is_compiling():
-        return _rotated(x, cos, sin)
-    return _Rotate.apply(x, cos, sin, False)
+    return _rotate(x, *rope)
 
 
 def apply_rope_qkv(qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -187,11 +116,8 @@ def apply_rope_qkv(qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
         rope: ``(cos, sin)`` from :class:`AxialRoPE`, each ``(B or 1, 1, M, R)``.
 
     Returns:
-        contiguous ``(3, B, H, M, head_dim)``: ``q, k, v = out`` with ``q``, ``k`` equal to
-        :func:`apply_rope` of the queries and keys, in one pass forward and one backward.
+        contiguous head-major ``(3, B, H, M, head_dim)`` (the layout SDPA's CPU kernel runs fastest in):
+        ``q, k, v = out`` with ``q``, ``k`` equal to :func:`apply_rope` of the queries and keys.
     """
-    if _is_compiling():
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        return torch.stack([_rotated(q, *rope), _rotated(k, *rope), v])
-    cos, sin = (t.transpose(1, 2).unsqueeze(2) for t in rope)  # (B, M, 1, 1, R): broadcast over q/k and heads
-    return _Rotate.apply(qkv, cos, sin, True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, M, hd), views
+    return torch.stack([_rotate(q, *rope), _rotate(k, *rope), v])
