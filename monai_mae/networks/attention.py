@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from monai_mae.networks.rope import Rope, apply_rope_qkv
 
-__all__ = ["RoPEAttention"]
+__all__ = ["RoPEAttention", "check_heads"]
+
+
+def check_heads(width: int, heads: int, prefix: str = "") -> None:
+    """Raise a ``ValueError`` naming ``{prefix}hidden_size`` and ``{prefix}num_heads`` unless ``heads``
+    divides ``width``."""
+    if width % heads:
+        raise ValueError(f"{prefix}hidden_size={width} must be divisible by {prefix}num_heads={heads}.")
 
 
 class RoPEAttention(nn.Module):
@@ -24,8 +31,7 @@ class RoPEAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = False, dropout_rate: float = 0.0) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
+        check_heads(hidden_size, num_heads)
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)

@@ -20,12 +20,13 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
+from monai_mae.networks.attention import check_heads
 from monai_mae.networks.blocks import build_blocks, run_blocks
 from monai_mae.networks.patch_embed import VisiblePatchEmbedding
 from monai_mae.networks.patching import check_image_input
 from monai_mae.networks.rope import AxialRoPE, Rope, grid_coordinates
 
-__all__ = ["ViTEncoder", "check_heads", "records_init_args"]
+__all__ = ["ViTEncoder", "records_init_args"]
 
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
@@ -43,13 +44,6 @@ def records_init_args(init: _Init) -> _Init:
         self.init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
 
     return wrapper  # type: ignore[return-value]
-
-
-def check_heads(width: int, heads: int, prefix: str = "") -> None:
-    """Raise a ``ValueError`` naming ``{prefix}hidden_size`` and ``{prefix}num_heads`` unless ``heads``
-    divides ``width``."""
-    if width % heads:
-        raise ValueError(f"{prefix}hidden_size={width} must be divisible by {prefix}num_heads={heads}.")
 
 
 class ViTEncoder(nn.Module):

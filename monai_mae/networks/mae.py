@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 from monai.utils import look_up_option
 
+from monai_mae.networks.attention import check_heads
 from monai_mae.networks.blocks import build_blocks, run_blocks
 from monai_mae.networks.cross_decoder import build_cross_blocks
 from monai_mae.networks.display import reconstruct_image
-from monai_mae.networks.encoder import ViTEncoder, check_heads, records_init_args
+from monai_mae.networks.encoder import ViTEncoder, records_init_args
 from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted, split_indices
 from monai_mae.networks.patching import patchify
 from monai_mae.networks.pos_embed import make_pos_embed, pos_embed_for_grid
