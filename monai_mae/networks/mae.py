@@ -33,8 +33,9 @@ class MAEViT(ViTEncoder):
     the mask is drawn on the input's device; only the visible patches are projected and encoded;
     attention uses fused ``scaled_dot_product_attention`` unless ``save_attn`` is set; sin-cos
     tables exist for any width; inputs of another size than ``img_size`` are accepted (position
-    tables rebuilt or interpolated); bad inputs give a ``ValueError``. Encoder weights are named as
-    in MONAI's ``ViT`` (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``).
+    tables rebuilt or interpolated); bad inputs give a ``ValueError``. The encoder is
+    :class:`~monai_mae.networks.encoder.ViTEncoder`'s, its weights named as in MONAI's ``ViT``
+    (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``).
 
     Args:
         in_channels: input channels.
@@ -163,6 +164,7 @@ class MAEViT(ViTEncoder):
         if not 0.0 < masking_ratio < 1.0:
             raise ValueError(f"masking_ratio must be in (0, 1), got {masking_ratio}.")
         check_heads(decoder_hidden_size, decoder_num_heads, prefix="decoder_")
+        decoder_pos_embed_type = look_up_option(decoder_pos_embed_type, SUPPORTED_DECODER_POS_EMBED_TYPES)
         if decoder_type not in SUPPORTED_DECODER_TYPES:
             raise ValueError(f"decoder_type must be one of {SUPPORTED_DECODER_TYPES}, got {decoder_type!r}.")
         if isinstance(decoder_predict_ratio, bool) or not isinstance(decoder_predict_ratio, (int, float)):
@@ -194,7 +196,7 @@ class MAEViT(ViTEncoder):
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_type = decoder_type
         self.decoder_predict_ratio = float(decoder_predict_ratio)
-        self.decoder_pos_embed_type = look_up_option(decoder_pos_embed_type, SUPPORTED_DECODER_POS_EMBED_TYPES)
+        self.decoder_pos_embed_type = decoder_pos_embed_type
 
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.mask_tokens = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
