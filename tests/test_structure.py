@@ -1,5 +1,6 @@
 """Package structure: no function-level imports of the package (no import cycles dodged), an import-light
-``monai_mae.utils``, and the names that moved still importable from their old homes."""
+``monai_mae.utils``, the names that moved still importable from their old homes, and one ViT encoder under
+``MAEViT`` and ``ViTSeg``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 import monai_mae
+from monai_mae.networks.encoder import ViTEncoder
+from monai_mae.networks.mae import MAEViT
+from monai_mae.networks.vitseg import ViTSeg
 
 PACKAGE = Path(monai_mae.__file__).parent
 
@@ -77,6 +81,7 @@ def test_utils_imports_only_the_standard_library_and_torch():
         ("monai_mae.networks.transfer", ["is_positive_finite"], "monai_mae.utils"),
         ("monai_mae.networks", ["extract_encoder_state_dict", "residual_stream_norm", "reconstruct_image"], None),
         ("monai_mae", ["__version__"], "monai_mae.version"),
+        ("monai_mae.networks", ["VisiblePatchEmbedding"], "monai_mae.networks.patch_embed"),
     ],
 )  # fmt: skip
 def test_moved_names_keep_their_old_homes(module, names, home):
@@ -84,3 +89,12 @@ def test_moved_names_keep_their_old_homes(module, names, home):
         value = getattr(importlib.import_module(module), name)
         if home is not None:
             assert value is getattr(importlib.import_module(home), name)
+
+
+@pytest.mark.parametrize("network", [MAEViT, ViTSeg])
+def test_networks_share_one_encoder(network):
+    """MAEViT and ViTSeg build, check, initialise and run their encoder through ViTEncoder, not copies of it."""
+    assert issubclass(network, ViTEncoder)
+    shared = {"_init_weights", "check_input", "_rope", "encode_patches"} & set(vars(ViTEncoder))
+    assert shared == {"_init_weights", "check_input", "_rope", "encode_patches"}
+    assert shared.isdisjoint(vars(network))

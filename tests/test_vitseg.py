@@ -14,9 +14,10 @@ from ignite.engine import Engine
 from monai.networks.nets import ViT
 
 from monai_mae.engines.finetune import FreezeEncoder, encoder_parameters, layerwise_lr_groups
-from monai_mae.networks.blocks import EncoderBlock, grid_coordinates
+from monai_mae.networks.blocks import EncoderBlock
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.patching import patchify
+from monai_mae.networks.rope import grid_coordinates
 from monai_mae.networks.transfer import (
     load_mae_encoder,
     match_residual_stream,

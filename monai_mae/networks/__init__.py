@@ -1,10 +1,11 @@
-"""Networks: patching, masking, position embeddings, MAEViT, ViTSeg, presets, display helpers, weight transfer."""
+"""Networks: patching, masking, position tables, the ViT encoder, MAEViT, ViTSeg, presets, display, weight transfer."""
 
 from __future__ import annotations
 
 from monai_mae.networks.checkpoint_io import extract_encoder_state_dict
 from monai_mae.networks.display import masked_input, reconstruct_image
-from monai_mae.networks.mae import MAEReconstructor, MAEViT, VisiblePatchEmbedding
+from monai_mae.networks.encoder import ViTEncoder
+from monai_mae.networks.mae import MAEReconstructor, MAEViT
 from monai_mae.networks.masking import (
     MaskGenerator,
     MaskingResult,
@@ -14,6 +15,7 @@ from monai_mae.networks.masking import (
     random_masking,
     restore_patches,
 )
+from monai_mae.networks.patch_embed import VisiblePatchEmbedding
 from monai_mae.networks.patching import patchify, unpatchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
@@ -21,7 +23,7 @@ from monai_mae.networks.transfer import TransferReport, load_mae_encoder
 from monai_mae.networks.presets import MAE_PRESETS, get_preset, mae_vit, mae_vit_base, mae_vit_large, mae_vit_small, mae_vit_tiny
 
 __all__ = [
-    "MAEViT", "MAEReconstructor", "VisiblePatchEmbedding", "TransferReport", "extract_encoder_state_dict",
+    "MAEViT", "MAEReconstructor", "ViTEncoder", "VisiblePatchEmbedding", "TransferReport", "extract_encoder_state_dict",
     "load_mae_encoder", "residual_stream_norm", "rescale_residual_stream", "match_residual_stream", "MaskGenerator",
     "MaskingResult", "content_aware_weights",
     "mae_patchify_and_mask", "patch_foreground_fraction", "random_masking", "restore_patches", "patchify",

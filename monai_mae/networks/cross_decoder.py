@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_mae.networks.blocks import Rope, apply_rope, mlp_and_layer_scales
+from monai_mae.networks.attention import check_heads
+from monai_mae.networks.blocks import mlp_and_layer_scales
+from monai_mae.networks.rope import Rope, apply_rope
 
 __all__ = ["CrossAttention", "CrossDecoderBlock", "build_cross_blocks"]
 
@@ -43,8 +45,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, qkv_bias: bool = False, dropout_rate: float = 0.0) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
+        check_heads(hidden_size, num_heads)
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.q = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)

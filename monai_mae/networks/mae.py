@@ -2,165 +2,29 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from einops import rearrange
-from einops.layers.torch import Rearrange
-from monai.networks.blocks.pos_embed_utils import build_fourier_position_embedding
-from monai.networks.layers import Conv
-from monai.utils import ensure_tuple_rep, look_up_option
+from monai.utils import look_up_option
 
-from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
+from monai_mae.networks.attention import check_heads
+from monai_mae.networks.blocks import build_blocks, run_blocks
 from monai_mae.networks.cross_decoder import build_cross_blocks
 from monai_mae.networks.display import reconstruct_image
+from monai_mae.networks.encoder import ViTEncoder, records_init_args
 from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted, split_indices
-from monai_mae.networks.patching import check_image_input, patch_grid, patch_pattern, patchify
-from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
+from monai_mae.networks.patching import patchify
+from monai_mae.networks.pos_embed import make_pos_embed, pos_embed_for_grid
+from monai_mae.networks.rope import AxialRoPE
 
-__all__ = ["MAEViT", "MAEReconstructor", "VisiblePatchEmbedding"]
+__all__ = ["MAEViT", "MAEReconstructor"]
 
-SUPPORTED_PROJ_TYPES = ("conv", "perceptron")
-SUPPORTED_POS_EMBED_TYPES = ("none", "learnable", "sincos", "fourier", "rope")
 SUPPORTED_DECODER_POS_EMBED_TYPES = ("none", "learnable", "sincos")
 SUPPORTED_DECODER_TYPES = ("self", "cross")
 
 
-def _make_pos_embed(kind: str, grid: Sequence[int], width: int) -> nn.Parameter:
-    """A ``(1, prod(grid), width)`` position table; fixed (no grad) for sin-cos and Fourier.
-
-    With ``"rope"`` positions enter through rotary embeddings in the attention instead: the table is
-    a fixed zero table, kept so that the weights still load into MONAI's ``ViT`` / ``UNETR``.
-    """
-    if kind == "rope":
-        return nn.Parameter(torch.zeros(1, math.prod(grid), width), requires_grad=False)
-    if kind == "sincos":
-        return nn.Parameter(sincos_pos_embed(grid, width), requires_grad=False)
-    if kind == "fourier":
-        return build_fourier_position_embedding(list(grid), width, len(grid))
-    table = nn.Parameter(torch.zeros(1, math.prod(grid), width))
-    if kind == "learnable":
-        nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0)
-    return table
-
-
-def _pos_embed_for_grid(table: torch.Tensor, kind: str, built: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
-    """The table for another patch grid: rebuilt for sin-cos, interpolated otherwise."""
-    if grid == built:
-        return table
-    if kind == "sincos":
-        # rebuilt exactly for the new grid, times the stored table's scale (1 unless the residual stream was
-        # rescaled: see monai_mae.networks.residual.rescale_residual_stream)
-        unit = sincos_pos_embed(built, table.shape[-1], device=table.device)
-        scale = (table.float() * unit).sum() / unit.square().sum()
-        return (sincos_pos_embed(grid, table.shape[-1], device=table.device) * scale).to(table.dtype)
-    return interpolate_pos_embed(table, built, grid)
-
-
-class VisiblePatchEmbedding(nn.Module):
-    """Patch projection and position embedding applied to the visible tokens only.
-
-    Holds the same parameters, under the same names, as MONAI's ``PatchEmbeddingBlock``
-    (``patch_embeddings.*``, ``position_embeddings``), so weights move freely between this module,
-    MONAI's ``MaskedAutoEncoderViT``, ``ViT`` and ``UNETR``. The conv kernel is applied as a
-    matrix product on patchified tokens, which gives the conv's result on the chosen patches
-    without touching the others.
-
-    Args:
-        in_channels: input channels ``C``.
-        img_size: the spatial size the position table is built for.
-        patch_size: per-axis patch size ``P``.
-        hidden_size: token width.
-        proj_type: ``"conv"`` or ``"perceptron"`` (same parameters as MONAI's).
-        pos_embed_type: ``"none"``, ``"learnable"``, ``"sincos"``, ``"fourier"`` or ``"rope"`` (no
-            additive table: a fixed zero one, positions come from rotary embeddings in attention).
-        dropout_rate: dropout after adding the position embedding.
-        spatial_dims: 2 or 3.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        img_size: Sequence[int],
-        patch_size: Sequence[int],
-        hidden_size: int,
-        proj_type: str = "conv",
-        pos_embed_type: str = "sincos",
-        dropout_rate: float = 0.0,
-        spatial_dims: int = 3,
-    ) -> None:
-        super().__init__()
-        self.proj_type = look_up_option(proj_type, SUPPORTED_PROJ_TYPES)
-        self.pos_embed_type = look_up_option(pos_embed_type, SUPPORTED_POS_EMBED_TYPES)
-        self.in_channels = in_channels
-        self.patch_size = tuple(patch_size)
-        self.grid_size = patch_grid(img_size, patch_size, name="img_size")
-        self.n_patches = math.prod(self.grid_size)
-        self.patch_dim = in_channels * math.prod(self.patch_size)
-        self.patch_embeddings: nn.Module
-        if self.proj_type == "conv":
-            self.patch_embeddings = Conv[Conv.CONV, spatial_dims](
-                in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size
-            )
-        else:
-            image_pattern, token_pattern = patch_pattern(spatial_dims)
-            sizes = {f"p{i + 1}": p for i, p in enumerate(self.patch_size)}
-            self.patch_embeddings = nn.Sequential(
-                Rearrange(f"{image_pattern} -> {token_pattern}", **sizes), nn.Linear(self.patch_dim, hidden_size)
-            )
-        self.position_embeddings = _make_pos_embed(self.pos_embed_type, self.grid_size, hidden_size)
-        self.dropout = nn.Dropout(dropout_rate)
-        layer = self.patch_embeddings if self.proj_type == "conv" else self.patch_embeddings[1]
-        with torch.no_grad():  # initialise the projection like a linear layer (MAE paper)
-            nn.init.xavier_uniform_(layer.weight.view(hidden_size, -1))
-            nn.init.zeros_(layer.bias)
-
-    def project(self, patches: torch.Tensor) -> torch.Tensor:
-        """Apply the projection to patches ``(B, M, prod(P) * C)`` in token layout: ``(B, M, D)``."""
-        if self.proj_type == "conv":
-            conv = self.patch_embeddings
-            # reorder the (few) visible patches to the kernel's channel-first layout rather than permuting the
-            # kernel: the weight's gradient then keeps the parameter's own strides (what DDP buckets expect)
-            channel_first = rearrange(patches, "b m (p c) -> b m (c p)", c=self.in_channels)
-            return F.linear(channel_first, conv.weight.view(conv.out_channels, -1), conv.bias)
-        return self.patch_embeddings[1](patches)
-
-    def pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
-        """``(1, prod(grid), D)`` position table for ``grid``."""
-        return _pos_embed_for_grid(self.position_embeddings, self.pos_embed_type, self.grid_size, grid)
-
-    def embed_all(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Embed every patch ``(B, N, prod(P) * C)`` of an input with patch grid ``grid``: ``(B, N, D)``."""
-        tokens = self.project(patches)
-        if self.pos_embed_type != "rope":
-            tokens = tokens + self.pos_embed(grid)
-        return self.dropout(tokens)
-
-    def forward(self, patches: torch.Tensor, visible: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Embed the kept patches.
-
-        Args:
-            patches: ``(B, N_keep, prod(P) * C)`` visible patches, in grid order.
-            visible: ``(B, N_keep)`` their ascending indices (``MaskingResult.visible_indices``), or the
-                ``(B, N)`` bool keep-mask they were selected with (the indices are then derived from it,
-                without reading anything back from the device).
-            grid: the input's patch grid (``prod(grid) == N``).
-
-        Returns:
-            ``(B, N_keep, D)`` embedded tokens.
-        """
-        tokens = self.project(patches)  # (B, N_keep, D)
-        if self.pos_embed_type != "rope":
-            if visible.dtype == torch.bool:
-                visible = split_indices(visible, patches.shape[1])[0]
-            tokens = tokens + self.pos_embed(grid)[0][visible]  # (B, N_keep, D)
-        return self.dropout(tokens)
-
-
-class MAEViT(nn.Module):
+class MAEViT(ViTEncoder):
     """Masked autoencoder with a ViT encoder, based on He et al., "Masked Autoencoders Are Scalable
     Vision Learners" <https://arxiv.org/abs/2111.06377>.
 
@@ -169,8 +33,9 @@ class MAEViT(nn.Module):
     the mask is drawn on the input's device; only the visible patches are projected and encoded;
     attention uses fused ``scaled_dot_product_attention`` unless ``save_attn`` is set; sin-cos
     tables exist for any width; inputs of another size than ``img_size`` are accepted (position
-    tables rebuilt or interpolated); bad inputs give a ``ValueError``. Encoder weights are named as
-    in MONAI's ``ViT`` (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``).
+    tables rebuilt or interpolated); bad inputs give a ``ValueError``. The encoder is
+    :class:`~monai_mae.networks.encoder.ViTEncoder`'s, its weights named as in MONAI's ``ViT``
+    (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``).
 
     Args:
         in_channels: input channels.
@@ -263,6 +128,7 @@ class MAEViT(nn.Module):
         pred, mask = net(torch.randn(2, 1, 96, 96, 96))  # pred (2, 216, 4096), mask (2, 216)
     """
 
+    @records_init_args
     def __init__(
         self,
         in_channels: int,
@@ -295,32 +161,10 @@ class MAEViT(nn.Module):
         decoder_type: str = "self",
         decoder_predict_ratio: float = 1.0,
     ) -> None:
-        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        super().__init__()
-        self.init_args = init_args  # the constructor's arguments, written into self-describing model files
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
-        if not 0.0 <= dropout_rate <= 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}.")
         if not 0.0 < masking_ratio < 1.0:
             raise ValueError(f"masking_ratio must be in (0, 1), got {masking_ratio}.")
-        for name, width, heads in (
-            ("hidden_size", hidden_size, num_heads),
-            ("decoder_hidden_size", decoder_hidden_size, decoder_num_heads),
-        ):
-            if width % heads != 0:
-                raise ValueError(f"{name}={width} must be divisible by the number of heads ({heads}).")
-        self.img_size = tuple(ensure_tuple_rep(img_size, spatial_dims))
-        self.patch_size = tuple(ensure_tuple_rep(patch_size, spatial_dims))
-        for axis, (size, patch) in enumerate(zip(self.img_size, self.patch_size)):
-            if patch > size or size % patch != 0:
-                raise ValueError(
-                    f"img_size {self.img_size} must be divisible by patch_size {self.patch_size} "
-                    f"(axis {axis}: {size} vs {patch})."
-                )
-        self.decoder_pos_embed_type = look_up_option(decoder_pos_embed_type, SUPPORTED_DECODER_POS_EMBED_TYPES)
+        check_heads(decoder_hidden_size, decoder_num_heads, prefix="decoder_")
+        decoder_pos_embed_type = look_up_option(decoder_pos_embed_type, SUPPORTED_DECODER_POS_EMBED_TYPES)
         if decoder_type not in SUPPORTED_DECODER_TYPES:
             raise ValueError(f"decoder_type must be one of {SUPPORTED_DECODER_TYPES}, got {decoder_type!r}.")
         if isinstance(decoder_predict_ratio, bool) or not isinstance(decoder_predict_ratio, (int, float)):
@@ -341,79 +185,36 @@ class MAEViT(nn.Module):
             )
         if use_flash_attention is None:
             use_flash_attention = not save_attn and dropout_rate == 0.0
-
-        self.in_channels = in_channels
-        self.spatial_dims = spatial_dims
+        super().__init__(
+            in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, proj_type=proj_type,
+            pos_embed_type=pos_embed_type, dropout_rate=dropout_rate, spatial_dims=spatial_dims, qkv_bias=qkv_bias,
+            mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate, rope_theta=rope_theta,
+            cls_token=cls_token, activation_checkpointing=activation_checkpointing, monai_blocks=True,
+            save_attn=save_attn, use_flash_attention=use_flash_attention,
+        )
         self.masking_ratio = masking_ratio
-        self.hidden_size = hidden_size
         self.decoder_hidden_size = decoder_hidden_size
-        self.activation_checkpointing = activation_checkpointing
         self.decoder_type = decoder_type
         self.decoder_predict_ratio = float(decoder_predict_ratio)
+        self.decoder_pos_embed_type = decoder_pos_embed_type
 
-        # encoder: names as in MONAI's ViT
-        self.patch_embedding = VisiblePatchEmbedding(
-            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate, spatial_dims
-        )
-        self.grid_size = self.patch_embedding.grid_size
-        self.num_prefix_tokens = int(bool(cls_token))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if cls_token else None
-        self.use_rope = self.patch_embedding.pos_embed_type == "rope"
-        monai_blocks = not self.use_rope and mlp_type == "gelu" and layer_scale_init is None and drop_path_rate == 0
-        if save_attn and not monai_blocks:
-            raise ValueError("save_attn needs the default blocks (no rope, mlp_type, layer_scale_init or drop_path_rate).")
-        options = dict(mlp_type=mlp_type, layer_scale_init=layer_scale_init, monai_blocks=monai_blocks,
-                       save_attn=save_attn, use_flash_attention=use_flash_attention)  # fmt: skip
-        self.blocks = build_blocks(
-            num_layers, hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, drop_path_rate=drop_path_rate, **options
-        )
-        self.norm = nn.LayerNorm(hidden_size)
-
-        # decoder
         self.decoder_embed = nn.Linear(hidden_size, decoder_hidden_size)
         self.mask_tokens = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
-        self.decoder_pos_embedding = _make_pos_embed(self.decoder_pos_embed_type, self.grid_size, decoder_hidden_size)
+        self.decoder_pos_embedding = make_pos_embed(self.decoder_pos_embed_type, self.grid_size, decoder_hidden_size)
         sizes = (decoder_num_layers, decoder_hidden_size, decoder_mlp_dim, decoder_num_heads, dropout_rate, qkv_bias)
         if decoder_type == "cross":
             self.decoder_blocks = build_cross_blocks(*sizes, mlp_type=mlp_type, layer_scale_init=layer_scale_init)
         else:
-            self.decoder_blocks = build_blocks(*sizes, **options)
-        self.rope = AxialRoPE(hidden_size // num_heads, spatial_dims, rope_theta) if self.use_rope else None
+            self.decoder_blocks = build_blocks(*sizes, **self.block_options)
         self.decoder_rope = (
             AxialRoPE(decoder_hidden_size // decoder_num_heads, spatial_dims, rope_theta) if self.use_rope else None
         )
         self.decoder_norm = nn.LayerNorm(decoder_hidden_size)
         self.decoder_pred = nn.Linear(decoder_hidden_size, self.patch_embedding.patch_dim)
-
-        # MONAI's TransformerBlock always builds a cross-attention norm; without cross-attention it is never
-        # used, so freeze it (kept in the state dict for MONAI compatibility; DDP then needs no unused-parameter scan)
-        for block in [*self.blocks, *self.decoder_blocks]:
-            if hasattr(block, "norm_cross_attn"):
-                block.norm_cross_attn.requires_grad_(False)
-        self._init_weights()
+        self._init_weights(self.decoder_blocks, self.decoder_embed, self.decoder_pred, tokens=(self.mask_tokens,))
         self.register_load_state_dict_pre_hook(_load_monai_layout)
 
-    def _init_weights(self) -> None:
-        for module in [*self.blocks, *self.decoder_blocks, self.decoder_embed, self.decoder_pred]:
-            for sub in module.modules():
-                if isinstance(sub, nn.Linear):
-                    nn.init.xavier_uniform_(sub.weight)
-                    if sub.bias is not None:
-                        nn.init.zeros_(sub.bias)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_tokens, std=0.02)
-
     # ------------------------------------------------------------------ stages
-    def check_input(self, x: torch.Tensor) -> tuple[int, ...]:
-        """Validate ``x`` of shape ``(B, C, *S)`` and return its patch grid ``S // P``.
-
-        Raises:
-            ValueError: wrong number of dimensions, wrong channel count, or a spatial size that the
-                patch size does not divide.
-        """
-        return check_image_input(x, self.spatial_dims, self.in_channels, self.patch_size, "MAEViT")
-
     def mask(
         self,
         patches: torch.Tensor,
@@ -432,20 +233,6 @@ class MAEViT(nn.Module):
             return mask_from_keep(patches, mask < 0.5)
         return random_masking(patches, masking_ratio, weights=weights, generator=generator)
 
-    def _rope(
-        self,
-        rope: AxialRoPE | None,
-        grid: tuple[int, ...],
-        indices: torch.Tensor | None,
-        device: torch.device,
-        prefix: bool = True,
-    ):
-        """Rotary ``(cos, sin)`` for a class token (when ``prefix``) and the tokens at ``indices`` (all when None)."""
-        if rope is None:
-            return None
-        prefix_tokens = self.num_prefix_tokens if prefix else 0
-        return rope(grid_coordinates(grid, indices, device=device), prefix_tokens=prefix_tokens)
-
     def forward_encoder_tokens(self, masking: MaskingResult, grid: tuple[int, ...]) -> torch.Tensor:
         """Encode visible patches.
 
@@ -457,12 +244,7 @@ class MAEViT(nn.Module):
             ``(B, 1 + N_keep, hidden_size)``, class token first, after the final norm (``(B, N_keep,
             hidden_size)`` without a class token).
         """
-        tokens = self.patch_embedding(masking.visible, masking.visible_indices, grid)  # (B, N_keep, D)
-        if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-        rope = self._rope(self.rope, grid, masking.visible_indices, tokens.device)
-        x = run_blocks(self.blocks, tokens, rope, self.activation_checkpointing)  # (B, 1 + N_keep, D)
-        return self.norm(x)
+        return self.encode_patches(masking.visible, grid, masking.visible_indices)  # (B, 1 + N_keep, D)
 
     def forward_decoder(
         self,
@@ -498,7 +280,7 @@ class MAEViT(nn.Module):
         visible = split_indices(keep, x.shape[1] - prefix)[0] if visible is None else visible.to(keep.device)
         full = self.mask_tokens.to(x.dtype).expand(batch, n_tokens, -1)  # (B, N, Dd)
         full = full.scatter(1, visible[..., None].expand(-1, -1, x.shape[-1]), x[:, prefix:])  # visible back in place
-        pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)
+        pos = pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)
         full = full + pos
         rope = self._rope(self.decoder_rope, grid, None, full.device)
         tokens = torch.cat([x[:, :prefix], full], dim=1) if prefix else full  # (B, prefix + N, Dd)
@@ -522,7 +304,7 @@ class MAEViT(nn.Module):
             visible = derived[0] if visible is None else visible
             predict = derived[1] if predict is None else predict  # (B, M)
         visible, predict = visible.to(keep.device), predict.to(keep.device)
-        pos = _pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)[0]
+        pos = pos_embed_for_grid(self.decoder_pos_embedding, self.decoder_pos_embed_type, self.grid_size, grid)[0]
         memory = x[:, prefix:] + pos[visible]  # (B, N_keep, Dd)
         memory = torch.cat([x[:, :prefix], memory], dim=1) if prefix else memory  # (B, prefix + N_keep, Dd)
         queries = self.mask_tokens.to(x.dtype) + pos[predict]  # (B, M, Dd)

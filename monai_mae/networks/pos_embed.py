@@ -1,4 +1,5 @@
-"""N-D sin-cos position embeddings for any width, and grid interpolation of position embeddings."""
+"""Position tables: N-D sin-cos embeddings for any width, the tables of each ``pos_embed_type``, and
+their rebuilding or interpolation for another patch grid."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.blocks.pos_embed_utils import build_fourier_position_embedding
 
-__all__ = ["sincos_pos_embed", "interpolate_pos_embed", "axis_widths"]
+__all__ = ["sincos_pos_embed", "interpolate_pos_embed", "axis_widths", "make_pos_embed", "pos_embed_for_grid"]
 
 # MONAI's build_sincos_position_embedding concatenates the axes in the order (w, h, d); keeping that
 # order makes our table identical to MONAI's wherever MONAI's is defined (width % (2 * dims) == 0).
@@ -97,3 +100,37 @@ def interpolate_pos_embed(
     volume = pos_embed.transpose(1, 2).reshape(batch, width, *old_grid)  # (B, D, *G_old)
     resized = F.interpolate(volume.float(), size=new_grid, mode=mode, align_corners=False)
     return resized.reshape(batch, width, -1).transpose(1, 2).to(pos_embed.dtype)  # (B, N_new, D)
+
+
+def make_pos_embed(kind: str, grid: Sequence[int], width: int) -> nn.Parameter:
+    """A ``(1, prod(grid), width)`` position table of ``kind``; fixed (no grad) for sin-cos and Fourier.
+
+    ``kind``: ``"none"`` (zeros, trainable as in MONAI), ``"learnable"`` (truncated normal, std 0.02),
+    ``"sincos"``, ``"fourier"`` (MONAI's) or ``"rope"``: positions enter through rotary embeddings in the
+    attention instead, and the table is a fixed zero one, kept so that the weights still load into
+    MONAI's ``ViT`` / ``UNETR``.
+    """
+    if kind == "rope":
+        return nn.Parameter(torch.zeros(1, math.prod(grid), width), requires_grad=False)
+    if kind == "sincos":
+        return nn.Parameter(sincos_pos_embed(grid, width), requires_grad=False)
+    if kind == "fourier":
+        return build_fourier_position_embedding(list(grid), width, len(grid))
+    table = nn.Parameter(torch.zeros(1, math.prod(grid), width))
+    if kind == "learnable":
+        nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0)
+    return table
+
+
+def pos_embed_for_grid(table: torch.Tensor, kind: str, built: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """The ``(1, prod(built), D)`` table of ``kind`` made for patch grid ``built``, for patch grid ``grid``:
+    itself when the grids agree, rebuilt for sin-cos, interpolated otherwise; ``(1, prod(grid), D)``."""
+    if grid == built:
+        return table
+    if kind == "sincos":
+        # rebuilt exactly for the new grid, times the stored table's scale (1 unless the residual stream was
+        # rescaled: see monai_mae.networks.residual.rescale_residual_stream)
+        unit = sincos_pos_embed(built, table.shape[-1], device=table.device)
+        scale = (table.float() * unit).sum() / unit.square().sum()
+        return (sincos_pos_embed(grid, table.shape[-1], device=table.device) * scale).to(table.dtype)
+    return interpolate_pos_embed(table, built, grid)

@@ -1,11 +1,11 @@
 """``ViTSeg``: a pure-ViT segmentation network with a light transposed-convolution decoder.
 
-The encoder is :class:`~monai_mae.networks.mae.MAEViT`'s, run on every token, with the same
-parameter names (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``), so an MAE checkpoint loads
-with :func:`~monai_mae.networks.transfer.load_mae_encoder`. After the final norm the token grid is
-turned back into an image and upsampled by one transposed convolution per factor of 2 of the patch
-size (each followed by a norm and an activation) to full-resolution logits. This is the shape of
-Primus (Wald et al., arXiv 2503.01835), which reaches nnU-Net's level with 8^3 patches.
+The encoder is :class:`~monai_mae.networks.encoder.ViTEncoder`, as in :class:`~monai_mae.networks.mae.MAEViT`,
+run on every token, with the same parameter names (``patch_embedding.*``, ``blocks.N.*``, ``norm.*``), so an
+MAE checkpoint loads with :func:`~monai_mae.networks.transfer.load_mae_encoder`. After the final norm the
+token grid is turned back into an image and upsampled by one transposed convolution per factor of 2 of the
+patch size (each followed by a norm and an activation) to full-resolution logits. This is the shape of Primus
+(Wald et al., arXiv 2503.01835), which reaches nnU-Net's level with 8^3 patches.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 from monai.networks.layers import Conv, get_act_layer, get_norm_layer
-from monai.utils import ensure_tuple_rep
 
-from monai_mae.networks.blocks import AxialRoPE, build_blocks, grid_coordinates, run_blocks
-from monai_mae.networks.mae import VisiblePatchEmbedding
-from monai_mae.networks.patching import check_image_input, patchify
+from monai_mae.networks.encoder import ViTEncoder, records_init_args
+from monai_mae.networks.patching import patchify
 
 __all__ = ["ViTSeg", "upsampling_strides"]
 
@@ -40,7 +38,7 @@ def upsampling_strides(patch_size: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(2 if (p >> s) > 1 else 1 for p in sides) for s in range(stages)]
 
 
-class ViTSeg(nn.Module):
+class ViTSeg(ViTEncoder):
     """Pure vision transformer for 2D/3D segmentation: ViT encoder on all tokens + light decoder.
 
     Args:
@@ -90,6 +88,7 @@ class ViTSeg(nn.Module):
         net(torch.randn(1, 1, 96, 96, 96)).shape  # torch.Size([1, 5, 96, 96, 96])
     """
 
+    @records_init_args
     def __init__(
         self,
         in_channels: int,
@@ -114,20 +113,16 @@ class ViTSeg(nn.Module):
         rope_theta: float = 100.0,
         activation_checkpointing: bool = False,
     ) -> None:
-        init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        super().__init__()
-        self.init_args = init_args  # the constructor's arguments, written into self-describing model files
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("num_layers", num_layers)):
+        for name, value in (("out_channels", out_channels), ("num_layers", num_layers)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
-        if not 0.0 <= dropout_rate <= 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}.")
-        self.img_size = tuple(ensure_tuple_rep(img_size, spatial_dims))
-        self.patch_size = tuple(ensure_tuple_rep(patch_size, spatial_dims))
+        super().__init__(
+            in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, proj_type=proj_type,
+            pos_embed_type=pos_embed_type, dropout_rate=dropout_rate, spatial_dims=spatial_dims, qkv_bias=qkv_bias,
+            mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate, rope_theta=rope_theta,
+            activation_checkpointing=activation_checkpointing,
+        )
+        self.out_channels = out_channels
         self.strides = upsampling_strides(self.patch_size)
         if decoder_channels is None:
             decoder_channels = [32 * 2 ** (len(self.strides) - 1 - i) for i in range(len(self.strides))]
@@ -137,25 +132,6 @@ class ViTSeg(nn.Module):
                 f"decoder_channels needs {len(self.strides)} positive entries (one per x2 stage of patch size "
                 f"{self.patch_size}), got {decoder_channels}."
             )
-        self.in_channels, self.out_channels, self.spatial_dims = in_channels, out_channels, spatial_dims
-        self.hidden_size = hidden_size
-        self.activation_checkpointing = activation_checkpointing
-
-        # encoder: MAEViT's names
-        self.patch_embedding = VisiblePatchEmbedding(
-            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate, spatial_dims
-        )
-        self.grid_size = self.patch_embedding.grid_size
-        self.blocks = build_blocks(
-            num_layers, hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias,
-            mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate,
-        )  # fmt: skip
-        self.norm = nn.LayerNorm(hidden_size)
-        self.rope = (
-            AxialRoPE(hidden_size // num_heads, spatial_dims, rope_theta)
-            if self.patch_embedding.pos_embed_type == "rope"
-            else None
-        )
 
         # decoder: one transposed conv + norm + activation per x2 stage, then 1x1 conv to logits
         stages: list[nn.Module] = []
@@ -171,30 +147,12 @@ class ViTSeg(nn.Module):
             channels = out
         self.decoder = nn.Sequential(*stages)
         self.head = Conv[Conv.CONV, spatial_dims](channels, out_channels, kernel_size=1)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for sub in self.blocks.modules():
-            if isinstance(sub, nn.Linear):
-                nn.init.xavier_uniform_(sub.weight)
-                if sub.bias is not None:
-                    nn.init.zeros_(sub.bias)
-
-    def check_input(self, x: torch.Tensor) -> tuple[int, ...]:
-        """Validate ``x`` ``(B, C, *S)`` and return its patch grid ``S // P``.
-
-        Raises:
-            ValueError: wrong number of dimensions, channels, or a size the patch does not divide.
-        """
-        return check_image_input(x, self.spatial_dims, self.in_channels, self.patch_size, "ViTSeg")
+        self._init_weights()  # the encoder's, after the decoder: the order in which a seed draws the weights
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Encoder output ``(B, N, hidden_size)`` after the final norm, and the patch grid."""
         grid = self.check_input(x)
-        tokens = self.patch_embedding.embed_all(patchify(x, self.patch_size), grid)  # (B, N, D)
-        rope = self.rope(grid_coordinates(grid, device=x.device)) if self.rope is not None else None
-        tokens = run_blocks(self.blocks, tokens, rope, self.activation_checkpointing)
-        return self.norm(tokens), grid
+        return self.encode_patches(patchify(x, self.patch_size), grid), grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *S)`` -> logits ``(B, out_channels, *S)``."""
