@@ -12,7 +12,7 @@ import platform
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["PEAK_BF16_TFLOPS", "cpu_name", "flop_counter", "peak_bf16_flops"]
+__all__ = ["PEAK_BF16_TFLOPS", "cpu_name", "flop_counter", "fmt_optional", "peak_bf16_flops"]
 
 #: Peak dense (no sparsity) bf16 tensor-core TFLOP/s by the exact name ``torch.cuda.get_device_name`` gives.
 #: One marketing name covers parts with different clocks and power: an H100 SXM peaks at 989, the PCIe card at
@@ -66,3 +66,9 @@ def peak_bf16_flops(device_name: str) -> float | None:
     """Peak dense bf16 FLOP/s of the GPU named ``device_name`` (exactly as CUDA reports it), or None when unknown."""
     tflops = PEAK_BF16_TFLOPS.get(device_name.strip())
     return None if tflops is None else tflops * 1e12
+
+
+def fmt_optional(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``"n/a"`` when it was not measured."""
+    return "n/a" if value is None else format(value, spec)
+

@@ -60,7 +60,7 @@ from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.engines import build_optimizer, cuda_bf16_supported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
-from bench_common import PEAK_BF16_TFLOPS, flop_counter, peak_bf16_flops  # noqa: E402
+from bench_common import PEAK_BF16_TFLOPS, flop_counter, fmt_optional, peak_bf16_flops  # noqa: E402
 
 __all__ = [
     "ENCODERS",
@@ -220,10 +220,6 @@ def bench_one(
     return result
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def table(results: Sequence[Result]) -> str:
     """The results as a markdown table."""
     lines = [
@@ -237,9 +233,9 @@ def table(results: Sequence[Result]) -> str:
             lines.append(f"{head}| {r.error} | | | | | |")
             continue
         lines.append(
-            f"{head}| {_fmt(r.step_ms, '.1f')} ({_fmt(r.step_ms_min, '.1f')}) "
-            f"| {_fmt(r.images_per_s, '.1f')} | {_fmt(r.peak_mem_gib, '.2f')} | {_fmt(r.tflop_per_step, '.4g')} "
-            f"| {_fmt(r.achieved_tflops, '.4g')} | {'n/a' if r.mfu is None else f'{100 * r.mfu:.3g}%'} |"
+            f"{head}| {fmt_optional(r.step_ms, '.1f')} ({fmt_optional(r.step_ms_min, '.1f')}) "
+            f"| {fmt_optional(r.images_per_s, '.1f')} | {fmt_optional(r.peak_mem_gib, '.2f')} | {fmt_optional(r.tflop_per_step, '.4g')} "
+            f"| {fmt_optional(r.achieved_tflops, '.4g')} | {'n/a' if r.mfu is None else f'{100 * r.mfu:.3g}%'} |"
         )
     return "\n".join(lines)
 

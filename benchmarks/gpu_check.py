@@ -39,7 +39,7 @@ from monai_mae.engines import build_optimizer
 from monai_mae.networks.presets import encoder_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import peak_bf16_flops  # noqa: E402
+from bench_common import fmt_optional, peak_bf16_flops  # noqa: E402
 from bench_gpu import count_flops, train_step  # noqa: E402
 
 __all__ = ["CONFIGS", "Check", "Row", "bundle_commands", "checks_table", "main", "measure", "rows_table"]
@@ -146,10 +146,6 @@ def measure(config: tuple, model_name: str, decoder: dict, device: torch.device,
     return row
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def rows_table(rows: Sequence[Row]) -> str:
     """The model table as Markdown."""
     lines = ["| config | crop / patch | model | batch | volumes/s | MFU | peak mem GiB | host syncs/step |",
@@ -161,7 +157,7 @@ def rows_table(rows: Sequence[Row]) -> str:
             continue
         mfu = "n/a" if r.mfu is None else f"{100 * r.mfu:.3g}%"
         syncs = "n/a" if r.syncs_per_step is None else str(r.syncs_per_step)
-        figures = f"{_fmt(r.volumes_per_s, '.2f')} | {mfu} | {_fmt(r.peak_mem_gib, '.2f')} | {syncs}"
+        figures = f"{fmt_optional(r.volumes_per_s, '.2f')} | {mfu} | {fmt_optional(r.peak_mem_gib, '.2f')} | {syncs}"
         lines.append(f"| {r.config} | {r.img_size}^3 / {r.patch}^3 | {r.model} | {r.batch_size} | {figures} |")
     return "\n".join(lines)
 
@@ -171,7 +167,7 @@ def checks_table(checks: Sequence[Check]) -> str:
     lines = ["| check | result | seconds |", "| --- | --- | --- |"]
     for c in checks:
         result = "not run (--dry-run)" if c.passed is None else ("passed" if c.passed else f"FAILED (log: {c.log})")
-        lines.append(f"| {c.name} | {result} | {_fmt(c.seconds, '.1f')} |")
+        lines.append(f"| {c.name} | {result} | {fmt_optional(c.seconds, '.1f')} |")
     return "\n".join(lines)
 
 

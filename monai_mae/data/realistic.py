@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["REALISTIC_ORGANS", "check_realistic_options", "make_realistic_phantom", "realistic_spacing"]
+__all__ = ["REALISTIC_ORGANS", "check_realistic_options", "check_shape", "make_realistic_phantom", "realistic_spacing"]
 
 #: Labelled structures of the realistic phantoms: label ``k`` is ``REALISTIC_ORGANS[k - 1]``. The first
 #: five are the organs of the simple style's ``ORGAN_TYPES`` in the same order (kidney = both kidneys,
@@ -82,18 +82,21 @@ def realistic_spacing(shape: Sequence[int]) -> tuple[float, float, float]:
         >>> [round(s, 2) for s in realistic_spacing((512, 512, 96))]
         [0.77, 0.77, 2.92]
     """
-    nx, ny, nz = _check_shape(shape)
+    nx, ny, nz = check_shape(shape)
     step = _in_plane_step(nx, ny)
     return step, step, (_Z_RANGE[1] - _Z_RANGE[0]) / nz
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+def check_shape(
+    shape: Sequence[int], minimum: int = _MIN_SHAPE, context: str = " for style='realistic'"
+) -> tuple[int, int, int]:
+    """Return ``shape`` as a tuple of three ints, each at least ``minimum``, or raise a ValueError naming it."""
     try:
         dims = tuple(int(s) for s in shape)
     except TypeError as err:
         raise ValueError(f"shape must be a sequence of 3 ints, got {shape!r}.") from err
-    if len(dims) != 3 or any(d < _MIN_SHAPE for d in dims):
-        raise ValueError(f"shape must be 3 ints, each >= {_MIN_SHAPE} for style='realistic', got {shape!r}.")
+    if len(dims) != 3 or any(d < minimum for d in dims):
+        raise ValueError(f"shape must be 3 ints, each >= {minimum}{context}, got {shape!r}.")
     return dims  # type: ignore[return-value]
 
 
@@ -628,7 +631,7 @@ def make_realistic_phantom(
         >>> image.shape, label.dtype, sorted(np.unique(label).tolist())
         ((32, 32, 16), dtype('uint8'), [0, 1, 2, 3])
     """
-    dims = _check_shape(shape)
+    dims = check_shape(shape)
     contrast, noise_hu, bias_hu = check_realistic_options(num_organs, contrast, noise_hu, bias_hu)
     anatomy_seed, bias_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
     labels = {name: (k + 1 if k < num_organs else 0) for k, name in enumerate(REALISTIC_ORGANS)}

@@ -26,6 +26,7 @@ import numpy as np
 from monai_mae.data.realistic import (
     REALISTIC_ORGANS,
     check_realistic_options,
+    check_shape,
     make_realistic_phantom,
     realistic_spacing,
 )
@@ -86,13 +87,7 @@ _MAX_PLACEMENT_TRIES = 300
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     """Return ``shape`` as a tuple of three ints, or raise a ValueError naming it."""
-    try:
-        dims = tuple(int(s) for s in shape)
-    except TypeError as err:
-        raise ValueError(f"shape must be a sequence of 3 ints, got {shape!r}.") from err
-    if len(dims) != 3 or any(d < _MIN_SHAPE for d in dims):
-        raise ValueError(f"shape must be 3 ints, each >= {_MIN_SHAPE}, got {shape!r}.")
-    return dims  # type: ignore[return-value]
+    return check_shape(shape, _MIN_SHAPE, context="")
 
 
 def _check_num_organs(num_organs: int) -> None:
