@@ -238,7 +238,7 @@ class MAEViT(ViTEncoder):
         """
         if mask is not None:
             return mask_from_keep(patches, mask < 0.5)
-        num_visible(patches.shape[1], masking_ratio)  # a bad ratio is reported under this method's name for it
+        num_visible(patches.shape[1], masking_ratio)  # a bad ratio is reported as masking_ratio
         return random_masking(patches, masking_ratio, weights=weights, generator=generator)
 
     def forward_encoder_tokens(self, masking: MaskingResult, grid: tuple[int, ...]) -> torch.Tensor:
