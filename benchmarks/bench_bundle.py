@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
+import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,6 +34,9 @@ from monai.data import MetaTensor
 
 from monai_mae.data import write_synthetic_dataset
 from monai_mae.engines import build_optimizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
+from bench_common import median_seconds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "mae_pretrain" / "configs"
@@ -80,16 +82,7 @@ def bare_loop(network, loss_fn, optimizer, scheduler, batches, max_norm: float, 
 def _timed(run: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median seconds of ``repeats`` calls of ``run`` after one untimed call."""
     run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(run, repeats, device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,9 @@
-"""Pieces the benchmark scripts share: FLOP counting that includes PyTorch's fused CPU attention, the CPU's name,
-and the peak dense bf16 FLOP/s of known GPUs (for the MFU).
+"""Pieces the benchmark scripts share: where results and figures go, FLOP counting that includes PyTorch's fused
+CPU attention, the CPU's name, the load average, this process's memory, step timing (CUDA synchronised), and the
+peak dense bf16 FLOP/s of known GPUs (for the MFU).
+
+Every benchmark writes its results (JSON, CSV, markdown) under ``benchmarks/results/`` (:data:`RESULTS`) and its
+figures under ``benchmarks/figures/`` (:data:`FIGURES`).
 
 ``FlopCounterMode`` knows the CUDA attention kernels but not the CPU flash kernel that SDPA runs here; it
 is counted with the same formulas, so its backward includes the recomputed scores.
@@ -7,12 +11,45 @@ is counted with the same formulas, so its backward includes the recomputed score
 
 from __future__ import annotations
 
+import math
+import os
 import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["PEAK_BF16_TFLOPS", "cpu_name", "flop_counter", "fmt_optional", "peak_bf16_flops"]
+__all__ = [
+    "FIGURES",
+    "GIB",
+    "MIB",
+    "PEAK_BF16_TFLOPS",
+    "RESULTS",
+    "cpu_name",
+    "flop_counter",
+    "fmt_optional",
+    "load_average",
+    "load_average_1min",
+    "median_seconds",
+    "peak_bf16_flops",
+    "peak_rss_mib",
+    "proc_status_mib",
+    "reset_peak_rss",
+    "sync",
+    "time_calls",
+]
+
+#: Where the benchmarks write their results (JSON, CSV, markdown reports) and their figures.
+RESULTS = Path(__file__).resolve().parent / "results"
+FIGURES = Path(__file__).resolve().parent / "figures"
+
+MIB = 1024**2
+GIB = 1024**3
 
 #: Peak dense (no sparsity) bf16 tensor-core TFLOP/s by the exact name ``torch.cuda.get_device_name`` gives.
 #: One marketing name covers parts with different clocks and power: an H100 SXM peaks at 989, the PCIe card at
@@ -72,3 +109,77 @@ def fmt_optional(value: float | None, spec: str) -> str:
     """``value`` formatted with ``spec``, or ``"n/a"`` when it was not measured."""
     return "n/a" if value is None else format(value, spec)
 
+
+
+# ----------------------------------------------------------------------------------------------- machine
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages, rounded to 2 decimals (NaN where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return [math.nan] * 3
+
+
+def load_average_1min() -> str:
+    """The 1-minute load average as text (``"0.84"``), or ``"n/a"`` where the OS has none."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def proc_status_mib(key: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; NaN where there is none."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process in MiB: ``VmHWM``, else ``ru_maxrss`` (kB on Linux, bytes on macOS)."""
+    peak = proc_status_mib("VmHWM")
+    if math.isnan(peak):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = maxrss / MIB if sys.platform == "darwin" else maxrss / 1024
+    return peak
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    """Wait for the queued work of ``device`` (a CUDA device; nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(run: Callable[[], object], repeats: int, device: torch.device | None = None) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` calls of ``run``, ``device`` synchronised before and after each."""
+    device = torch.device("cpu") if device is None else device
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(run: Callable[[], object], repeats: int, device: torch.device | None = None) -> float:
+    """Median of :func:`time_calls` (``repeats`` timed calls of ``run``)."""
+    return statistics.median(time_calls(run, repeats, device))

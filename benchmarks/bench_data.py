@@ -75,7 +75,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -108,7 +107,15 @@ from monai_mae.engines import build_optimizer
 from monai_mae.utils import atomic_write
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
-from bench_common import cpu_name, flop_counter  # noqa: E402
+from bench_common import (  # noqa: E402
+    RESULTS,
+    cpu_name,
+    flop_counter,
+    load_average,
+    peak_rss_mib,
+    proc_status_mib,
+    reset_peak_rss,
+)
 
 __all__ = [
     "PATHS",
@@ -199,44 +206,6 @@ QUICK = Settings(
     min_seconds=0.05,
     warmup_shape=(24, 24, 16),
 )
-
-
-# ------------------------------------------------------------------------------------------ machine
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages (NaN where the OS has none)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return [math.nan] * 3
-
-
-def _proc_status_mib(key: str) -> float:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; NaN where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
-
-
-def _peak_rss_mib() -> float:
-    """Peak RSS of this process: ``VmHWM``, else ``ru_maxrss`` (kB on Linux, bytes on macOS)."""
-    peak = _proc_status_mib("VmHWM")
-    if math.isnan(peak):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-    return peak
-
-
-def _reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, ``echo 5 > /proc/self/clear_refs``); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------- the data
@@ -398,10 +367,10 @@ def _timed_conversion(loader: DataLoader, min_seconds: float) -> list[tuple[floa
 def _with_peak(fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     """``fn()`` and this process's memory around it: ``rss_base_mib`` before, ``peak_mib`` (``VmHWM``) after,
     ``peak_growth_mib`` = peak - base when the peak could be reset before ``fn`` (else NaN)."""
-    base = _proc_status_mib("VmRSS")
-    reset = _reset_peak_rss()
+    base = proc_status_mib("VmRSS")
+    reset = reset_peak_rss()
     result = fn()
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     return result, {"rss_base_mib": base, "peak_mib": peak, "peak_growth_mib": peak - base if reset else math.nan}
 
 
@@ -779,8 +748,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--loader-threads", type=int, default=1, help="torch threads of a loader worker (DataLoader workers get 1)"
     )
-    parser.add_argument("--work-dir", type=Path, default=REPO / "benchmarks/results/bench_data_work")
-    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks/results")
+    parser.add_argument("--work-dir", type=Path, default=RESULTS / "bench_data_work")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
         "--isolation",
         choices=ISOLATIONS,

@@ -34,7 +34,7 @@ Examples::
 
     python benchmarks/bench_gpu.py                              # ViT-B and ViT-L, 96^3 and 128^3, batch 8
     python benchmarks/bench_gpu.py --encoders vit-b --sizes 96 --batch-size 16 --compile
-    python benchmarks/bench_gpu.py --gpu a100 --json bench_gpu.json
+    python benchmarks/bench_gpu.py --gpu a100 --json      # -> benchmarks/results/bench_gpu.json
     python benchmarks/bench_gpu.py --cpu-smoke                  # < 1 minute on a CPU
 """
 
@@ -47,7 +47,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -60,7 +59,16 @@ from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.engines import build_optimizer, cuda_bf16_supported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
-from bench_common import PEAK_BF16_TFLOPS, flop_counter, fmt_optional, peak_bf16_flops  # noqa: E402
+from bench_common import (  # noqa: E402
+    GIB,
+    PEAK_BF16_TFLOPS,
+    RESULTS,
+    flop_counter,
+    fmt_optional,
+    peak_bf16_flops,
+    sync,
+    time_calls,
+)
 
 __all__ = [
     "ENCODERS",
@@ -88,7 +96,6 @@ _SMOKE_DECODER = dict(decoder_hidden_size=48, decoder_mlp_dim=96, decoder_num_la
 _SMOKE_SIZES = (32,)
 
 MODELS: dict[str, type[nn.Module]] = {"monai_mae": MAEViT, "monai": MaskedAutoEncoderViT}
-GIB = 1024**3
 
 
 @dataclass
@@ -153,11 +160,6 @@ def count_flops(
     return counter.get_total_flops()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_one(
     model_name: str,
     encoder_name: str,
@@ -190,16 +192,12 @@ def bench_one(
         step = train_step(torch.compile(model) if compile_model else model, optimizer, loss_fn, images, autocast)
         for _ in range(warmup):
             step()
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(steps):
-            _sync(device)
-            start = time.perf_counter()
-            loss = step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        losses = []
+        times = time_calls(lambda: losses.append(step()), steps, device)
+        loss = losses[-1]
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()}")
         median = statistics.median(times)
@@ -262,7 +260,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for the MFU, overriding --gpu")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the same code path on the CPU with tiny sizes")
-    parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="OUT",
+        nargs="?",
+        const=str(RESULTS / "bench_gpu.json"),
+        help="also write the rows as JSON (--json alone: benchmarks/results/bench_gpu.json)",
+    )
     return parser
 
 

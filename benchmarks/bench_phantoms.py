@@ -3,7 +3,8 @@
 Times :func:`monai_mae.data.make_phantom` for each ``--shapes`` entry in both styles (``simple`` and
 ``realistic``, 9 labelled organs), ``--repeats`` seeds each, with numpy and torch limited to one thread
 (set ``OMP_NUM_THREADS=1`` too), and prints the median seconds per volume. ``--picture PATH`` writes
-an axial, coronal and sagittal slice of one realistic phantom with its label overlay (matplotlib needed).
+an axial, coronal and sagittal slice of one realistic phantom with its label overlay (matplotlib needed);
+``--picture`` alone writes ``benchmarks/figures/realistic_phantom.png``.
 
 Run::
 
@@ -15,8 +16,8 @@ Run::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch
 from monai_mae.data import REALISTIC_ORGANS, make_phantom, realistic_spacing
 from monai_mae.engines.pictures import require_matplotlib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
+from bench_common import FIGURES, median_seconds  # noqa: E402
+
 __all__ = ["main", "phantom_picture", "time_phantom"]
 
 
@@ -32,12 +36,8 @@ def time_phantom(shape: Sequence[int], style: str, repeats: int) -> float:
     """Median wall-clock seconds of ``make_phantom(shape, seed, style=style)`` over ``repeats`` seeds."""
     organs = len(REALISTIC_ORGANS) if style == "realistic" else 5
     layout = "anatomical"
-    times = []
-    for seed in range(repeats):
-        start = time.perf_counter()
-        make_phantom(shape, seed, organs, layout, style=style)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    seeds = iter(range(repeats))
+    return median_seconds(lambda: make_phantom(shape, next(seeds), organs, layout, style=style), repeats)
 
 
 def phantom_picture(shape: Sequence[int], seed: int, path: str) -> None:
@@ -82,7 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["128,128,48", "256,256,64"], help="X,Y,Z of each size")
     parser.add_argument("--repeats", type=int, default=3, help="seeds timed per style and shape (median shown)")
-    parser.add_argument("--picture", default=None, help="write a picture of the first shape's realistic phantom")
+    parser.add_argument(
+        "--picture",
+        nargs="?",
+        const=str(FIGURES / "realistic_phantom.png"),
+        default=None,
+        help="write a picture of the first shape's realistic phantom to this file (--picture alone: "
+        "benchmarks/figures/realistic_phantom.png)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the pictured phantom")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

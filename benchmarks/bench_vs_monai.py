@@ -33,7 +33,7 @@ them), same widths and depths, steps interleaved; step time and ratio to the sel
 Examples::
 
     python benchmarks/bench_vs_monai.py --quick                  # smoke run, < 1 minute
-    python benchmarks/bench_vs_monai.py --steps 8 --warmup 2 --json bench.json
+    python benchmarks/bench_vs_monai.py --steps 8 --warmup 2 --json   # -> benchmarks/results/bench_vs_monai.json
     python benchmarks/bench_vs_monai.py --configs b --threads 2
     python benchmarks/bench_vs_monai.py --configs c --steps 3 --warmup 1   # long sequence, block options
     python benchmarks/bench_vs_monai.py --configs b c --threads 1 --bf16 auto --no-memory
@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -68,7 +67,15 @@ from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.engines import cpu_bf16_supported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
-from bench_common import cpu_name, flop_counter  # noqa: E402
+from bench_common import (  # noqa: E402
+    RESULTS,
+    cpu_name,
+    flop_counter,
+    load_average_1min,
+    peak_rss_mib,
+    proc_status_mib,
+    time_calls,
+)
 
 __all__ = [
     "BenchConfig",
@@ -105,7 +112,6 @@ DECODER_VARIANTS: dict[str, dict[str, Any]] = {
     "cross, predict 0.25": {"decoder_type": "cross", "decoder_predict_ratio": 0.25},
 }
 PAPER_ENCODER_SPEEDUP = 3.0  # MAE paper: encoding the visible 25% only trains >= 3x faster
-MIB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -442,11 +448,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torc
     b = torch.randn(size, size, generator=generator).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - start)
+    times = time_calls(lambda: torch.mm(a, b, out=out), repeats)
     return 2 * size**3 / statistics.median(times) / 1e9, times
 
 
@@ -489,27 +491,6 @@ def autocast_check(config: BenchConfig, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- memory
-def _proc_status_mib(key: str) -> float:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; NaN where there is none."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    """Peak RSS of this process: ``VmHWM``, else ``ru_maxrss`` (kB on Linux, bytes on macOS)."""
-    peak = _proc_status_mib("VmHWM")
-    if peak == peak:  # not NaN
-        return peak
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / MIB if sys.platform == "darwin" else maxrss / 1024
-
-
 def measure_memory(config: BenchConfig, name: str, n_steps: int, fused_adamw: bool = False) -> dict[str, float]:
     """In this process: build one model, then run ``n_steps`` training steps; RSS figures in MiB.
 
@@ -520,10 +501,10 @@ def measure_memory(config: BenchConfig, name: str, n_steps: int, fused_adamw: bo
     loss_fn = MaskedReconstructionLoss(config.patch_size, spatial_dims=3)
     images = make_input(config)
     gc.collect()
-    rss_after_build = _proc_status_mib("VmRSS")
+    rss_after_build = proc_status_mib("VmRSS")
     for _ in range(n_steps):
         train_step(model, optimizer, loss_fn, images, config.masking_ratio)
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     return {"rss_after_build_mib": rss_after_build, "peak_rss_mib": peak, "step_peak_mib": peak - rss_after_build}
 
 
@@ -936,19 +917,11 @@ def environment(args: argparse.Namespace, n_steps: int, warmup: int) -> dict[str
         "steps": str(n_steps),
         "warmup": str(warmup),
         "optimizer": "AdamW (fused, as build_optimizer picks)" if args.fused_adamw else "AdamW (torch's per-tensor loop)",
-        "load_start": _load_average(),
+        "load_start": load_average_1min(),
         "load_end": "",
         "bf16": "",
         "bf16_matmul": "",
     }
-
-
-def _load_average() -> str:
-    """The 1-minute load average, or ``"n/a"`` where the OS has none."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -977,10 +950,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="time only MAEViT, once per decoder (self-attention; cross-attention predicting 1.0 / 0.25 of the "
         "masked patches), at the chosen configs; no MONAI model, FLOPs or memory",
     )  # fmt: skip
-    parser.add_argument("--json", metavar="OUT", default=None, help="also write all measurements to this JSON file")
+    parser.add_argument(
+        "--json",
+        metavar="OUT",
+        nargs="?",
+        const="",
+        default=None,
+        help="also write all measurements to this JSON file (--json alone: benchmarks/results/bench_vs_monai.json, "
+        "or bench_vs_monai_decoders.json with --decoders)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "MODEL"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.json == "":  # --json without a file: the benchmark's place under benchmarks/results/
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        args.json = str(RESULTS / ("bench_vs_monai_decoders.json" if args.decoders else "bench_vs_monai.json"))
     for flag in ("steps", "warmup", "threads", "child_steps"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "warmup" else 1):
@@ -1030,7 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 smoke_config=CONFIGS[f"{key}-quick"],
             )  # fmt: skip
         )
-    env["load_end"] = _load_average()
+    env["load_end"] = load_average_1min()
     print(format_report(results, env, matmul_rate, bf16_rate))
     if args.json:
         with open(args.json, "w") as out:
@@ -1064,7 +1048,7 @@ def main_decoders(args: argparse.Namespace, env: dict[str, str], n_steps: int, w
         print(f"running config {config.name} decoders ...", file=sys.stderr, flush=True)
         results[config.name] = run_decoder_variants(config, n_steps, warmup, args.fused_adamw)
         lines += format_decoder_table(config, results[config.name])
-    lines.append(f"\nload average (1 min) at the end: {_load_average()}")
+    lines.append(f"\nload average (1 min) at the end: {load_average_1min()}")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as out:

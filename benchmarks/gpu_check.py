@@ -12,7 +12,8 @@ Exit code 0 when every check passed, 1 when one failed (the table says which, th
 arguments or no CUDA device. ``--dry-run --device cpu`` runs the table at toy sizes on the CPU and lists the bundle
 commands without running them (the path the tests use).
 
-Run: ``make gpu-check`` or ``python benchmarks/gpu_check.py [--json OUT]``.
+Run: ``make gpu-check`` or ``python benchmarks/gpu_check.py [--json [OUT]]`` (``--json`` alone writes
+``benchmarks/results/gpu_check.json``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import json
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,13 +39,12 @@ from monai_mae.engines import build_optimizer
 from monai_mae.networks.presets import encoder_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import fmt_optional, peak_bf16_flops  # noqa: E402
+from bench_common import GIB, RESULTS, fmt_optional, median_seconds, peak_bf16_flops, sync  # noqa: E402
 from bench_gpu import count_flops, train_step  # noqa: E402
 
 __all__ = ["CONFIGS", "Check", "Row", "bundle_commands", "checks_table", "main", "measure", "rows_table"]
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 1024**3
 _VIT_B = dict(hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12)
 _PRIMUS_B = {k: v for k, v in encoder_preset("primus_b").items() if k in ("hidden_size", "mlp_dim", "num_layers",
                                                                            "num_heads")}  # fmt: skip
@@ -121,17 +120,10 @@ def measure(config: tuple, model_name: str, decoder: dict, device: torch.device,
         step = train_step(torch.compile(model) if compile_model else model, optimizer, loss_fn, images, autocast)
         for _ in range(2):
             step()
+        sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
+        median = median_seconds(step, steps, device)
         row.volumes_per_s = batch / median
         row.mfu = flops / median / peak_flops if peak_flops else None
         if device.type == "cuda":
@@ -217,7 +209,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (default 5)")
     parser.add_argument("--no-compile", action="store_true", help="time the models without torch.compile")
     parser.add_argument("--skip-bundles", action="store_true", help="the model table only")
-    parser.add_argument("--json", metavar="OUT", help="also write the checks and rows as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="OUT",
+        nargs="?",
+        const=str(RESULTS / "gpu_check.json"),
+        help="also write the checks and rows as JSON (--json alone: benchmarks/results/gpu_check.json)",
+    )
     return parser
 
 

@@ -84,7 +84,7 @@ def test_paths_selects_a_subset_and_ratios_to_a_are_na(tmp_path, capsys):
 def test_quick_run_in_forked_workers_reports_their_peak_memory(tmp_path, capsys):
     summary = bench_data.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")])
     _check(summary, tmp_path / "out", capsys.readouterr().out)
-    if bench_data._reset_peak_rss():  # the kernel lets a process reset its peak RSS
+    if bench_data.reset_peak_rss():  # the kernel lets a process reset its peak RSS
         assert all(math.isfinite(row["peak_growth_mib"]) and row["peak_growth_mib"] >= 0 for row in summary["rows"])
 
 

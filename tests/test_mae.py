@@ -169,6 +169,18 @@ def test_bad_input_shape(shape, match):
         MAEViT(1, 32, 8, **TINY)(torch.randn(shape))
 
 
+@pytest.mark.parametrize(
+    "ratio, match",
+    [
+        (1.0, r"masking_ratio must be in \[0, 1\), got 1.0"),
+        (0.999, "masking_ratio 0.999 leaves no visible token out of 64"),
+    ],
+)
+def test_bad_masking_ratio_per_call(ratio, match):
+    with pytest.raises(ValueError, match=match):
+        MAEViT(1, 32, 8, **TINY)(torch.randn(1, 1, 32, 32, 32), masking_ratio=ratio)
+
+
 @pytest.mark.parametrize("pos", ["sincos", "learnable"])
 def test_other_input_size(pos):
     net = MAEViT(1, (32, 32, 32), (8, 8, 8), pos_embed_type=pos, decoder_pos_embed_type=pos, **TINY)

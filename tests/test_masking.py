@@ -131,6 +131,7 @@ def test_mask_generator(input_size, mask_patch, model_patch, dims):
     n_tokens = math.prod(gen.token_grid)
     n_coarse = math.prod(gen.coarse_grid)
     per_cell = math.prod(gen.scale)
+    assert gen.masking_ratio == 0.6  # the constructor's mask_ratio, under the package's one name for it
     assert tokens.shape == (3, n_tokens) and voxels.shape == (3, *input_size)
     assert tokens.sum(1).tolist() == [float(math.ceil(n_coarse * 0.6) * per_cell)] * 3
     # the voxel mask is the token mask spread over each model patch

@@ -124,6 +124,11 @@ def test_mim_errors(kwargs, shape, message):
         _mim(**kwargs)(torch.rand(*shape))
 
 
+def test_bad_masking_ratio_per_call():
+    with pytest.raises(ValueError, match="masking_ratio 0.9999 leaves no visible token out of 64"):
+        _mim()(torch.rand(1, 1, 16, 16, 16), masking_ratio=0.9999)
+
+
 @pytest.mark.parametrize("architecture", CNN_ARCHITECTURES)
 def test_pretrained_weights_go_into_the_segmentation_network(architecture, tmp_path):
     torch.manual_seed(0)

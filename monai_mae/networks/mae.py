@@ -13,7 +13,14 @@ from monai_mae.networks.blocks import build_blocks, run_blocks
 from monai_mae.networks.cross_decoder import build_cross_blocks
 from monai_mae.networks.display import reconstruct_image
 from monai_mae.networks.encoder import ViTEncoder, records_init_args
-from monai_mae.networks.masking import MaskingResult, mask_from_keep, random_masking, sample_predicted, split_indices
+from monai_mae.networks.masking import (
+    MaskingResult,
+    mask_from_keep,
+    num_visible,
+    random_masking,
+    sample_predicted,
+    split_indices,
+)
 from monai_mae.networks.patching import patchify
 from monai_mae.networks.pos_embed import make_pos_embed, pos_embed_for_grid
 from monai_mae.networks.rope import AxialRoPE
@@ -231,6 +238,7 @@ class MAEViT(ViTEncoder):
         """
         if mask is not None:
             return mask_from_keep(patches, mask < 0.5)
+        num_visible(patches.shape[1], masking_ratio)  # a bad ratio is reported as masking_ratio
         return random_masking(patches, masking_ratio, weights=weights, generator=generator)
 
     def forward_encoder_tokens(self, masking: MaskingResult, grid: tuple[int, ...]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Conventions (as in MONAI and the MAE paper): ``mask`` is 1 for masked patches an
 ones; ``keep`` is its boolean complement. Everything is computed on the tokens' device.
 
 No host round trip: the number of visible patches is known before the draw
-(``int(N * (1 - mask_ratio))``), so every tensor has a shape fixed in advance and the patches are
+(``int(N * (1 - masking_ratio))``), so every tensor has a shape fixed in advance and the patches are
 selected with ``sort`` / ``gather`` / ``scatter`` on index tensors, never with a boolean mask (which
 would read the count back from the device). Checks that need a tensor's values run only where they
 cost no device synchronisation (see :func:`random_masking`'s ``validate``).
@@ -39,7 +39,7 @@ __all__ = [
 
 
 class MaskingResult(NamedTuple):
-    """What :func:`random_masking` returns (``N_keep = int(N * (1 - mask_ratio))``).
+    """What :func:`random_masking` returns (``N_keep = int(N * (1 - masking_ratio))``).
 
     Attributes:
         visible: ``(B, N_keep, D)`` the visible tokens, in their original order.
@@ -56,17 +56,22 @@ class MaskingResult(NamedTuple):
     masked_indices: torch.Tensor
 
 
-def num_visible(num_tokens: int, mask_ratio: float) -> int:
-    """``int(N * (1 - mask_ratio))`` after checking the ratio, as MONAI counts it.
+def num_visible(num_tokens: int, masking_ratio: float, name: str = "masking_ratio") -> int:
+    """``int(N * (1 - masking_ratio))`` after checking the ratio, as MONAI counts it.
+
+    Args:
+        num_tokens: ``N``.
+        masking_ratio: fraction of tokens masked, in ``[0, 1)``.
+        name: the caller's name for the ratio, used in the error messages.
 
     Raises:
         ValueError: for a ratio outside ``[0, 1)`` or one that leaves no visible token.
     """
-    if not 0.0 <= float(mask_ratio) < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
-    n_keep = int(num_tokens * (1 - mask_ratio))
+    if not 0.0 <= float(masking_ratio) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {masking_ratio}.")
+    n_keep = int(num_tokens * (1 - masking_ratio))
     if n_keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible token out of {num_tokens}.")
+        raise ValueError(f"{name} {masking_ratio} leaves no visible token out of {num_tokens}.")
     return n_keep
 
 
@@ -150,7 +155,7 @@ def _check_weights(weights: torch.Tensor, n_keep: int) -> None:
 
 def random_masking(
     tokens: torch.Tensor,
-    mask_ratio: float,
+    mask_ratio: float,  # public name, kept (docs/library.md); elsewhere the package says masking_ratio
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
@@ -193,7 +198,7 @@ def random_masking(
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be (B, N, D), got shape {tuple(tokens.shape)}.")
     batch, n_tokens, _ = tokens.shape
-    n_keep = num_visible(n_tokens, mask_ratio)
+    n_keep = num_visible(n_tokens, mask_ratio, name="mask_ratio")
     if weights is None:
         if n_keep == n_tokens:
             return mask_from_keep(tokens, torch.ones(batch, n_tokens, dtype=torch.bool, device=tokens.device), n_keep)
@@ -307,7 +312,7 @@ def content_aware_weights(
 def mae_patchify_and_mask(
     images: torch.Tensor,
     patch_size: Sequence[int] | int = 16,
-    mask_ratio: float = 0.75,
+    mask_ratio: float = 0.75,  # public name, kept (docs/library.md); elsewhere the package says masking_ratio
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patchify and mask in one call.
@@ -368,7 +373,7 @@ class MaskGenerator:
         input_size: image spatial size ``S``.
         mask_patch_size: coarse mask cell, a multiple of ``model_patch_size`` on every axis.
         model_patch_size: the network's patch size ``P``.
-        mask_ratio: fraction of coarse cells masked, in ``[0, 1)``.
+        mask_ratio: fraction of coarse cells masked, in ``[0, 1)``; stored as ``masking_ratio``.
         spatial_dims: 2 or 3.
         tube_axis: ``None`` or the spatial axis (0, 1 or 2) along which a 3D mask is constant.
 
@@ -388,7 +393,7 @@ class MaskGenerator:
         input_size: Sequence[int] | int,
         mask_patch_size: Sequence[int] | int,
         model_patch_size: Sequence[int] | int,
-        mask_ratio: float = 0.6,
+        mask_ratio: float = 0.6,  # public name, kept (docs/library.md); stored as masking_ratio
         spatial_dims: int = 3,
         tube_axis: int | None = None,
     ) -> None:
@@ -404,7 +409,7 @@ class MaskGenerator:
         self.coarse_grid = patch_grid(self.input_size, self.mask_patch_size, name="input_size")
         self.scale = patch_grid(self.mask_patch_size, self.model_patch_size, name="mask_patch_size")
         self.token_grid = patch_grid(self.input_size, self.model_patch_size, name="input_size")
-        self.mask_ratio = float(mask_ratio)
+        self.masking_ratio = float(mask_ratio)
         self.spatial_dims = spatial_dims
         self.tube_axis = tube_axis
 
@@ -421,7 +426,7 @@ class MaskGenerator:
         if self.tube_axis is not None:
             drawn[self.tube_axis] = 1
         n_cells = math.prod(drawn)
-        n_masked = math.ceil(n_cells * self.mask_ratio)
+        n_masked = math.ceil(n_cells * self.masking_ratio)
         weights = torch.ones(batch_size, n_cells, device=device)
         mask = torch.zeros(batch_size, n_cells, device=device)
         if n_masked > 0:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from monai.utils import ensure_tuple_rep, look_up_option
 
 from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
-from monai_mae.networks.masking import random_masking
+from monai_mae.networks.masking import num_visible, random_masking
 from monai_mae.networks.patching import patch_grid, patchify
 from monai_mae.utils import unwrap
 
@@ -150,6 +150,7 @@ class MaskedImageModel(nn.Module):
         grid = patch_grid(spatial, self.patch_size)  # raises when a side is not a multiple of the patch
         slots = x.new_zeros(x.shape[0], int(torch.Size(grid).numel()), 1)  # (B, N, 1): only the mask is used
         ratio = self.masking_ratio if masking_ratio is None else masking_ratio
+        num_visible(slots.shape[1], ratio)  # a bad ratio is reported as masking_ratio
         mask = random_masking(slots, ratio, weights=mask_weights, generator=generator).mask.to(x.dtype)  # (B, N)
         voxels = self.mask_voxels(mask, spatial)  # (B, 1, *S)
         fill = self.zero_fill if self.mask_token is None else self.mask_token
