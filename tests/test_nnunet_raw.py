@@ -62,7 +62,10 @@ def _raw(
 
 def _files(root: Path, entries: list[dict]) -> list[tuple]:
     """Entries as relative paths (a tuple for a multi-channel image)."""
-    rel = lambda p: Path(p).relative_to(root).as_posix()  # noqa: E731
+
+    def rel(path: str) -> str:
+        return Path(path).relative_to(root).as_posix()
+
     return [
         (tuple(rel(p) for p in e["image"]) if isinstance(e["image"], list) else rel(e["image"]),)
         + ((rel(e["label"]),) if "label" in e else ())
@@ -100,7 +103,8 @@ def test_two_channels_are_a_list_that_loads_as_channels(tmp_path):
     loaded = LoadImaged(["image", "label"], ensure_channel_first=True, image_only=True)(train[1])
     assert tuple(loaded["image"].shape) == (2, *SHAPE) and tuple(loaded["label"].shape) == (1, *SHAPE)
     # case b1 has index 1: channel k holds values around 100 + k
-    torch.testing.assert_close(loaded["image"].mean(dim=(1, 2, 3)).float(), torch.tensor([100.0, 101.0]), atol=0.05, rtol=0)
+    means = loaded["image"].mean(dim=(1, 2, 3)).float()
+    torch.testing.assert_close(means, torch.tensor([100.0, 101.0]), atol=0.05, rtol=0)
     assert nnunet_modality(root) == "mri"
 
 
@@ -219,7 +223,8 @@ def _edit_dataset_json(root: Path, **changes) -> None:
         ({"channel_names": {"1": "CT"}}, r"'channel_names' keys must be the channel indices 0\.\.0, got \['1'\]"),
         ({"file_ending": ".tif"}, r"dataset\.json: file_ending '\.tif' is not read by MONAI's image readers here"),
         ({"file_ending": "nii.gz"}, r"'file_ending' must be a string like '\.nii\.gz', got 'nii\.gz'"),
-        ({"dataset": {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}}, r"file lists given in 'dataset' are not read"),
+        ({"dataset": {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}},
+         r"file lists given in 'dataset' are not read"),
     ],
     ids=["numTraining", "missing-keys", "channel-indices", "unreadable-ending", "ending-without-dot", "dataset-key"],
 )

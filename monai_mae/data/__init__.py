@@ -1,5 +1,6 @@
 """Data layer: synthetic CT phantoms (simple and realistic), Decathlon datalists and nnU-Net raw folders,
-CT/MRI transform presets, augmentation, and the preprocess-once path (``preprocess`` writes a folder, ``crops`` reads it)."""
+CT/MRI transform presets, augmentation, and the preprocess-once path (``preprocess`` writes a folder, ``crops``
+reads it)."""
 
 from __future__ import annotations
 
