@@ -13,7 +13,14 @@ import torch
 from bundle_utils import TINY_NETWORK, run_bundle, write_overrides
 from monai.transforms import LoadImaged
 
-from monai_mae.data import ensure_dataset, is_nnunet_raw, load_datalist, nnunet_modality, read_nnunet_raw
+from monai_mae.data import (
+    ensure_dataset,
+    is_nnunet_raw,
+    load_datalist,
+    nnunet_modality,
+    preprocess_dataset,
+    read_nnunet_raw,
+)
 from monai_mae.data import nnunet_raw as raw_module
 from monai_mae.data.datalist import validate_datalist
 from monai_mae.data.nnunet_raw import validation_cases
@@ -253,6 +260,21 @@ def test_png_ending_is_read_as_2d_cases(tmp_path):
     for case in ("s0", "s1"):
         (root / "imagesTr" / f"{case}_0000.png").write_bytes(b"")  # names only; not read here
     assert _files(root, load_datalist(root, "training")) == [("imagesTr/s0_0000.png",)]  # the .nii.gz is ignored
+
+
+def test_preprocess_reads_a_raw_folder(tmp_path):
+    root = _raw(tmp_path / "Dataset013_Brain", ["b0", "b1", "b2"], channels=("T1", "T2"))
+    manifest = preprocess_dataset(root, tmp_path / "pre", "mri", workers=1, in_channels=2)
+    assert [(v["name"], v["split"]) for v in manifest["volumes"]] == [
+        ("b0_0000", "training"), ("b1_0000", "training"), ("b2_0000", "validation")
+    ]
+    volume = manifest["volumes"][2]
+    assert volume["source"] == {
+        "image": [str(root / "imagesTr/b2_0000.nii.gz"), str(root / "imagesTr/b2_0001.nii.gz")],
+        "label": str(root / "labelsTr/b2.nii.gz"),
+    }
+    image = np.load(tmp_path / "pre" / volume["files"]["image"])
+    assert image.shape[0] == 2 and np.load(tmp_path / "pre" / volume["files"]["label"]).shape[1:] == image.shape[1:]
 
 
 @pytest.mark.slow
