@@ -242,6 +242,14 @@ def test_bad_dataset_json(tmp_path, changes, match):
         load_datalist(root, "training")
 
 
+def test_malformed_dataset_json_is_named(tmp_path):
+    root = _raw(tmp_path / "Dataset014", ["a", "b"])
+    (root / "dataset.json").write_text('{"channel_names": {"0": "CT"},\n}')
+    assert is_nnunet_raw(root)  # imagesTr/ beside it: read as nnU-Net, so the error is about this file
+    with pytest.raises(ValueError, match=re.escape(str(root / "dataset.json")) + r": malformed JSON at line 2"):
+        load_datalist(root)
+
+
 def test_file_ending_needs_a_reader(tmp_path, monkeypatch):
     """``.mha`` is read by MONAI through ITK: without it installed, the error names the package."""
     root = _raw(tmp_path / "Dataset011", ["a", "b"])
