@@ -1,5 +1,6 @@
-"""Data layer: synthetic CT phantoms (simple and realistic), Decathlon datalists, CT/MRI transform presets,
-augmentation, and the preprocess-once path (``preprocess`` writes a folder, ``crops`` reads it)."""
+"""Data layer: synthetic CT phantoms (simple and realistic), Decathlon datalists and nnU-Net raw folders,
+CT/MRI transform presets, augmentation, and the preprocess-once path (``preprocess`` writes a folder, ``crops``
+reads it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from monai_mae.data.crops import (
     from_storage_layout,
 )
 from monai_mae.data.datalist import check_nifti, check_volume, load_datalist, validate_datalist
+from monai_mae.data.nnunet_raw import is_nnunet_raw, nnunet_modality, read_nnunet_raw
 from monai_mae.data.preprocess import (
     check_manifest,
     get_deterministic_transforms,
@@ -46,12 +48,15 @@ __all__ = [
     "get_deterministic_transforms",
     "get_pretrain_transforms",
     "gpu_augment",
+    "is_nnunet_raw",
     "load_data_preset",
     "load_datalist",
     "make_phantom",
     "make_realistic_phantom",
+    "nnunet_modality",
     "preprocess_dataset",
     "read_manifest",
+    "read_nnunet_raw",
     "realistic_spacing",
     "validate_datalist",
     "write_synthetic_dataset",

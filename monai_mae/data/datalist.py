@@ -25,6 +25,7 @@ import torch
 from monai.data import load_decathlon_datalist
 from nibabel.filebasedimages import ImageFileError
 
+from monai_mae.data.nnunet_raw import SPLITS_NAME, is_nnunet_raw, read_nnunet_raw
 from monai_mae.utils import read_json
 
 __all__ = ["check_nifti", "check_volume", "load_datalist", "validate_datalist"]
@@ -61,6 +62,11 @@ def load_datalist(
     followed, so a folder of links to elsewhere is fine). For the ``"test"`` key a plain list of
     image paths is also accepted, as in the Decathlon files.
 
+    A folder without ``datalist_name`` that is an nnU-Net v2 raw dataset (``dataset.json`` with
+    ``channel_names``, ``imagesTr/CASE_0000.nii.gz``, ...) is read as one: ``"training"`` and
+    ``"validation"`` split its ``imagesTr`` cases, ``"test"`` lists ``imagesTs`` (see
+    :func:`~monai_mae.data.nnunet_raw.read_nnunet_raw` for the split rule and the checks).
+
     Args:
         dataset_dir: dataset folder holding ``datalist_name``.
         key: which list to load (``"training"``, ``"validation"``, ``"test"``, ...).
@@ -79,7 +85,8 @@ def load_datalist(
         FileNotFoundError: when the datalist is missing, or (``check_files``) a referenced file is.
         ValueError: for malformed JSON, a missing or empty ``key``, an entry that is not a dict or
             has no ``"image"`` (or no ``"label"`` with ``require_label``), or a path that points
-            outside ``dataset_dir``.
+            outside ``dataset_dir``; for an nnU-Net raw folder, the problems
+            :func:`~monai_mae.data.nnunet_raw.read_nnunet_raw` names, or an empty list.
 
     Examples::
 
@@ -93,9 +100,12 @@ def load_datalist(
     """
     root = Path(dataset_dir)
     path = root / datalist_name
+    if not path.is_file() and is_nnunet_raw(root):
+        return _load_nnunet_raw(root, key, require_label)
     if not path.is_file():
         raise FileNotFoundError(
-            f"datalist {path} not found: expected a Decathlon-style JSON file with a {key!r} list. "
+            f"datalist {path} not found: expected a Decathlon-style JSON file with a {key!r} list "
+            "(or an nnU-Net raw dataset folder: dataset.json with channel_names, imagesTr/). "
             "(For synthetic phantoms there, run python -m monai_mae.data.synthetic DATASET_DIR, or "
             "call monai_mae.data.ensure_dataset(dataset_dir, synthetic_if_missing=True).)"
         )
@@ -139,6 +149,33 @@ def load_datalist(
                 if check_files and not os.path.isfile(file_abs):
                     raise FileNotFoundError(f"{path}: {key}[{i}][{field!r}] file not found: {file_abs}.")
     return items
+
+
+def _load_nnunet_raw(root: Path, key: str, require_label: bool) -> list[dict]:
+    """One list of an nnU-Net raw folder (:func:`load_datalist` without a datalist), checked the same way."""
+    lists = read_nnunet_raw(root)
+    where = f"{root} (nnU-Net raw dataset, no datalist.json)"
+    if key not in lists:
+        raise ValueError(f"{where}: no list {key!r}; an nnU-Net raw folder gives {sorted(lists)}.")
+    entries = lists[key]
+    if not entries:
+        count = len(lists["training"]) + len(lists["validation"])
+        why = {
+            "training": f"every case of imagesTr is in the validation fold of {root / SPLITS_NAME}",
+            "validation": f"imagesTr holds {count} case(s); a validation list needs at least 2 cases or a "
+            f"{SPLITS_NAME} with a non-empty fold 0 'val'",
+            "test": f"there is no {root / 'imagesTs'} or it holds no case",
+        }[key]
+        raise ValueError(f"{where}: {key!r} is empty: {why}.")
+    if require_label:
+        unlabelled = [i for i, entry in enumerate(entries) if "label" not in entry]
+        if unlabelled:
+            folder = "labelsTs" if key == "test" else "labelsTr"
+            raise ValueError(
+                f"{where}: {key}[{unlabelled[0]}] has no 'label' (require_label=True): no {root / folder} folder; "
+                f"entry: {entries[unlabelled[0]]}."
+            )
+    return entries
 
 
 def _open_nifti(path: str | os.PathLike[str]) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from monai_mae.data.nnunet_raw import is_nnunet_raw, read_nnunet_raw
 from monai_mae.data.realistic import (
     REALISTIC_ORGANS,
     check_realistic_options,
@@ -510,6 +511,9 @@ def _as_flag(value: Any, name: str) -> bool:
 def ensure_dataset(dataset_dir: str | os.PathLike[str], synthetic_if_missing: bool = False, **kwargs: Any) -> Path:
     """Return ``dataset_dir/datalist.json``; write the synthetic phantoms there only when asked to.
 
+    A folder without ``datalist.json`` that is an nnU-Net v2 raw dataset is read and checked
+    (:func:`~monai_mae.data.nnunet_raw.read_nnunet_raw`) and its ``dataset.json`` returned; nothing is written.
+
     This is what the bundles call. An existing datalist is never touched or rewritten. Without one,
     the synthetic default dataset is generated only with ``synthetic_if_missing=True`` (the bundles
     set it for their own default ``dataset_dir`` and in ``configs/demo_*.json``); otherwise the call
@@ -523,13 +527,14 @@ def ensure_dataset(dataset_dir: str | os.PathLike[str], synthetic_if_missing: bo
             used only when the dataset is generated.
 
     Returns:
-        Path of ``datalist.json``.
+        Path of ``datalist.json`` (``dataset.json`` for an nnU-Net raw folder).
 
     Raises:
         FileNotFoundError: when ``datalist.json`` is absent and ``synthetic_if_missing`` is False;
             the message names the folder and how to get synthetic data there.
-        ValueError: for a ``synthetic_if_missing`` that is not a bool, or from
-            :func:`write_synthetic_dataset` for bad ``kwargs``.
+        ValueError: for a ``synthetic_if_missing`` that is not a bool, from
+            :func:`write_synthetic_dataset` for bad ``kwargs``, or from
+            :func:`~monai_mae.data.nnunet_raw.read_nnunet_raw` for a faulty nnU-Net raw folder.
 
     Examples::
 
@@ -541,16 +546,25 @@ def ensure_dataset(dataset_dir: str | os.PathLike[str], synthetic_if_missing: bo
         ...     ensure_dataset(folder)
         Traceback (most recent call last):
             ...
-        FileNotFoundError: dataset_dir '...' ...: expected ...datalist.json (a Decathlon-style datalist). ...
+        FileNotFoundError: dataset_dir '...' ...: expected ...datalist.json (a Decathlon-style datalist) or ...
     """
     generate = _as_flag(synthetic_if_missing, "synthetic_if_missing")
     datalist_path = Path(dataset_dir) / "datalist.json"
     if datalist_path.is_file():
         return datalist_path
+    if is_nnunet_raw(dataset_dir):
+        lists = read_nnunet_raw(dataset_dir)  # checked now, before any training starts
+        logger.info(
+            "%s: nnU-Net raw dataset (no datalist.json): %s",
+            dataset_dir,
+            ", ".join(f"{len(entries)} {key}" for key, entries in lists.items()),
+        )
+        return Path(dataset_dir) / "dataset.json"
     if not generate:
         state = "exists but has no datalist.json" if Path(dataset_dir).is_dir() else "does not exist"
         raise FileNotFoundError(
-            f"dataset_dir {os.fspath(dataset_dir)!r} {state}: expected {datalist_path} (a Decathlon-style datalist). "
+            f"dataset_dir {os.fspath(dataset_dir)!r} {state}: expected {datalist_path} (a Decathlon-style datalist) "
+            "or an nnU-Net raw dataset (dataset.json with channel_names, imagesTr/). "
             "Check the path; to train on synthetic phantoms there instead, pass --synthetic_if_missing True to the "
             f"bundle or write them with: python -m monai_mae.data.synthetic {os.fspath(dataset_dir)}"
         )

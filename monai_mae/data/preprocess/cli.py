@@ -21,7 +21,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Apply the deterministic transforms of a data preset once to every volume of a Decathlon "
         "datalist and store them as .npy files for random-crop training (resumable).",
     )
-    parser.add_argument("dataset_dir", help="folder with datalist.json")
+    parser.add_argument("dataset_dir", help="folder with datalist.json, or an nnU-Net raw folder")
     parser.add_argument("out_dir", help="output folder (images/, labels/, manifest.json)")
     parser.add_argument("--modality", required=True, choices=MODALITIES)
     parser.add_argument("--preset", default=None, help="data preset name or JSON path (default: the modality's preset)")

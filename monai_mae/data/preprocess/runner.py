@@ -21,6 +21,7 @@ from filelock import FileLock, Timeout
 from monai.utils import look_up_option
 
 from monai_mae.data.datalist import load_datalist
+from monai_mae.data.nnunet_raw import is_nnunet_raw, read_nnunet_raw
 from monai_mae.data.preprocess.checks import check_disk_space, check_job, files_of, format_size
 from monai_mae.data.preprocess.manifest import (
     FORMAT,
@@ -126,7 +127,8 @@ def preprocess_dataset(
 
     1. ``DATASET_DIR/datalist.json`` is read (its ``"training"`` and ``"validation"`` lists, with
        :func:`~monai_mae.data.load_datalist`); a missing datalist is an error naming the folder (no
-       synthetic data is generated here).
+       synthetic data is generated here). An nnU-Net raw folder without ``datalist.json`` is read as
+       :func:`~monai_mae.data.load_datalist` reads it (``imagesTr`` split into the two lists).
     2. Resume: if ``OUT_DIR`` holds a manifest, its settings must equal this run's (else an error
        naming both); volumes whose entry exists (in the manifest or the journal a killed run left),
        whose source files are the same and whose output files exist with the recorded size are kept;
@@ -259,10 +261,11 @@ def _check_dataset_dir(dataset_dir: Path) -> None:
     """``FileNotFoundError`` naming the folder when it, or its ``datalist.json``, is missing."""
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder {dataset_dir} not found.")
-    if not (dataset_dir / "datalist.json").is_file():
+    if not (dataset_dir / "datalist.json").is_file() and not is_nnunet_raw(dataset_dir):
         raise FileNotFoundError(
             f"{dataset_dir} has no datalist.json: expected a Decathlon-style JSON file with 'training' (and "
-            f"'validation') lists of image/label paths relative to {dataset_dir}. (The preprocessing never generates "
+            f"'validation') lists of image/label paths relative to {dataset_dir}, or an nnU-Net raw folder "
+            "(dataset.json with channel_names, imagesTr/). (The preprocessing never generates "
             "synthetic data; for phantoms run python -m monai_mae.data.synthetic DATASET_DIR first.)"
         )
 
@@ -286,7 +289,7 @@ def plan_jobs(dataset_dir: Path, out: Path, labels: bool, common: Mapping[str, A
     """One job per datalist entry of the training and validation lists, in datalist order.
 
     Args:
-        dataset_dir: folder with ``datalist.json``.
+        dataset_dir: folder with ``datalist.json``, or an nnU-Net raw folder without one.
         out: the output folder.
         labels: keep the labels the datalist names.
         common: entries every job carries (``settings``, ``margin``, ``image_dtype``, ``in_channels``).
@@ -295,7 +298,10 @@ def plan_jobs(dataset_dir: Path, out: Path, labels: bool, common: Mapping[str, A
         Dicts with ``name``, ``split``, ``source``, ``files`` (paths relative to ``out``), ``out_dir``
         and the entries of ``common``.
     """
-    raw = read_json(dataset_dir / "datalist.json")
+    if (dataset_dir / "datalist.json").is_file():
+        raw = read_json(dataset_dir / "datalist.json")
+    else:  # an nnU-Net raw folder (checked by _check_dataset_dir)
+        raw = read_nnunet_raw(dataset_dir)
     if not isinstance(raw, dict):
         raise ValueError(f"{dataset_dir / 'datalist.json'}: expected a JSON object with a 'training' list.")
     splits = [s for s in SPLITS if isinstance(raw.get(s), list) and raw[s]]
