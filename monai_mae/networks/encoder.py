@@ -31,7 +31,9 @@ __all__ = ["ViTEncoder", "records_init_args", "PRIMUS_EXACT"]
 #: The encoder options that, on top of RoPE, SwiGLU and LayerScale, make the blocks exactly Primus'
 #: (timm's ``EvaBlock`` as Primus builds it): no key bias, the attention and MLP sub-norms, a learnable
 #: absolute table added with RoPE, and RoPE's frequency base 10000. All off / 100 by default.
-PRIMUS_EXACT: dict[str, Any] = dict(qkv_bias="qv", attn_norm=True, mlp_norm=True, abs_pos_embed=True, rope_theta=10000.0)
+PRIMUS_EXACT: dict[str, Any] = dict(
+    qkv_bias="qv", attn_norm=True, mlp_norm=True, abs_pos_embed=True, rope_theta=10000.0
+)
 
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
