@@ -81,8 +81,9 @@ class ViTEncoder(nn.Module):
         rope_theta: RoPE frequency base. Defaults to 100.
         cls_token: prepend a learnable class token. Defaults to False.
         activation_checkpointing: recompute block activations in the backward pass. Defaults to False.
-        monai_blocks: use MONAI's ``TransformerBlock`` unless RoPE, ``mlp_type``, ``layer_scale_init`` or
-            ``drop_path_rate`` need :class:`~monai_mae.networks.blocks.EncoderBlock`. Defaults to False.
+        monai_blocks: use MONAI's ``TransformerBlock`` unless RoPE, ``mlp_type``, ``layer_scale_init``,
+            ``drop_path_rate``, ``qkv_bias="qv"``, ``attn_norm`` or ``mlp_norm`` need
+            :class:`~monai_mae.networks.blocks.EncoderBlock`. Defaults to False.
         save_attn: MONAI's blocks keep their attention matrices. Defaults to False.
         use_flash_attention: MONAI's blocks use fused attention. Defaults to True.
         attn_norm: LayerNorm over the merged heads before each attention's output projection (``attn.norm``).
