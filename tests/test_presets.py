@@ -84,8 +84,12 @@ def test_primus_sizes(name):
     assert (width // heads) % 6 == 0  # 3D axial RoPE rotates every channel of a head
     assert preset["decoder_hidden_size"] % preset["decoder_num_heads"] == 0
     assert {k: preset[k] for k in ("pos_embed_type", "mlp_type", "layer_scale_init", "cls_token", "qkv_bias")} == {
-        "pos_embed_type": "rope", "mlp_type": "swiglu", "layer_scale_init": 0.1, "cls_token": False, "qkv_bias": True,
+        "pos_embed_type": "rope", "mlp_type": "swiglu", "layer_scale_init": 0.1, "cls_token": False, "qkv_bias": "qv",
     }  # fmt: skip
+    # Primus' own blocks: attention and MLP sub-norms, an absolute table with RoPE, RoPE base 10000
+    assert {k: preset[k] for k in ("attn_norm", "mlp_norm", "abs_pos_embed", "rope_theta")} == {
+        "attn_norm": True, "mlp_norm": True, "abs_pos_embed": True, "rope_theta": 10000.0,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(MAE_PRESETS))
@@ -98,7 +102,13 @@ def test_every_preset_has_the_right_shapes(name):
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     gated = 2 if preset.get("mlp_type") == "swiglu" else 1
     assert shapes[f"blocks.{depth - 1}.mlp.linear1.weight"] == (gated * mlp, width)
-    assert shapes[f"blocks.{depth - 1}.attn.qkv.bias"] == (3 * width,)
+    if preset["qkv_bias"] == "qv":  # Primus: biases on queries and values, none on keys
+        assert shapes[f"blocks.{depth - 1}.attn.q_bias"] == shapes[f"blocks.{depth - 1}.attn.v_bias"] == (width,)
+        assert f"blocks.{depth - 1}.attn.qkv.bias" not in shapes
+    else:
+        assert shapes[f"blocks.{depth - 1}.attn.qkv.bias"] == (3 * width,)
+    assert (f"blocks.{depth - 1}.attn.norm.weight" in shapes) == preset.get("attn_norm", False)
+    assert (f"blocks.{depth - 1}.mlp.norm.weight" in shapes) == preset.get("mlp_norm", False)
     assert f"blocks.{depth}.norm1.weight" not in shapes
     decoder_depth, decoder_width = preset["decoder_num_layers"], preset["decoder_hidden_size"]
     assert shapes[f"decoder_blocks.{decoder_depth - 1}.norm1.weight"] == (decoder_width,)

@@ -28,6 +28,7 @@ from monai_mae import (
     restore_patches,
 )
 from monai_mae.networks.cnn import CNN_ARCHITECTURES
+from monai_mae.networks.encoder import PRIMUS_EXACT
 from monai_mae.networks.masking import mask_from_keep, sample_predicted, split_indices
 from monai_mae.networks.mim import MaskedImageModel
 from monai_mae.networks.vitseg import ViTSeg
@@ -45,10 +46,12 @@ MAE_VARIANTS = {
     "cross_partial": dict(decoder_type="cross", decoder_predict_ratio=0.5),
     "cross_rope_no_cls": dict(decoder_type="cross", decoder_predict_ratio=0.25, cls_token=False, **PRIMUS_BLOCKS),
     "learnable_pos_embed": dict(pos_embed_type="learnable", decoder_pos_embed_type="learnable"),
+    "primus_exact": dict(cls_token=False, **PRIMUS_BLOCKS, **PRIMUS_EXACT),
 }
 VITSEG_VARIANTS = {
     "default": {},
     "rope_swiglu_layerscale": dict(drop_path_rate=0.1, **PRIMUS_BLOCKS),
+    "primus_exact": dict(**PRIMUS_BLOCKS, **PRIMUS_EXACT),
 }
 
 #: ops that copy a device value to the host (a GPU -> CPU synchronisation)

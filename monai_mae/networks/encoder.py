@@ -20,13 +20,20 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
-from monai_mae.networks.attention import check_heads
+from monai_mae.networks.attention import check_heads, check_qkv_bias
 from monai_mae.networks.blocks import build_blocks, run_blocks
 from monai_mae.networks.patch_embed import VisiblePatchEmbedding
 from monai_mae.networks.patching import check_image_input
 from monai_mae.networks.rope import AxialRoPE, Rope, grid_coordinates
 
-__all__ = ["ViTEncoder", "records_init_args"]
+__all__ = ["ViTEncoder", "records_init_args", "PRIMUS_EXACT"]
+
+#: The encoder options that, on top of RoPE, SwiGLU and LayerScale, make the blocks exactly Primus'
+#: (timm's ``EvaBlock`` as Primus builds it): no key bias, the attention and MLP sub-norms, a learnable
+#: absolute table added with RoPE, and RoPE's frequency base 10000. All off / 100 by default.
+PRIMUS_EXACT: dict[str, Any] = dict(
+    qkv_bias="qv", attn_norm=True, mlp_norm=True, abs_pos_embed=True, rope_theta=10000.0
+)
 
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
@@ -66,17 +73,28 @@ class ViTEncoder(nn.Module):
             embeddings in every block, a fixed zero table). Defaults to ``"sincos"``.
         dropout_rate: dropout in [0, 1] after the position table, in attention and MLP. Defaults to 0.
         spatial_dims: 2 or 3. Defaults to 3.
-        qkv_bias: bias on the qkv projection. Defaults to False.
+        qkv_bias: bias on the qkv projection: False, True, or ``"qv"`` (queries and values only, no key bias:
+            ``attn.q_bias`` / ``attn.v_bias`` instead of ``attn.qkv.bias``). Defaults to False.
         mlp_type: ``"gelu"`` or ``"swiglu"``. Defaults to ``"gelu"``.
         layer_scale_init: LayerScale's initial value; None (default) for none.
         drop_path_rate: stochastic depth of the last block (linear from 0 in the first). Defaults to 0.
         rope_theta: RoPE frequency base. Defaults to 100.
         cls_token: prepend a learnable class token. Defaults to False.
         activation_checkpointing: recompute block activations in the backward pass. Defaults to False.
-        monai_blocks: use MONAI's ``TransformerBlock`` unless RoPE, ``mlp_type``, ``layer_scale_init`` or
-            ``drop_path_rate`` need :class:`~monai_mae.networks.blocks.EncoderBlock`. Defaults to False.
+        monai_blocks: use MONAI's ``TransformerBlock`` unless RoPE, ``mlp_type``, ``layer_scale_init``,
+            ``drop_path_rate``, ``qkv_bias="qv"``, ``attn_norm`` or ``mlp_norm`` need
+            :class:`~monai_mae.networks.blocks.EncoderBlock`. Defaults to False.
         save_attn: MONAI's blocks keep their attention matrices. Defaults to False.
         use_flash_attention: MONAI's blocks use fused attention. Defaults to True.
+        attn_norm: LayerNorm over the merged heads before each attention's output projection (``attn.norm``).
+            Defaults to False.
+        mlp_norm: LayerNorm over each MLP's hidden units before ``linear2`` (``mlp.norm``). Defaults to False.
+        abs_pos_embed: with ``pos_embed_type="rope"``, a learnable absolute table added to the tokens as well
+            (``patch_embedding.position_embeddings``, otherwise a fixed zero table). Defaults to False.
+
+    With ``qkv_bias="qv"``, ``attn_norm``, ``mlp_norm``, ``abs_pos_embed``, RoPE, SwiGLU, LayerScale and
+    ``rope_theta=10000`` the encoder is Primus' (:data:`PRIMUS_EXACT`), with RoPE's channel pairing its own:
+    channel ``j`` of a head rotates with ``j + R`` (timm pairs neighbouring channels).
 
     Raises:
         ValueError: for an inconsistent argument (the message names it).
@@ -96,7 +114,7 @@ class ViTEncoder(nn.Module):
         pos_embed_type: str = "sincos",
         dropout_rate: float = 0.0,
         spatial_dims: int = 3,
-        qkv_bias: bool = False,
+        qkv_bias: bool | str = False,
         mlp_type: str = "gelu",
         layer_scale_init: float | None = None,
         drop_path_rate: float = 0.0,
@@ -106,6 +124,9 @@ class ViTEncoder(nn.Module):
         monai_blocks: bool = False,
         save_attn: bool = False,
         use_flash_attention: bool = True,
+        attn_norm: bool = False,
+        mlp_norm: bool = False,
+        abs_pos_embed: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -113,6 +134,7 @@ class ViTEncoder(nn.Module):
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
         check_heads(hidden_size, num_heads)
+        check_qkv_bias(qkv_bias)
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}.")
         self.in_channels, self.spatial_dims, self.hidden_size = in_channels, spatial_dims, hidden_size
@@ -122,7 +144,7 @@ class ViTEncoder(nn.Module):
 
         self.patch_embedding = VisiblePatchEmbedding(
             in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate,
-            spatial_dims,
+            spatial_dims, abs_pos_embed=abs_pos_embed,
         )
         self.grid_size = self.patch_embedding.grid_size
         self.num_prefix_tokens = int(bool(cls_token))
@@ -130,14 +152,16 @@ class ViTEncoder(nn.Module):
         self.use_rope = self.patch_embedding.pos_embed_type == "rope"
         monai_blocks = monai_blocks and not self.use_rope and mlp_type == "gelu"
         monai_blocks = monai_blocks and layer_scale_init is None and drop_path_rate == 0
+        monai_blocks = monai_blocks and qkv_bias != "qv" and not attn_norm and not mlp_norm
         if save_attn and not monai_blocks:
             raise ValueError(
-                "save_attn needs the default blocks (no rope, mlp_type, layer_scale_init or drop_path_rate)."
+                "save_attn needs the default blocks (no rope, mlp_type, layer_scale_init, drop_path_rate, "
+                "qkv_bias='qv', attn_norm or mlp_norm)."
             )
         #: the block options besides the sizes, for further blocks of the same kind (an MAE decoder's)
         self.block_options: dict[str, Any] = dict(
-            mlp_type=mlp_type, layer_scale_init=layer_scale_init, monai_blocks=monai_blocks, save_attn=save_attn,
-            use_flash_attention=use_flash_attention,
+            mlp_type=mlp_type, layer_scale_init=layer_scale_init, attn_norm=attn_norm, mlp_norm=mlp_norm,
+            monai_blocks=monai_blocks, save_attn=save_attn, use_flash_attention=use_flash_attention,
         )
         self.blocks = build_blocks(
             num_layers, hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, drop_path_rate=drop_path_rate,

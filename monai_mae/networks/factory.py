@@ -26,8 +26,9 @@ def unetr_encoder_args(settings: Mapping[str, Any], source: str = "the settings"
     """The subset of MAE encoder ``settings`` that MONAI's ``UNETR`` takes, after checking what it fixes.
 
     Raises:
-        ValueError: for a depth other than 12, a patch other than 16, or RoPE / SwiGLU / LayerScale
-            (UNETR's ViT has none of them); the message names the value and ``source``.
+        ValueError: for a depth other than 12, a patch other than 16, or RoPE / SwiGLU / LayerScale / Primus'
+            options (``qkv_bias="qv"``, ``attn_norm``, ``mlp_norm``, ``abs_pos_embed``: UNETR's ViT has none of
+            them); the message names the value and ``source``.
     """
     problems = []
     if settings.get("num_layers", 12) != 12:
@@ -42,6 +43,9 @@ def unetr_encoder_args(settings: Mapping[str, Any], source: str = "the settings"
         problems.append(f"mlp_type={settings['mlp_type']!r}")
     if settings.get("layer_scale_init") is not None:
         problems.append(f"layer_scale_init={settings['layer_scale_init']}")
+    if settings.get("qkv_bias") == "qv":
+        problems.append("qkv_bias='qv'")
+    problems += [f"{name}=True" for name in ("attn_norm", "mlp_norm", "abs_pos_embed") if settings.get(name)]
     if problems:
         raise ValueError(
             f"the encoder of {source} cannot be built as MONAI's UNETR: " + ", ".join(problems)

@@ -65,7 +65,8 @@ class MAEViT(ViTEncoder):
         decoder_pos_embed_type: ``"none"``, ``"learnable"`` or ``"sincos"``. Defaults to ``"sincos"``.
         dropout_rate: dropout in [0, 1]. Defaults to 0.
         spatial_dims: 2 or 3. Defaults to 3.
-        qkv_bias: bias on the qkv projection. Defaults to False.
+        qkv_bias: bias on the qkv projection: False, True or ``"qv"`` (queries and values only, as Primus;
+            ``attn.q_bias`` / ``attn.v_bias``; the cross decoder's projections then take a bias). Defaults to False.
         save_attn: keep each block's attention matrix in ``blocks[i].attn.att_mat``. Defaults to False.
         use_flash_attention: keyword-only. Fused SDPA attention; ``None`` (default) uses it whenever
             ``save_attn`` is False and ``dropout_rate`` is 0 (MONAI's fused path applies attention
@@ -89,14 +90,22 @@ class MAEViT(ViTEncoder):
             patches to reconstruct cross-attend to the visible tokens, with no self-attention among
             them, so attention costs ``O(N_pred * N_visible)`` instead of ``O(N^2)``. Same parameter
             names outside ``decoder_blocks``; not yet measured downstream.
+        attn_norm: keyword-only. A LayerNorm over the merged heads before each attention's output
+            projection (``attn.norm``), in encoder and self-attention decoder blocks. Defaults to False.
+        mlp_norm: keyword-only. A LayerNorm over each MLP's hidden units before ``linear2`` (``mlp.norm``), in
+            encoder and self-attention decoder blocks. Defaults to False.
+        abs_pos_embed: keyword-only. With ``pos_embed_type="rope"``, a learnable absolute encoder table added
+            to the tokens as well (otherwise a fixed zero one). Defaults to False.
         decoder_predict_ratio: keyword-only. With ``decoder_type="cross"``, the fraction of the masked
             patches reconstructed per sample in training, in (0, 1] (``round(ratio * n_masked)``, at
             least 1, drawn at random, the same count in every sample); the returned mask is 1 only at
             those. In eval mode every masked patch is reconstructed. Defaults to 1.
 
     With the defaults the blocks are MONAI's ``TransformerBlock`` (MONAI's state dicts and outputs);
-    any of ``"rope"``, ``mlp_type``, ``layer_scale_init`` or ``drop_path_rate`` switches to
-    :class:`~monai_mae.networks.blocks.EncoderBlock` (same parameter names, plus ``ls1`` / ``ls2``).
+    any of ``"rope"``, ``mlp_type``, ``layer_scale_init``, ``drop_path_rate``, ``qkv_bias="qv"``, ``attn_norm``
+    or ``mlp_norm`` switches to :class:`~monai_mae.networks.blocks.EncoderBlock` (same parameter names, plus
+    ``ls1`` / ``ls2``, ``attn.norm``, ``mlp.norm``, ``attn.q_bias`` / ``attn.v_bias``). The ``primus_*`` presets
+    (:mod:`~monai_mae.networks.presets`) turn on all of Primus' options.
     With ``decoder_type="cross"`` the decoder blocks are
     :class:`~monai_mae.networks.cross_decoder.CrossDecoderBlock` (they keep no attention matrix).
 
@@ -155,7 +164,7 @@ class MAEViT(ViTEncoder):
         decoder_pos_embed_type: str = "sincos",
         dropout_rate: float = 0.0,
         spatial_dims: int = 3,
-        qkv_bias: bool = False,
+        qkv_bias: bool | str = False,
         save_attn: bool = False,
         *,
         use_flash_attention: bool | None = None,
@@ -167,6 +176,9 @@ class MAEViT(ViTEncoder):
         cls_token: bool = True,
         decoder_type: str = "self",
         decoder_predict_ratio: float = 1.0,
+        attn_norm: bool = False,
+        mlp_norm: bool = False,
+        abs_pos_embed: bool = False,
     ) -> None:
         if not 0.0 < masking_ratio < 1.0:
             raise ValueError(f"masking_ratio must be in (0, 1), got {masking_ratio}.")
@@ -197,7 +209,8 @@ class MAEViT(ViTEncoder):
             pos_embed_type=pos_embed_type, dropout_rate=dropout_rate, spatial_dims=spatial_dims, qkv_bias=qkv_bias,
             mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate, rope_theta=rope_theta,
             cls_token=cls_token, activation_checkpointing=activation_checkpointing, monai_blocks=True,
-            save_attn=save_attn, use_flash_attention=use_flash_attention,
+            save_attn=save_attn, use_flash_attention=use_flash_attention, attn_norm=attn_norm, mlp_norm=mlp_norm,
+            abs_pos_embed=abs_pos_embed,
         )
         self.masking_ratio = masking_ratio
         self.decoder_hidden_size = decoder_hidden_size
@@ -210,7 +223,8 @@ class MAEViT(ViTEncoder):
         self.decoder_pos_embedding = make_pos_embed(self.decoder_pos_embed_type, self.grid_size, decoder_hidden_size)
         sizes = (decoder_num_layers, decoder_hidden_size, decoder_mlp_dim, decoder_num_heads, dropout_rate, qkv_bias)
         if decoder_type == "cross":
-            self.decoder_blocks = build_cross_blocks(*sizes, mlp_type=mlp_type, layer_scale_init=layer_scale_init)
+            cross_sizes = (*sizes[:-1], bool(qkv_bias))  # "qv": the cross decoder's projections keep their biases
+            self.decoder_blocks = build_cross_blocks(*cross_sizes, mlp_type=mlp_type, layer_scale_init=layer_scale_init)
         else:
             self.decoder_blocks = build_blocks(*sizes, **self.block_options)
         self.decoder_rope = (

@@ -42,6 +42,12 @@ class VisiblePatchEmbedding(nn.Module):
             additive table: a fixed zero one, positions come from rotary embeddings in attention).
         dropout_rate: dropout after adding the position embedding.
         spatial_dims: 2 or 3.
+        abs_pos_embed: keyword-only, ``pos_embed_type="rope"`` only: the table is a learnable one (truncated
+            normal, std 0.02) added to the tokens, with the rotary embeddings in attention on top (EVA-02 /
+            Primus' ``pos_embed``). Defaults to False.
+
+    Raises:
+        ValueError: for an unknown ``proj_type`` / ``pos_embed_type``, or ``abs_pos_embed`` without RoPE.
     """
 
     def __init__(
@@ -54,10 +60,21 @@ class VisiblePatchEmbedding(nn.Module):
         pos_embed_type: str = "sincos",
         dropout_rate: float = 0.0,
         spatial_dims: int = 3,
+        *,
+        abs_pos_embed: bool = False,
     ) -> None:
         super().__init__()
         self.proj_type = look_up_option(proj_type, SUPPORTED_PROJ_TYPES)
         self.pos_embed_type = look_up_option(pos_embed_type, SUPPORTED_POS_EMBED_TYPES)
+        if abs_pos_embed and self.pos_embed_type != "rope":
+            raise ValueError(
+                f"abs_pos_embed=True adds a learnable table to RoPE and needs pos_embed_type='rope', got "
+                f"pos_embed_type={pos_embed_type!r} (use pos_embed_type='learnable' for a table alone)."
+            )
+        #: whether the table is added to the tokens (every kind but plain RoPE)
+        self.adds_table = self.pos_embed_type != "rope" or bool(abs_pos_embed)
+        #: the kind of the table itself (how it is made and resampled for another grid)
+        self.table_kind = "learnable" if abs_pos_embed else self.pos_embed_type
         self.in_channels = in_channels
         self.patch_size = tuple(patch_size)
         self.grid_size = patch_grid(img_size, patch_size, name="img_size")
@@ -74,7 +91,7 @@ class VisiblePatchEmbedding(nn.Module):
             self.patch_embeddings = nn.Sequential(
                 Rearrange(f"{image_pattern} -> {token_pattern}", **sizes), nn.Linear(self.patch_dim, hidden_size)
             )
-        self.position_embeddings = make_pos_embed(self.pos_embed_type, self.grid_size, hidden_size)
+        self.position_embeddings = make_pos_embed(self.table_kind, self.grid_size, hidden_size)
         self.dropout = nn.Dropout(dropout_rate)
         layer = self.patch_embeddings if self.proj_type == "conv" else self.patch_embeddings[1]
         with torch.no_grad():  # initialise the projection like a linear layer (MAE paper)
@@ -93,12 +110,12 @@ class VisiblePatchEmbedding(nn.Module):
 
     def pos_embed(self, grid: tuple[int, ...]) -> torch.Tensor:
         """``(1, prod(grid), D)`` position table for ``grid``."""
-        return pos_embed_for_grid(self.position_embeddings, self.pos_embed_type, self.grid_size, grid)
+        return pos_embed_for_grid(self.position_embeddings, self.table_kind, self.grid_size, grid)
 
     def embed_all(self, patches: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Embed every patch ``(B, N, prod(P) * C)`` of an input with patch grid ``grid``: ``(B, N, D)``."""
         tokens = self.project(patches)
-        if self.pos_embed_type != "rope":
+        if self.adds_table:
             tokens = tokens + self.pos_embed(grid)
         return self.dropout(tokens)
 
@@ -116,7 +133,7 @@ class VisiblePatchEmbedding(nn.Module):
             ``(B, N_keep, D)`` embedded tokens.
         """
         tokens = self.project(patches)  # (B, N_keep, D)
-        if self.pos_embed_type != "rope":
+        if self.adds_table:
             if visible.dtype == torch.bool:
                 visible = split_indices(visible, patches.shape[1])[0]
             tokens = tokens + self.pos_embed(grid)[0][visible]  # (B, N_keep, D)

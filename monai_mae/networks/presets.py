@@ -15,18 +15,25 @@ Two families:
   "Primus: Enforcing Attention Usage for 3D Medical Image Segmentation", arXiv 2503.01835), meant
   for 8^3 patches, i.e. long sequences (``mae_vit("primus_b", img_size=160, patch_size=8)``: 8000
   tokens). Width x depth, heads: 396 x 12, 6; 792 x 12, 12; 864 x 16, 12; 1056 x 24, 16 (head width
-  66 or 72, a multiple of 6, so 3D axial RoPE rotates every channel). As in Primus' reference code:
-  axial RoPE, SwiGLU with ``mlp_dim = 8/3 * width`` hidden units (the parameters of a 4x GELU MLP:
-  1056, 2112, 2304, 2816), LayerScale 0.1, qkv bias, no class token. Not reproduced: Primus' extra
-  learnable absolute position table, the norm inside attention (EVA's ``scale_attn_inner``) and
-  register tokens. The MAE decoder is the same light one for all four: width 384, 8 heads (head
-  width 48), SwiGLU 1024, 2 blocks. It runs on every token, so at 8000 tokens its attention costs
-  about as much as a 4-block 792 encoder on the 2000 visible ones; the MAE paper's ablation (Table
-  1a) found 1-2 decoder blocks as good as 8 for fine-tuning.
+  66 or 72, a multiple of 6, so 3D axial RoPE rotates every channel). Their encoders are exactly
+  Primus' (``PrimusS/B/M/L`` of ``dynamic_network_architectures``, timm's ``EvaBlock``): axial RoPE
+  with base 10000 plus a learnable absolute position table, SwiGLU with ``mlp_dim = 8/3 * width``
+  hidden units (the parameters of a 4x GELU MLP: 1056, 2112, 2304, 2816) and a LayerNorm before its
+  output layer, a LayerNorm over the merged heads before the attention's output projection, biases on
+  queries and values but not keys, LayerScale 0.1, no class token
+  (:data:`~monai_mae.networks.encoder.PRIMUS_EXACT`). One difference in layout, not in function: our
+  RoPE rotates channel ``j`` of a head with channel ``j + R``, timm neighbouring channels, so Primus'
+  query and key rows map to ours reordered within each head. Not reproduced: register tokens (0 in
+  Primus' presets) and Primus' weight initialisation. The MAE decoder is the same light one for all
+  four, with the same block options: width 384, 8 heads (head width 48), SwiGLU 1024, 2 blocks. It
+  runs on every token, so at 8000 tokens its attention costs about as much as a 4-block 792 encoder
+  on the 2000 visible ones; the MAE paper's ablation (Table 1a) found 1-2 decoder blocks as good as 8
+  for fine-tuning. Model files of ``primus_*`` MAEs written before these options existed record none
+  of them and rebuild without them (the defaults), as they were trained.
 
 Parameters, encoder + MAE decoder (3D, one channel, without position tables): tiny 6.1M + 1.3M,
 small 22.9M + 4.3M, base 88.2M + 27.7M, large 306.6M + 27.9M (16^3 patches); primus_s 22.9M + 3.9M,
-primus_b 90.9M + 4.1M, primus_m 144.0M + 4.1M, primus_l 322.1M + 4.2M (8^3 patches).
+primus_b 90.9M + 4.1M, primus_m 144.1M + 4.1M, primus_l 322.3M + 4.2M (8^3 patches).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import Any
 
 from monai.utils import look_up_option
 
+from monai_mae.networks.encoder import PRIMUS_EXACT
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.vitseg import ViTSeg
 
@@ -48,7 +56,7 @@ __all__ = [
 ]  # fmt: skip
 
 _PRIMUS_BLOCK: dict[str, Any] = dict(
-    qkv_bias=True, pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1, cls_token=False,
+    pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1, cls_token=False, **PRIMUS_EXACT,
     decoder_hidden_size=384, decoder_mlp_dim=1024, decoder_num_layers=2, decoder_num_heads=8,
 )  # fmt: skip
 
@@ -78,6 +86,7 @@ MAE_PRESETS: dict[str, dict[str, Any]] = {
 #: The preset keys that describe the encoder alone (what :class:`ViTSeg` takes).
 ENCODER_PRESET_KEYS = (
     "hidden_size", "mlp_dim", "num_layers", "num_heads", "qkv_bias", "pos_embed_type", "mlp_type", "layer_scale_init",
+    "rope_theta", "attn_norm", "mlp_norm", "abs_pos_embed",
 )  # fmt: skip
 
 
@@ -98,8 +107,9 @@ def encoder_preset(name: str, **overrides: Any) -> dict[str, Any]:
     Examples::
 
         >>> encoder_preset("primus_s")
-        {'hidden_size': 396, 'mlp_dim': 1056, 'num_layers': 12, 'num_heads': 6, 'qkv_bias': True,
-         'pos_embed_type': 'rope', 'mlp_type': 'swiglu', 'layer_scale_init': 0.1}
+        {'hidden_size': 396, 'mlp_dim': 1056, 'num_layers': 12, 'num_heads': 6, 'qkv_bias': 'qv',
+         'pos_embed_type': 'rope', 'mlp_type': 'swiglu', 'layer_scale_init': 0.1, 'rope_theta': 10000.0,
+         'attn_norm': True, 'mlp_norm': True, 'abs_pos_embed': True}
 
     Raises:
         ValueError: for an unknown name.

@@ -51,7 +51,8 @@ class ViTSeg(ViTEncoder):
         mlp_dim: encoder MLP width. Defaults to 3072.
         num_layers: encoder blocks. Defaults to 12.
         num_heads: attention heads. Defaults to 12.
-        qkv_bias: bias on the qkv projection. Defaults to False.
+        qkv_bias: bias on the qkv projection: False, True or ``"qv"`` (queries and values only, as Primus).
+            Defaults to False.
         pos_embed_type: ``"sincos"``, ``"learnable"``, ``"none"``, ``"fourier"`` or ``"rope"``. Defaults to ``"sincos"``.
         mlp_type: ``"gelu"`` or ``"swiglu"``. Defaults to ``"gelu"``.
         layer_scale_init: LayerScale's initial value; None (default) for none.
@@ -65,6 +66,15 @@ class ViTSeg(ViTEncoder):
         act_name: decoder activation (MONAI name). Defaults to ``"GELU"``.
         rope_theta: RoPE frequency base. Defaults to 100.
         activation_checkpointing: recompute encoder block activations in the backward pass. Defaults to False.
+        attn_norm: keyword-only. LayerNorm over the merged heads before each attention's output projection
+            (``attn.norm``). Defaults to False.
+        mlp_norm: keyword-only. LayerNorm over each MLP's hidden units before ``linear2`` (``mlp.norm``).
+            Defaults to False.
+        abs_pos_embed: keyword-only. With ``pos_embed_type="rope"``, a learnable absolute table added to the
+            tokens as well. Defaults to False.
+
+    ``vitseg_preset("primus_m", ...)`` (:mod:`~monai_mae.networks.presets`) has Primus-M's encoder, all these
+    options on.
 
     Raises:
         ValueError: for an inconsistent argument (the message names it).
@@ -99,7 +109,7 @@ class ViTSeg(ViTEncoder):
         mlp_dim: int = 3072,
         num_layers: int = 12,
         num_heads: int = 12,
-        qkv_bias: bool = False,
+        qkv_bias: bool | str = False,
         pos_embed_type: str = "sincos",
         mlp_type: str = "gelu",
         layer_scale_init: float | None = None,
@@ -112,6 +122,10 @@ class ViTSeg(ViTEncoder):
         act_name: str | tuple = "GELU",
         rope_theta: float = 100.0,
         activation_checkpointing: bool = False,
+        *,
+        attn_norm: bool = False,
+        mlp_norm: bool = False,
+        abs_pos_embed: bool = False,
     ) -> None:
         for name, value in (("out_channels", out_channels), ("num_layers", num_layers)):
             if value < 1:
@@ -120,7 +134,8 @@ class ViTSeg(ViTEncoder):
             in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, proj_type=proj_type,
             pos_embed_type=pos_embed_type, dropout_rate=dropout_rate, spatial_dims=spatial_dims, qkv_bias=qkv_bias,
             mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate, rope_theta=rope_theta,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=activation_checkpointing, attn_norm=attn_norm, mlp_norm=mlp_norm,
+            abs_pos_embed=abs_pos_embed,
         )
         self.out_channels = out_channels
         self.strides = upsampling_strides(self.patch_size)
