@@ -101,7 +101,8 @@ class _PrefixedLayout(CheckpointAdapter):
 
 def test_a_new_layout_is_one_more_adapter(monkeypatch, ours):
     monkeypatch.setattr(checkpoint_io, "ADAPTERS", (_PrefixedLayout(), *ADAPTERS))
-    foreign = {"weights": _prefixed(split_encoder(ours.state_dict())[0], "encoder."), "plan": {"pos_embed_type": "sincos"}}
+    encoder = _prefixed(split_encoder(ours.state_dict())[0], "encoder.")
+    foreign = {"weights": encoder, "plan": {"pos_embed_type": "sincos"}}
     found = read_checkpoint(foreign)
     assert found.layouts == ("prefixed", "prefixed") and found.pos_embed_type == "sincos"
     assert torch.equal(found.state["norm.weight"], ours.state_dict()["norm.weight"])

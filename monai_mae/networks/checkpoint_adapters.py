@@ -74,7 +74,8 @@ def strip_prefixes(key: str) -> str:
 
 
 def is_encoder_key(key: str) -> bool:
-    """Whether ``key`` (prefix-free) names an encoder tensor: ``cls_token``, ``patch_embedding.*``, ``blocks.*``, ``norm.*``."""
+    """Whether ``key`` (prefix-free) names an encoder tensor: ``cls_token``, ``patch_embedding.*``, ``blocks.*``,
+    ``norm.*``."""
     return key == "cls_token" or key.startswith(ENCODER_PREFIXES)
 
 
@@ -107,7 +108,8 @@ class CheckpointAdapter:
         return None
 
     def rename(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``state`` (prefix-free tensors) with this layout's keys in ``MAEViT`` naming; unchanged when not this layout."""
+        """``state`` (prefix-free tensors) with this layout's keys in ``MAEViT`` naming; the same object when
+        ``state`` is not of this layout."""
         return state
 
 

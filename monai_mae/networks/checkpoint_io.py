@@ -1,7 +1,8 @@
 """Read checkpoints: the one loader of checkpoint files, and MAE encoder weights from any layout.
 
-:func:`load_checkpoint_file` is the only ``torch.load`` of a checkpoint in the package (also behind
-:func:`monai_mae.model_file.read_model`). :func:`read_checkpoint` takes a path, a (possibly nested) state
+:func:`load_checkpoint_file` is the one ``torch.load`` of weight files in the package (MAE checkpoints here,
+model files in :func:`monai_mae.model_file.read_model` and the exporter; resuming a run reads its trainer
+state in :mod:`monai_mae.engines.checkpoint`). :func:`read_checkpoint` takes a path, a (possibly nested) state
 dict or a module, lets the adapters of :mod:`monai_mae.networks.checkpoint_adapters` find the weights
 (model files, bundle / Ignite / Lightning checkpoints) and rename them (MONAI's ``MaskedAutoEncoderViT``),
 strips ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes, and returns one plain state dict in
@@ -65,7 +66,9 @@ def short_keys(keys: Sequence[str], limit: int = 6) -> str:
     return text + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False, advice: str = "") -> Any:
+def load_checkpoint_file(
+    path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False, advice: str = ""
+) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``, with errors that name the file.
 
     Args:
@@ -86,7 +89,8 @@ def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint", mmap
                 pass
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors come in many types
-        raise ValueError(f"could not load the {what} '{path}' with torch.load(weights_only=True): {err}.{advice}") from err
+        message = f"could not load the {what} '{path}' with torch.load(weights_only=True): {err}.{advice}"
+        raise ValueError(message) from err
 
 
 def read_checkpoint(checkpoint: Checkpoint) -> EncoderCheckpoint:
