@@ -14,7 +14,7 @@ from monai_mae.networks.checkpoint_io import read_checkpoint, split_encoder
 from monai_mae.networks.mae import MAEViT
 
 ARGS = dict(in_channels=1, img_size=32, patch_size=16, hidden_size=24, mlp_dim=48, num_layers=2, num_heads=4,
-            decoder_hidden_size=12, decoder_mlp_dim=24, decoder_num_layers=1, decoder_num_heads=4)  # fmt: skip
+            decoder_hidden_size=12, decoder_mlp_dim=24, decoder_num_layers=1, decoder_num_heads=4)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
         (lambda monai, ours: {"state_dict": {"model": _prefixed(monai, "_orig_mod.")}, "epoch": 1},
          ("bundle/Ignite checkpoint", "MONAI MaskedAutoEncoderViT")),
     ],
-)  # fmt: skip
+)
 def test_every_layout_reads_to_the_same_encoder(monai_state, ours, wrap, layouts):
     """The reader (MONAI adapter) and MAEViT's pre-hook rename MONAI's layout the same way."""
     found = read_checkpoint(wrap(monai_state, ours))
@@ -82,7 +82,7 @@ def test_model_file_layout_gives_weights_and_position_kind(tmp_path):
          {"mae.blocks.0.cross_attn.to_q.weight": None, "mae.blocks.1.weight": "mae.norm.weight",
           "mae.decoder_blocks.1.bias": "mae.decoder_norm.bias"}),
     ],
-)  # fmt: skip
+)
 def test_monai_mae_renames(keys, prefix, depths, expected):
     assert monai_mae_renames(keys, prefix, depths) == expected
 
