@@ -19,10 +19,11 @@ prefix-free tensors. The layouts:
   block lists (``blocks.{L}.*``); :class:`~monai_mae.networks.mae.MAEViT`'s load pre-hook uses the same
   renaming (:func:`monai_mae_renames`).
 
-nnssl checkpoints (``network_weights`` + ``nnssl_adaptation_plan``, Primus encoders) get an adapter of
-their own here: its ``unpack`` takes ``network_weights`` when ``nnssl_adaptation_plan`` is present (and
-returns the plan as the description), its ``rename`` maps Primus's keys to ``MAEViT`` naming; listed in
-:data:`ADAPTERS` before :class:`NestedCheckpointAdapter`.
+nnssl checkpoints (``network_weights`` + ``nnssl_adaptation_plan``, Primus encoders) are not read by this
+module yet. Their adapter belongs here, as one more :class:`CheckpointAdapter`: ``unpack`` takes
+``network_weights`` when ``nnssl_adaptation_plan`` is present (the plan as the description), ``rename``
+maps Primus's keys to ``MAEViT`` naming; it goes into :data:`ADAPTERS` before
+:class:`NestedCheckpointAdapter`.
 """
 
 from __future__ import annotations
