@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monai_mae.losses import MaskedReconstructionLoss, masked_input, reconstruct_image
+from monai_mae.losses import MaskedReconstructionLoss
 from monai_mae.networks import (
     MAE_PRESETS,
     MAEReconstructor,
@@ -14,8 +14,10 @@ from monai_mae.networks import (
     load_mae_encoder,
     mae_patchify_and_mask,
     mae_vit,
+    masked_input,
     patchify,
     random_masking,
+    reconstruct_image,
     restore_patches,
     unpatchify,
 )

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from monai_mae.model_file import DESCRIPTION_KEY, ModelFile, read_model
+from monai_mae.model_file import ModelFile, read_model
+from monai_mae.networks.checkpoint_adapters import DESCRIPTION_KEY
+from monai_mae.networks.checkpoint_io import load_checkpoint_file
 from monai_mae.packaged import BUNDLE_NAMES, bundle_dir
 from monai_mae.utils import atomic_write
 from monai_mae.version import __version__
@@ -196,7 +198,7 @@ def _metadata(bundle: str, model: ModelFile, name: str, run_name: str) -> dict[s
 
 def _model_file_without_paths(model_path: Path, target: Path) -> None:
     """Copy the model file with the run's folders in its ``run`` record cut to their names."""
-    content = torch.load(model_path, map_location="cpu", weights_only=True)
+    content = load_checkpoint_file(model_path, "model file")
     description = content.get(DESCRIPTION_KEY) if isinstance(content, Mapping) else None
     run = description.get("run") if isinstance(description, Mapping) else None
     if isinstance(run, dict):

@@ -1,8 +1,4 @@
-"""Masked reconstruction loss (MSE over the masked patches, optionally plus the visible ones).
-
-The display helpers :func:`reconstruct_image` and :func:`masked_input` live in
-:mod:`monai_mae.networks.display` and are re-exported here.
-"""
+"""Masked reconstruction loss (MSE over the masked patches, optionally plus the visible ones)."""
 
 from __future__ import annotations
 
@@ -12,10 +8,9 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
-from monai_mae.networks.display import masked_input, reconstruct_image
 from monai_mae.networks.patching import patchify
 
-__all__ = ["MaskedReconstructionLoss", "check_visible_weight", "normalize_patches", "reconstruct_image", "masked_input"]
+__all__ = ["MaskedReconstructionLoss", "check_visible_weight", "normalize_patches"]
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

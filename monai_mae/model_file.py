@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 from monai_mae.data.transforms import load_data_preset
+from monai_mae.networks.checkpoint_adapters import DESCRIPTION_KEY, WEIGHTS_KEY, ModelFileAdapter
+from monai_mae.networks.checkpoint_io import load_checkpoint_file
 from monai_mae.networks.factory import CNN_ARCHITECTURES, merge_cnn_options, unetr_encoder_args
 from monai_mae.utils import atomic_write, unwrap
 from monai_mae.version import __version__
@@ -48,8 +50,7 @@ __all__ = [
     "data_preset_for",
 ]
 
-DESCRIPTION_KEY = "monai_mae"
-WEIGHTS_KEY = "network"
+MODEL_FILE = ModelFileAdapter()
 #: The model-file format this version writes and the newest it reads. Raise it with every change of the
 #: description's layout or meaning (and the package version with it); files without the field predate it.
 FORMAT_VERSION = 1
@@ -174,19 +175,11 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
         name = f"'{path}'"
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {name}.")
-        try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap) if mmap else None
-            except RuntimeError:  # legacy format: no mmap
-                obj = None
-            if obj is None:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle / zip errors come in many types
-            raise ValueError(f"could not load the model file {name} with torch.load(weights_only=True): {err}.") from err
+        obj = load_checkpoint_file(path, "model file", mmap=mmap)
     if not isinstance(obj, Mapping):
         raise ValueError(f"the model file {name} holds a {type(obj).__name__}, expected a state dict.")
-    description = obj.get(DESCRIPTION_KEY)
-    weights = obj.get(WEIGHTS_KEY, obj) if isinstance(description, Mapping) or WEIGHTS_KEY in obj else obj
+    # a model file, else a bundle checkpoint ({"network": ..., "optimizer": ...}), else a plain state dict
+    weights, description = MODEL_FILE.unpack(obj) or (obj.get(WEIGHTS_KEY, obj), None)
     if isinstance(weights, nn.Module):
         weights = weights.state_dict()
     if not isinstance(weights, Mapping) or not any(isinstance(v, torch.Tensor) for v in weights.values()):

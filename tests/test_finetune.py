@@ -15,7 +15,7 @@ from monai.networks.nets import UNETR, ViT
 from monai.optimizers import WarmupCosineSchedule
 
 from monai_mae import MAEViT
-from monai_mae.networks.transfer import residual_stream_norm
+from monai_mae.networks.residual import residual_stream_norm
 from monai_mae.engines.finetune import (
     FreezeEncoder,
     encoder_parameters,

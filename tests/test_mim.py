@@ -147,6 +147,15 @@ def test_pretrained_weights_go_into_the_segmentation_network(architecture, tmp_p
     assert isinstance(rebuilt, MaskedImageModel) and rebuilt.init_args == mim.init_args
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_load_mim_weights_strips_wrapper_prefixes(prefix):
+    torch.manual_seed(0)
+    mim, unet = _mim("unet"), cnn_network("unet", 1, 3, options=SMALL["unet"])
+    report = load_mim_weights(unet, {prefix + k: v for k, v in mim.state_dict().items()})
+    target, source = unet.state_dict(), mim.state_dict()
+    assert report["loaded"] and all(torch.equal(target[k], source["network." + k]) for k in report["loaded"])
+
+
 def test_load_mim_weights_refuses_other_networks(tmp_path):
     unet = cnn_network("unet", 1, 3, options=SMALL["unet"])
     with pytest.raises(ValueError, match="holds no masked-image-model weights"):

@@ -1,6 +1,6 @@
 """Package structure: no function-level imports of the package (no import cycles dodged), an import-light
-``monai_mae.utils``, the names that moved still importable from their old homes, and one ViT encoder under
-``MAEViT`` and ``ViTSeg``."""
+``monai_mae.utils``, the package namespaces exporting the names of their modules, layering (``networks`` imports
+neither ``engines`` nor ``model_file``), and one ViT encoder under ``MAEViT`` and ``ViTSeg``."""
 
 from __future__ import annotations
 
@@ -74,21 +74,38 @@ def test_utils_imports_only_the_standard_library_and_torch():
     "module, names, home",
     [
         ("monai_mae", ["reconstruct_image", "masked_input"], "monai_mae.networks.display"),
-        ("monai_mae.losses", ["reconstruct_image", "masked_input"], "monai_mae.networks.display"),
-        ("monai_mae.networks.transfer", ["extract_encoder_state_dict"], "monai_mae.networks.checkpoint_io"),
-        ("monai_mae.networks.transfer", ["residual_stream_norm", "rescale_residual_stream", "match_residual_stream"],
-         "monai_mae.networks.residual"),
-        ("monai_mae.networks.transfer", ["is_positive_finite"], "monai_mae.utils"),
         ("monai_mae.networks", ["extract_encoder_state_dict", "residual_stream_norm", "reconstruct_image"], None),
         ("monai_mae", ["__version__"], "monai_mae.version"),
         ("monai_mae.networks", ["VisiblePatchEmbedding"], "monai_mae.networks.patch_embed"),
     ],
 )  # fmt: skip
-def test_moved_names_keep_their_old_homes(module, names, home):
+def test_package_exports_name_their_homes(module, names, home):
     for name in names:
         value = getattr(importlib.import_module(module), name)
         if home is not None:
             assert value is getattr(importlib.import_module(home), name)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports at its top level or anywhere else (``import x`` and ``from x import``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_networks_import_neither_engines_nor_model_files():
+    """``networks`` is the lower layer: training code (``engines``) and model files (``model_file``) build on it."""
+    offenders = sorted(
+        f"{path.relative_to(PACKAGE.parent)}: {module}"
+        for path in sorted((PACKAGE / "networks").rglob("*.py"))
+        for module in _imported_modules(path)
+        if module.startswith(("monai_mae.engines", "monai_mae.model_file"))
+    )
+    assert offenders == []
 
 
 @pytest.mark.parametrize("network", [MAEViT, ViTSeg])

@@ -9,14 +9,9 @@ from monai.networks.nets import UNETR, MaskedAutoEncoderViT, ViT
 
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.pos_embed import interpolate_pos_embed
-from monai_mae.networks.transfer import (
-    TransferReport,
-    extract_encoder_state_dict,
-    load_mae_encoder,
-    match_residual_stream,
-    rescale_residual_stream,
-    residual_stream_norm,
-)
+from monai_mae.networks.checkpoint_io import extract_encoder_state_dict
+from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
+from monai_mae.networks.transfer import TransferReport, load_mae_encoder
 
 WIDTH = dict(hidden_size=24, mlp_dim=48, num_heads=4)
 DECODER = dict(decoder_hidden_size=12, decoder_mlp_dim=24, decoder_num_layers=1, decoder_num_heads=4)

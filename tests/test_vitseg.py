@@ -18,12 +18,8 @@ from monai_mae.networks.blocks import EncoderBlock
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.patching import patchify
 from monai_mae.networks.rope import grid_coordinates
-from monai_mae.networks.transfer import (
-    load_mae_encoder,
-    match_residual_stream,
-    rescale_residual_stream,
-    residual_stream_norm,
-)
+from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
+from monai_mae.networks.transfer import load_mae_encoder
 from monai_mae.networks.vitseg import ViTSeg, upsampling_strides
 
 ENCODER = dict(hidden_size=24, mlp_dim=32, num_layers=2, num_heads=2, qkv_bias=True)

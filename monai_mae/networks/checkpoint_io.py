@@ -1,46 +1,62 @@
-"""Read MAE encoder weights from wherever they are stored.
+"""Read checkpoints: the one loader of checkpoint files, and MAE encoder weights from any layout.
 
-A checkpoint may be a ``.pt`` / ``.pth`` path, a state dict or a module; its weights may be nested
-(bundle / Ignite / Lightning checkpoints: ``{"network": ..., "optimizer": ...}``), carry ``module.``
-(DDP) or ``_orig_mod.`` (``torch.compile``) prefixes, and follow MONAI's ``MaskedAutoEncoderViT``
-layout (final encoder norm at ``blocks.{L}.*``). This module turns all of them into one plain state
-dict in ``MAEViT`` / MONAI ``ViT`` naming (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``,
-``norm.*``) and separates the encoder from the rest (decoder, ``mask_tokens``).
+:func:`load_checkpoint_file` is the one ``torch.load`` of weight files in the package (MAE checkpoints here,
+model files in :func:`monai_mae.model_file.read_model` and the exporter; resuming a run reads its trainer
+state in :mod:`monai_mae.engines.checkpoint`). :func:`read_checkpoint` takes a path, a (possibly nested) state
+dict or a module, lets the adapters of :mod:`monai_mae.networks.checkpoint_adapters` find the weights
+(model files, bundle / Ignite / Lightning checkpoints) and rename them (MONAI's ``MaskedAutoEncoderViT``),
+strips ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes, and returns one plain state dict in
+``MAEViT`` / MONAI ``ViT`` naming (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``, ``norm.*``);
+:func:`split_encoder` separates the encoder from the rest (decoder, ``mask_tokens``).
 :mod:`monai_mae.networks.transfer` fits the result into a target network.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn as nn
 
+from monai_mae.networks.checkpoint_adapters import (
+    ADAPTERS,
+    ENCODER_PREFIXES,
+    NEST_KEYS,
+    is_encoder_key,
+    tensors_of,
+)
+
 __all__ = [
-    "BLOCK_KEY",
     "Checkpoint",
-    "ENCODER_PREFIXES",
-    "NEST_KEYS",
-    "WRAPPER_PREFIXES",
+    "EncoderCheckpoint",
     "extract_encoder_state_dict",
-    "is_encoder_key",
+    "load_checkpoint_file",
     "read_checkpoint",
     "short_keys",
     "split_encoder",
-    "strip_prefixes",
 ]
 
 #: What :func:`read_checkpoint` accepts: a file path, a (possibly nested) state dict, or a module.
 Checkpoint = Union[str, os.PathLike, Mapping[str, Any], nn.Module]
 
-NEST_KEYS = ("network", "model", "state_dict", "net")  # where bundles / Ignite / Lightning nest weights
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
-ENCODER_PREFIXES = ("patch_embedding.", "blocks.", "norm.")
-BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+class EncoderCheckpoint(NamedTuple):
+    """What :func:`read_checkpoint` found.
+
+    Attributes:
+        state: prefix-free tensors in ``MAEViT`` naming (encoder and the rest).
+        grid: the patch grid, when known (a module's ``grid_size``).
+        pos_embed_type: the position-embedding kind, when known (a module, or a model file's description).
+        layouts: the names of the adapters that unpacked or renamed the checkpoint, in order.
+    """
+
+    state: dict[str, torch.Tensor]
+    grid: tuple[int, ...] | None
+    pos_embed_type: str | None
+    layouts: tuple[str, ...]
 
 
 def short_keys(keys: Sequence[str], limit: int = 6) -> str:
@@ -50,66 +66,55 @@ def short_keys(keys: Sequence[str], limit: int = 6) -> str:
     return text + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def strip_prefixes(key: str) -> str:
-    """Remove leading ``module.`` / ``_orig_mod.`` wrappers, in any order and number."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
+def load_checkpoint_file(
+    path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False, advice: str = ""
+) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with errors that name the file.
+
+    Args:
+        path: an existing file (callers check existence with their own message).
+        what: how messages call the file (``"checkpoint"``, ``"model file"``).
+        mmap: map the tensors instead of reading them (``torch.load(mmap=True)``); a file in torch's legacy
+            (non-zip) format cannot be mapped and is read as usual. Defaults to False.
+        advice: a sentence appended to the error message.
+
+    Raises:
+        ValueError: when ``torch.load`` fails (not a checkpoint, or objects other than tensors and containers).
+    """
+    try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy format: no mmap
+                pass
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip errors come in many types
+        message = f"could not load the {what} '{path}' with torch.load(weights_only=True): {err}.{advice}"
+        raise ValueError(message) from err
 
 
-def is_encoder_key(key: str) -> bool:
-    """Whether ``key`` (prefix-free) names an encoder tensor: ``cls_token``, ``patch_embedding.*``, ``blocks.*``, ``norm.*``."""
-    return key == "cls_token" or key.startswith(ENCODER_PREFIXES)
+def read_checkpoint(checkpoint: Checkpoint) -> EncoderCheckpoint:
+    """Unwrapped, prefix-free state dict of ``checkpoint`` in ``MAEViT`` naming, whatever its layout.
 
+    Args:
+        checkpoint: a ``.pt`` / ``.pth`` path (:func:`load_checkpoint_file`), a state dict (possibly nested as
+            a model file or a bundle / Ignite / Lightning checkpoint), or a module (its ``state_dict()``).
 
-def _find_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The first mapping, at this level or nested under :data:`NEST_KEYS`, that holds encoder tensors."""
-    tensors = {strip_prefixes(k): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if any(is_encoder_key(k) for k in tensors):
-        return tensors
-    for key in NEST_KEYS:
-        value = obj.get(key)
-        if isinstance(value, nn.Module):
-            value = value.state_dict()
-        if isinstance(value, Mapping):
-            found = _find_state_dict(value)
-            if found is not None:
-                return found
-    return None
-
-
-def position_kind(checkpoint: Any) -> str | None:
-    """The ``pos_embed_type`` of a module or of a self-describing model file (``{"monai_mae": {"network": ...}}``)."""
-    if isinstance(checkpoint, nn.Module):
-        return getattr(getattr(checkpoint, "patch_embedding", None), "pos_embed_type", None)
-    if isinstance(checkpoint, Mapping):
-        network = (checkpoint.get("monai_mae") or {}).get("network") if isinstance(checkpoint.get("monai_mae"), Mapping) else None
-        return network.get("pos_embed_type") if isinstance(network, Mapping) else None
-    return None
-
-
-def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], tuple[int, ...] | None, str | None]:
-    """Unwrapped, prefix-free state dict of ``checkpoint``, its patch grid when known (a module), and its
-    position-embedding kind when known (a module or a self-describing model file)."""
-    grid = None
+    Raises:
+        FileNotFoundError: when the path does not exist.
+        ValueError: for an unreadable file, an object that is no mapping, or no encoder weights anywhere
+            (the message lists the top-level keys).
+    """
+    grid = kind = None
     if isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"MAE checkpoint file not found: '{path}'.")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle / zip errors come in many types
-            raise ValueError(
-                f"could not load the checkpoint '{path}' with torch.load(weights_only=True): {err}. "
-                "Re-save it as tensors only, e.g. torch.save(net.state_dict(), path)."
-            ) from err
-        source = f"checkpoint file '{path}'"
+        advice = " Re-save it as tensors only, e.g. torch.save(net.state_dict(), path)."
+        obj, source = load_checkpoint_file(path, advice=advice), f"checkpoint file '{path}'"
     elif isinstance(checkpoint, nn.Module):
         grid = getattr(checkpoint, "grid_size", None)
+        kind = getattr(getattr(checkpoint, "patch_embedding", None), "pos_embed_type", None)
         obj, source = checkpoint.state_dict(), f"{type(checkpoint).__name__} module"
     elif isinstance(checkpoint, Mapping):
         obj, source = checkpoint, "checkpoint"
@@ -119,38 +124,29 @@ def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], tu
         )
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors).")
-    kind = position_kind(checkpoint if isinstance(checkpoint, nn.Module) else obj)
-    state = _find_state_dict(obj)
-    if state is None:
+    weights, layouts = obj, []
+    for adapter in ADAPTERS:
+        unpacked = adapter.unpack(obj)
+        if unpacked is not None:
+            (weights, description), layouts = unpacked, [adapter.name]
+            network = description.get("network") if isinstance(description, Mapping) else None
+            kind = network.get("pos_embed_type") if isinstance(network, Mapping) else kind
+            break
+    state = tensors_of(weights) if isinstance(weights, (Mapping, nn.Module)) else {}
+    for adapter in ADAPTERS:
+        renamed = adapter.rename(state)
+        layouts += [adapter.name] if renamed is not state else []
+        state = renamed
+    if not any(is_encoder_key(k) for k in state):
         raise ValueError(
-            f"no encoder weights (patch_embedding.*, blocks.*, norm.*) found in the {source}, nor under any of "
-            f"{list(NEST_KEYS)}; its top-level keys are {short_keys([str(k) for k in obj])}."
+            f"no encoder weights ({', '.join(p + '*' for p in ENCODER_PREFIXES)}) found in the {source}, nor under "
+            f"any of {list(NEST_KEYS)}; its top-level keys are {short_keys([str(k) for k in obj])}."
         )
-    return state, (tuple(int(g) for g in grid) if grid is not None else None), kind
-
-
-def rename_monai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MONAI's ``MaskedAutoEncoderViT`` keeps the final encoder norm at ``blocks.{L}.*``: move it to ``norm.*``.
-
-    The norm is recognised as the last block index whose entries are only ``weight`` / ``bias``.
-    """
-    subkeys: dict[int, set[str]] = {}
-    for key in state:
-        match = BLOCK_KEY.match(key)
-        if match:
-            subkeys.setdefault(int(match.group(1)), set()).add(match.group(2))
-    if not subkeys or "norm.weight" in state:
-        return state
-    last = max(subkeys)
-    if not subkeys[last] <= {"weight", "bias"}:
-        return state
-    old = f"blocks.{last}."
-    return {("norm." + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
+    return EncoderCheckpoint(state, tuple(int(g) for g in grid) if grid is not None else None, kind, tuple(layouts))
 
 
 def split_encoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Encoder tensors (MAEViT naming) and the names of everything else (decoder, stale keys)."""
-    state = rename_monai_layout(state)
     encoder, others = {}, []
     for key, value in state.items():
         if is_encoder_key(key) and ".cross_attn." not in key:  # old MONAI saved unused cross-attention
@@ -196,6 +192,5 @@ def extract_encoder_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor
 
         encoder = extract_encoder_state_dict("runs/mae/model_final.pt")  # {"network": ..., "optimizer": ...}
     """
-    state, _, _ = read_checkpoint(checkpoint)
-    return split_encoder(state)[0]
+    return split_encoder(read_checkpoint(checkpoint).state)[0]
 

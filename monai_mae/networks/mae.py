@@ -10,6 +10,7 @@ from monai.utils import look_up_option
 
 from monai_mae.networks.attention import check_heads
 from monai_mae.networks.blocks import build_blocks, run_blocks
+from monai_mae.networks.checkpoint_adapters import monai_mae_renames
 from monai_mae.networks.cross_decoder import build_cross_blocks
 from monai_mae.networks.display import reconstruct_image
 from monai_mae.networks.encoder import ViTEncoder, records_init_args
@@ -412,16 +413,14 @@ class MAEViT(ViTEncoder):
 def _load_monai_layout(module: MAEViT, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: accept checkpoints of MONAI's ``MaskedAutoEncoderViT``.
 
-    MONAI keeps the final norms inside the block lists (``blocks.{L}.*``, ``decoder_blocks.{L}.*``);
-    older MONAI versions also saved unused ``cross_attn`` weights. Keys are renamed in place.
+    The renames are :func:`~monai_mae.networks.checkpoint_adapters.monai_mae_renames` (final norms kept in
+    the block lists; stale ``cross_attn`` weights of older MONAI versions dropped), applied in place.
     """
-    for blocks, norm in (("blocks", "norm"), ("decoder_blocks", "decoder_norm")):
-        old = f"{prefix}{blocks}.{len(getattr(module, blocks))}."
-        for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[f"{prefix}{norm}.{key[len(old):]}"] = state_dict.pop(key)
-        stale = f"{prefix}{blocks}."
-        for key in [k for k in state_dict if k.startswith(stale) and ".cross_attn." in k]:
-            del state_dict[key]
+    depths = {"blocks": len(module.blocks), "decoder_blocks": len(module.decoder_blocks)}
+    for old, new in monai_mae_renames(list(state_dict), prefix, depths).items():
+        value = state_dict.pop(old)
+        if new is not None:
+            state_dict[new] = value
 
 
 class MAEReconstructor(nn.Module):

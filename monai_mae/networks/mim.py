@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep, look_up_option
 
+from monai_mae.networks.checkpoint_adapters import tensors_of
 from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
 from monai_mae.networks.masking import num_visible, random_masking
 from monai_mae.networks.patching import patch_grid, patchify
@@ -170,7 +171,8 @@ def load_mim_weights(
         network: the segmentation network (built with :func:`~monai_mae.networks.cnn.cnn_network` and the
             pretrained file's options); DDP / compile wrappers are unwrapped.
         state_dict: a :class:`MaskedImageModel`'s state dict (e.g. ``read_model(path).state_dict`` of a model
-            file of the ``mae_pretrain`` bundle); a ``module.`` prefix (DDP) is removed.
+            file of the ``mae_pretrain`` bundle); ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes
+            are removed.
         source: what to call it in messages.
         min_fraction: raise when fewer than this fraction of ``network``'s tensors load. Defaults to 0.5.
 
@@ -182,7 +184,7 @@ def load_mim_weights(
         ValueError: when the checkpoint holds no ``network.`` tensors, or too little of the network loads (the
             message names the counts and the first misfits).
     """
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state = tensors_of(state_dict)
     weights = {k[len(WEIGHTS_PREFIX) :]: v for k, v in state.items() if k.startswith(WEIGHTS_PREFIX)}
     if not weights:
         raise ValueError(

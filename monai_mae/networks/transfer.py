@@ -12,10 +12,7 @@ decoder dropped), :func:`load_mae_encoder` does what a plain ``load_state_dict``
 * check the whole fit (width, depth, patch size, channels, position kind, every shape) before
   writing anything, and report what it did (:class:`TransferReport`).
 
-Rescaling the residual stream after the transfer is :mod:`monai_mae.networks.residual`'s job. The
-public names of both modules are re-exported here, so ``monai_mae.networks.transfer.X`` keeps working
-(``extract_encoder_state_dict``, ``residual_stream_norm``, ``rescale_residual_stream``,
-``match_residual_stream``; ``is_positive_finite`` from :mod:`monai_mae.utils`).
+Rescaling the residual stream after the transfer is :mod:`monai_mae.networks.residual`'s job.
 """
 
 from __future__ import annotations
@@ -29,28 +26,13 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from monai_mae.networks.checkpoint_io import (
-    BLOCK_KEY,
-    Checkpoint,
-    extract_encoder_state_dict,
-    is_encoder_key,
-    read_checkpoint,
-    short_keys,
-    split_encoder,
-)
+from monai_mae.networks.checkpoint_adapters import BLOCK_KEY, is_encoder_key
+from monai_mae.networks.checkpoint_io import Checkpoint, read_checkpoint, short_keys, split_encoder
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
-from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
 from monai_mae.networks.vit_geometry import GRID_AXES, cubic_grid, vit_grid, vit_patch_size
-from monai_mae.utils import find_vit, is_positive_finite, unwrap  # noqa: F401  (is_positive_finite: re-exported)
+from monai_mae.utils import find_vit, unwrap
 
-__all__ = [
-    "TransferReport",
-    "load_mae_encoder",
-    "extract_encoder_state_dict",
-    "residual_stream_norm",
-    "rescale_residual_stream",
-    "match_residual_stream",
-]
+__all__ = ["TransferReport", "load_mae_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +226,7 @@ def load_mae_encoder(
         print(report)  # tensors loaded, interpolated and converted; keys ignored, missing and skipped
     """
     vit, prefix = find_vit(network, "load_mae_encoder")
-    state, grid_hint, source_kind = read_checkpoint(checkpoint)
+    state, grid_hint, source_kind, _ = read_checkpoint(checkpoint)
     source, others = split_encoder(state)
     target = {k: v for k, v in vit.state_dict(keep_vars=True).items() if is_encoder_key(k)}
     owner = unwrap(network)  # the network's own attributes (UNETR.feat_size, patch_size), not a DDP wrapper's
