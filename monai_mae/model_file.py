@@ -60,7 +60,8 @@ PREPROCESSING_KEYS = ("modality", "pixdim", "a_min", "a_max", "orientation", "sp
 #: The class a masked-image-pretrained CNN is saved as.
 MIM_TARGET = "monai_mae.networks.mim.MaskedImageModel"
 ENCODER_KEYS = ("in_channels", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "qkv_bias",
-                "proj_type", "pos_embed_type", "mlp_type", "layer_scale_init", "rope_theta", "spatial_dims")  # fmt: skip
+                "proj_type", "pos_embed_type", "mlp_type", "layer_scale_init", "rope_theta", "attn_norm", "mlp_norm",
+                "abs_pos_embed", "spatial_dims")  # fmt: skip
 
 
 @dataclass

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_mae.model_file import build_network, read_model, save_model
+from monai_mae import load_mae_encoder
+from monai_mae.model_file import build_network, encoder_settings, read_model, save_model
 from monai_mae.networks.attention import RoPEAttention
 from monai_mae.networks.blocks import EncoderBlock, build_blocks
 from monai_mae.networks.encoder import PRIMUS_EXACT
@@ -370,3 +371,23 @@ def test_old_primus_file_without_the_new_keys_rebuilds_as_before(tmp_path, cls):
     torch.testing.assert_close(features(rebuilt), features(old), rtol=0, atol=0)
     # today's preset of the same name is Primus-exact: the old weights do not fit it
     assert MAE_PRESETS["primus_s"]["attn_norm"] and isinstance(rebuilt.blocks[0].attn.norm, torch.nn.Identity)
+
+
+def test_a_primus_exact_mae_file_configures_vitseg_with_every_option(tmp_path):
+    """encoder_settings carries the Primus-exact options, so the fine-tuning ViTSeg computes what the MAE's encoder
+    computes on every token (no class token), with nothing missing."""
+    torch.manual_seed(0)
+    mae = MAEViT(1, 16, 8, hidden_size=24, mlp_dim=64, num_layers=2, num_heads=2, pos_embed_type="rope",
+                 mlp_type="swiglu", layer_scale_init=0.1, cls_token=False, decoder_hidden_size=16, decoder_mlp_dim=32,
+                 decoder_num_layers=1, decoder_num_heads=2, **PRIMUS_EXACT)  # fmt: skip
+    save_model(mae, tmp_path / "mae.pt")
+    settings = encoder_settings(tmp_path / "mae.pt", "vitseg")
+    assert {k: settings[k] for k in PRIMUS_EXACT} == PRIMUS_EXACT
+    seg = ViTSeg(out_channels=3, img_size=16, **settings).eval()
+    report = load_mae_encoder(seg, tmp_path / "mae.pt")
+    assert not report.missing
+    images = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = mae.eval().forward_encoder(images)  # every token, no class token
+        tokens, _ = seg.forward_features(images)
+    torch.testing.assert_close(tokens, expected)
