@@ -10,7 +10,7 @@ from monai_mae.data.crops import (
     PreprocessedVolumeDataset,
     from_storage_layout,
 )
-from monai_mae.data.datalist import check_nifti, check_volume, load_datalist, validate_datalist
+from monai_mae.data.datalist import check_nifti, check_volume, load_checked_datalist, load_datalist, validate_datalist
 from monai_mae.data.preprocess import (
     check_manifest,
     get_deterministic_transforms,
@@ -24,6 +24,7 @@ from monai_mae.data.transforms import (
     data_preset_names,
     get_dataset,
     get_pretrain_transforms,
+    intensity_transform,
     load_data_preset,
 )
 
@@ -46,6 +47,8 @@ __all__ = [
     "get_deterministic_transforms",
     "get_pretrain_transforms",
     "gpu_augment",
+    "intensity_transform",
+    "load_checked_datalist",
     "load_data_preset",
     "load_datalist",
     "make_phantom",
