@@ -74,8 +74,13 @@ def test_ensure_training_data_checks_the_folder_or_the_dataset(phantoms, tmp_pat
 @pytest.mark.parametrize("rank, kept", [(0, 5), (1, 1), (None, 5)])
 def test_rank_zero_handlers_keep_the_logging_handlers_on_rank_zero_only(rank, kept):
     clip = GradientClipping(max_norm=1.0)
-    handlers = [StatsHandler(), TensorBoardStatsHandler(summary_writer=object()), clip,
-                LearningRateLogger(summary_writer=object(), optimizer=None), ProgressBar()]  # fmt: skip
+    handlers = [
+        StatsHandler(),
+        TensorBoardStatsHandler(summary_writer=object()),
+        clip,
+        LearningRateLogger(summary_writer=object(), optimizer=None),
+        ProgressBar(),
+    ]
     chosen = rank_zero_handlers(handlers, rank=rank)
     assert len(chosen) == kept and clip in chosen
 
