@@ -296,7 +296,9 @@ def get_pretrain_transforms(
     return Compose(xforms)
 
 
-def intensity_transform(preset: Mapping[str, Any], keys: KeysCollection = "image", invert: bool = False) -> MapTransform:
+def intensity_transform(
+    preset: Mapping[str, Any], keys: KeysCollection = "image", invert: bool = False
+) -> MapTransform:
     """The intensity step of a data preset, for the evaluation and inference chains of the bundles.
 
     ``ct``: the window ``[a_min, a_max]`` scaled to ``[0, 1]`` and clipped (with ``invert``: ``[0, 1]`` back to
