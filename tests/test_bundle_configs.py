@@ -178,13 +178,14 @@ def test_synthetic_data_only_for_the_bundle_default_dataset_dir(bundle, files, w
     assert same.get_parsed_content("synthetic_if_missing") is True
     named = _parser(bundle, files, dataset_dir=str(tmp_path / "my_ct"))
     assert named.get_parsed_content("synthetic_if_missing") is False
-    initialize = [i for i, e in enumerate(named.get("initialize")) if "ensure_dataset" in e]
+    checks = [re.search(r"ensure_(dataset|training_data)", str(e)) for e in named.get("initialize")]
+    initialize = [i for i, found in enumerate(checks) if found]
     assert len(initialize) == 1
-    if "multi_gpu_train.json" in files:  # the expression asks torch.distributed for the rank: check the text
-        assert "synthetic_if_missing=@synthetic_if_missing" in named.get("initialize")[initialize[0]]
+    if "multi_gpu_train.json" in files:  # the component asks torch.distributed for the rank: check its settings
+        assert named.get("initialize")[initialize[0]]["synthetic_if_missing"] == "@synthetic_if_missing"
         return
     message = re.escape(f"dataset_dir {str(tmp_path / 'my_ct')!r} does not exist") + r".*--synthetic_if_missing True"
-    with pytest.raises(RuntimeError, match="Failed to evaluate") as error:  # how ConfigParser reports it
+    with pytest.raises(RuntimeError, match="Failed to (evaluate|instantiate)") as error:  # how ConfigParser reports it
         named.get_parsed_content(f"initialize#{initialize[0]}")
     assert isinstance(error.value.__cause__, FileNotFoundError) and re.search(message, str(error.value.__cause__))
     assert not (tmp_path / "my_ct").exists()
@@ -276,3 +277,51 @@ def test_finetune_from_scratch_defaults_to_the_best_scratch_network(tmp_path):
     save_model(mae, tmp_path / "mae.pt")
     parser = _parser("mae_finetune", ["train.json"], pretrained_ckpt=str(tmp_path / "mae.pt"))
     assert parser.get_parsed_content("architecture") == "vitseg"
+
+
+# --------------------------------------------------------------------------------------------------
+# the configs read as lists of components: short lines, no inline choice on the data source
+# --------------------------------------------------------------------------------------------------
+
+#: the configs that the bundles run (metadata.json holds prose: changelog, description, references)
+RUN_CONFIGS = sorted(p for p in REPO.glob("bundles/*/configs/*.json") if p.name != "metadata.json")
+
+
+def _expressions(value) -> list[str]:
+    """Every ``$`` expression in a parsed config, nested ones included."""
+    if isinstance(value, dict):
+        return [e for item in value.values() for e in _expressions(item)]
+    if isinstance(value, list):
+        return [e for item in value for e in _expressions(item)]
+    return [value] if isinstance(value, str) and value.startswith("$") else []
+
+
+def test_the_run_configs_are_all_found():
+    names = {f"{p.parent.parent.name}/{p.name}" for p in RUN_CONFIGS}
+    common = ("train.json", "multi_gpu_train.json", "inference.json")
+    assert names == {f"mae_pretrain/{n}" for n in (*common, "mim_cnn.json")} | {
+        f"mae_finetune/{n}" for n in (*common, "evaluate.json")
+    }
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_no_config_line_is_longer_than_120_characters(path):
+    long = [(number, len(line)) for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []
+
+
+METADATA = sorted(REPO.glob("bundles/*/configs/metadata.json"))
+
+
+@pytest.mark.parametrize("path", METADATA, ids=lambda p: p.parent.parent.name)
+def test_metadata_holds_no_expression(path):
+    assert _expressions(json.loads(path.read_text())) == []
+
+
+@pytest.mark.parametrize("bundle", ["mae_pretrain", "mae_finetune"])
+def test_train_json_chooses_no_data_source_inline(bundle):
+    """``preprocessed_dir`` and ``gpu_augment`` pick components through ``_disabled_`` and small factories."""
+    expressions = _expressions(json.loads((REPO / "bundles" / bundle / "configs" / "train.json").read_text()))
+    assert len(expressions) > 20  # the walk reaches nested expressions
+    inline = [e for e in expressions if " if " in e and ("preprocessed_dir" in e or "gpu_augment" in e)]
+    assert inline == []

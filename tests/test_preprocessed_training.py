@@ -138,7 +138,7 @@ def test_a_folder_made_with_other_settings_stops_before_training(phantoms, tmp_p
     preprocess_dataset(phantoms, other, "ct", workers=1, labels=False, **change)
     out = tmp_path / "out"
     parser = _parser("mae_pretrain", **TINY["mae_pretrain"], preprocessed_dir=str(other), output_dir=str(out))
-    with pytest.raises(RuntimeError, match="Failed to evaluate") as error:
+    with pytest.raises(RuntimeError, match="Failed to instantiate") as error:  # the initialize component
         _section(parser, "initialize")
     assert isinstance(error.value.__cause__, ValueError)
     assert re.search(named, str(error.value.__cause__)), str(error.value.__cause__)
@@ -152,7 +152,7 @@ def test_a_folder_without_manifest_is_named(tmp_path):
     empty = tmp_path / "not_preprocessed"
     empty.mkdir()
     parser = _parser("mae_finetune", **TINY["mae_finetune"], preprocessed_dir=str(empty))
-    with pytest.raises(RuntimeError, match="Failed to evaluate") as error:
+    with pytest.raises(RuntimeError, match="Failed to instantiate") as error:
         _section(parser, "initialize")
     cause = error.value.__cause__
     assert isinstance(cause, FileNotFoundError) and str(empty / "manifest.json") in str(cause)

@@ -11,7 +11,9 @@ from monai_mae.data.crops import (
     PreprocessedVolumeDataset,
     from_storage_layout,
 )
-from monai_mae.data.datalist import check_nifti, check_volume, load_datalist, validate_datalist
+from monai_mae.data.datalist import (
+    check_nifti, check_volume, load_checked_datalist, load_datalist, validate_datalist,
+)
 from monai_mae.data.nnunet_raw import is_nnunet_raw, nnunet_modality, read_nnunet_raw
 from monai_mae.data.preprocess import (
     check_manifest,
@@ -26,6 +28,7 @@ from monai_mae.data.transforms import (
     data_preset_names,
     get_dataset,
     get_pretrain_transforms,
+    intensity_transform,
     load_data_preset,
 )
 
@@ -48,7 +51,9 @@ __all__ = [
     "get_deterministic_transforms",
     "get_pretrain_transforms",
     "gpu_augment",
+    "intensity_transform",
     "is_nnunet_raw",
+    "load_checked_datalist",
     "load_data_preset",
     "load_datalist",
     "make_phantom",

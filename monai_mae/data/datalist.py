@@ -28,7 +28,7 @@ from nibabel.filebasedimages import ImageFileError
 from monai_mae.data.nnunet_raw import SPLITS_NAME, is_nnunet_raw, read_nnunet_raw
 from monai_mae.utils import read_json
 
-__all__ = ["check_nifti", "check_volume", "load_datalist", "validate_datalist"]
+__all__ = ["check_nifti", "check_volume", "load_checked_datalist", "load_datalist", "validate_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -575,3 +575,40 @@ def validate_datalist(
     more = len(messages) - _MAX_LISTED
     shown = "\n  ".join(messages[:_MAX_LISTED]) + (f"\n  ... and {more} more" if more > 0 else "")
     raise error(f"{len(problems)} of {len(items)} datalist entries failed the checks ({hint}):\n  {shown}")
+
+
+def load_checked_datalist(
+    dataset_dir: str | os.PathLike[str],
+    key: str = "training",
+    *,
+    require_label: bool = False,
+    check: Mapping[str, Any] | None = None,
+    preprocessed_dir: str | os.PathLike[str] | None = "",
+) -> list[dict]:
+    """The entries a bundle reads: :func:`load_datalist`, then :func:`validate_datalist` when ``check`` is given.
+
+    A run that reads a preprocessed folder (``preprocessed_dir`` set) reads no datalist: the result is an
+    empty list and ``dataset_dir`` is not touched.
+
+    Args:
+        dataset_dir: dataset folder holding ``datalist.json``.
+        key: which list to load. Defaults to ``"training"``.
+        require_label: keyword-only. Every entry must have a ``"label"``. Defaults to False.
+        check: keyword-only. Arguments of :func:`validate_datalist` (``keys``, ``skip_bad_files``,
+            ``in_channels``, ...); None: no file check. Defaults to None.
+        preprocessed_dir: keyword-only. The bundle's ``preprocessed_dir`` setting. Defaults to ``""``.
+
+    Returns:
+        The entries (checked when ``check`` is given), or ``[]`` with ``preprocessed_dir``.
+
+    Raises:
+        ValueError: see :func:`load_datalist` and :func:`validate_datalist`.
+
+    Examples::
+
+        items = load_checked_datalist("./data/synthetic", "validation", check={"keys": ["image"]})
+    """
+    if preprocessed_dir and os.fspath(preprocessed_dir).strip():
+        return []
+    items = load_datalist(dataset_dir, key, require_label=require_label)
+    return items if check is None else validate_datalist(items, **check)

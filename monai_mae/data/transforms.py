@@ -27,6 +27,7 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
+    Identityd,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -50,6 +51,7 @@ __all__ = [
     "data_preset_names",
     "get_dataset",
     "get_pretrain_transforms",
+    "intensity_transform",
     "load_data_preset",
     "transform_hash",
 ]
@@ -292,6 +294,39 @@ def get_pretrain_transforms(
         xforms += augment_transforms(all_keys, image_keys, spatial_dims, flip_prob, intensity_shift, intensity_scale)
     xforms.append(EnsureTyped(keys=all_keys))
     return Compose(xforms)
+
+
+def intensity_transform(
+    preset: Mapping[str, Any], keys: KeysCollection = "image", invert: bool = False
+) -> MapTransform:
+    """The intensity step of a data preset, for the evaluation and inference chains of the bundles.
+
+    ``ct``: the window ``[a_min, a_max]`` scaled to ``[0, 1]`` and clipped (with ``invert``: ``[0, 1]`` back to
+    HU, unclipped, for reconstructions). ``mri``: ``NormalizeIntensityd(nonzero, channel_wise)`` (with
+    ``invert``: unchanged, there is no window to return to).
+
+    Args:
+        preset: a data preset (:func:`load_data_preset` or a model file's), with ``modality`` and, for CT,
+            ``a_min`` and ``a_max``.
+        keys: the keys to transform. Defaults to ``"image"``.
+        invert: the reverse mapping, for a network's output. Defaults to False.
+
+    Raises:
+        ValueError: for a modality other than ``ct`` or ``mri``.
+
+    Examples::
+
+        >>> window = intensity_transform({"modality": "ct", "a_min": -175.0, "a_max": 250.0})
+        >>> float(window({"image": np.array([37.5])})["image"][0])
+        0.5
+    """
+    modality = look_up_option(preset.get("modality"), MODALITIES)
+    if modality == "ct":
+        window = {"a_min": preset["a_min"], "a_max": preset["a_max"], "b_min": 0.0, "b_max": 1.0}
+        if invert:  # [0, 1] back to the window
+            window = {"a_min": 0.0, "a_max": 1.0, "b_min": window["a_min"], "b_max": window["a_max"]}
+        return ScaleIntensityRanged(keys=keys, **window, clip=not invert)
+    return Identityd(keys=keys) if invert else NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True)
 
 
 def get_dataset(

@@ -19,6 +19,13 @@ from monai_mae.engines.checkpoint import (
 )
 from monai_mae.engines.distributed import AccumulationNoSync, freeze_unused_parameters, rewrap_ddp
 from monai_mae.engines.augment import GPUAugmentPrepareBatch, crop_augmentation
+from monai_mae.engines.bundle_parts import (
+    ensure_training_data,
+    first_enabled,
+    rank_zero_handlers,
+    start_process_group,
+    window_inferer,
+)
 from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
 from monai_mae.engines.precision import (
@@ -52,4 +59,5 @@ __all__ = [
     "encoder_parameters", "freeze_unused_parameters", "rewrap_ddp", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups", "plain_prepare_batch",
     "rank_zero_summary_writer", "seed_and_backends", "keep_freed_memory", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
     "GPUAugmentPrepareBatch", "PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "crop_augmentation",
+    "ensure_training_data", "first_enabled", "rank_zero_handlers", "start_process_group", "window_inferer",
 ]  # fmt: skip
