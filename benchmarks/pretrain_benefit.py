@@ -613,13 +613,15 @@ def summarise(runs: list[dict], cfg: BenefitConfig) -> list[dict]:
 
 def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: dict) -> str:
     """The result tables and the settings as markdown."""
+    cnn = cfg.architecture in CNNS
+    method = "Masked-image" if cnn else "MAE"
     lines = [
-        f"## MAE pretraining benefit for {ARCH_NAMES[cfg.architecture]} (synthetic CT phantoms)",
+        f"## {method} pretraining benefit for {ARCH_NAMES[cfg.architecture]} (synthetic CT phantoms, {cfg.style} style)",
         "",
         f"Mean Dice of the {cfg.num_organs} organs on {cfg.num_test} held-out phantoms (sliding window, final weights), "
         f"mean +- sample std over seeds {list(cfg.seeds)}; the same labeled subset per seed for both arms.",
         "",
-        "| labeled volumes | from scratch | MAE-pretrained | difference (paired) | pretrained better |",
+        f"| labeled volumes | from scratch | {method}-pretrained | difference (paired) | pretrained better |",
         "| ---: | :---: | :---: | :---: | :---: |",
     ]
     for row in rows:
@@ -640,9 +642,12 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         "Settings: "
         f"phantoms {'x'.join(map(str, cfg.phantom_shape))} at {'x'.join(f'{s:g}' for s in cfg.phantom_spacing)} mm, "
         f"{cfg.style} style, {cfg.layout} layout, {cfg.num_organs} organs; "
-        f"{cfg.roi}^3 crops; ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
-        f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
-        + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "") + f". MAE: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
+        f"{cfg.roi}^3 crops; "
+        + (f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.patch}^3 patches"
+           if cnn else f"ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
+           f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}")
+        + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "")
+        + f". {'Masked-image model' if cnn else 'MAE'}: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
         f"({pretrain['steps']} steps, {pretrain['seconds'] / 60:.1f} min{reused}), masking {cfg.masking_ratio}, "
         f"{'normalised' if cfg.norm_pix_loss else 'plain'}-pixel loss on the masked patches"
         + (f" + {cfg.visible_loss_weight:g} x the visible ones" if cfg.visible_loss_weight else "") + ", "
@@ -778,7 +783,8 @@ def best_arms(reports: dict[str, dict], margin: float = 0.02, share: float = 0.8
 
     Returns:
         one dict per size: ``n_labeled``, ``scratch`` / ``pretrained`` (``architecture``, ``mean``, ``seeds``),
-        ``difference`` (mean), ``better`` (count), ``paired_seeds`` and ``target_met``.
+        ``difference`` (mean), ``better`` (count), ``paired_seeds``, ``unmeasured`` (architectures without a run at
+        this size: then no verdict) and ``target_met``.
     """
     dice: dict[tuple[str, str, int], dict[int, float]] = {}
     for label, report in reports.items():
@@ -801,9 +807,17 @@ def best_arms(reports: dict[str, dict], margin: float = 0.02, share: float = 0.8
         for arm in ARMS:
             mean, label, values = best[arm]
             row[arm] = {"architecture": label, "mean": mean, "seeds": sorted(values)}
-        row["target_met"] = bool(diffs) and row["difference"] >= margin and row["better"] >= share * len(seeds)
+        row["unmeasured"] = sorted(label for label in reports if not any(key[0] == label and key[2] == n for key in dice))
+        row["target_met"] = (bool(diffs) and not row["unmeasured"] and row["difference"] >= margin
+                             and row["better"] >= share * len(seeds))  # fmt: skip
         rows.append(row)
     return rows
+
+
+def _verdict(row: dict) -> str:
+    if row.get("unmeasured"):
+        return "no verdict: " + ", ".join(row["unmeasured"]) + " not measured"
+    return "met" if row["target_met"] else "missed"
 
 
 def format_best_arms(rows: list[dict]) -> str:
@@ -814,7 +828,7 @@ def format_best_arms(rows: list[dict]) -> str:
         s, p = row["scratch"], row["pretrained"]
         lines.append(f"| {row['n_labeled']} | {s['architecture']} {s['mean']:.3f} ({len(s['seeds'])} seeds) | "
                      f"{p['architecture']} {p['mean']:.3f} ({len(p['seeds'])} seeds) | {row['difference']:+.3f} | "
-                     f"{row['better']}/{len(row['paired_seeds'])} | {'met' if row['target_met'] else 'missed'} |")  # fmt: skip
+                     f"{row['better']}/{len(row['paired_seeds'])} | {_verdict(row)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -207,6 +207,11 @@ def test_best_arms_compare_the_best_of_any_architecture_seed_by_seed():
     reports["ViTSeg"] = _report({"scratch": [0.4] * 5, "pretrained": [0.98, 0.98, 0.98, 0.75, 0.75]})
     (row,) = pb.best_arms(reports)
     assert row["pretrained"]["architecture"] == "ViTSeg" and row["better"] == 3 and not row["target_met"]
+    # an architecture without a run at this size: no verdict
+    reports["UNETR"] = _report({"scratch": [0.5] * 5, "pretrained": [0.5] * 5}, n=4)
+    rows = {r["n_labeled"]: r for r in pb.best_arms(reports)}
+    assert rows[2]["unmeasured"] == ["UNETR"] and not rows[2]["target_met"]
+    assert "no verdict: UNETR not measured" in pb.format_best_arms([rows[2]])
 
 
 def test_the_report_command_names_no_temporary_path(tmp_path):
