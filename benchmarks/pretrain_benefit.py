@@ -668,6 +668,12 @@ ARM_STYLE = {("scratch", 0): "#c8462f", ("pretrained", 0): "#2864be", ("scratch"
 _PALETTE = ("#c8462f", "#2864be", "#e69f00", "#009e73", "#7b3294", "#008837", "#d01c8b", "#4d4d4d", "#a6611a", "#0571b0")
 
 
+def _arm_label(label: str, arm: str) -> str:
+    if arm == "scratch":
+        return "from scratch"
+    return "masked-image pretrained" if label in {ARCH_NAMES[a] for a in CNNS} else "MAE-pretrained encoder"
+
+
 def _arm_colour(arm: str, k: int) -> str:
     return ARM_STYLE.get((arm, k), _PALETTE[(2 * k + ARMS.index(arm)) % len(_PALETTE)])
 
@@ -696,7 +702,7 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
                 xs, [row[arm]["mean"] for row in rows], yerr=[row[arm]["std"] for row in rows], color=_arm_colour(arm, k),
                 marker="o" if arm == "pretrained" else "s", linewidth=2.5, capsize=5,
                 linestyle="-" if arm == "pretrained" else "--",
-                label=f"{label}, {'MAE-pretrained encoder' if arm == 'pretrained' else 'from scratch'}",
+                label=f"{label}, {_arm_label(label, arm)}",
             )  # fmt: skip
     axes.set_xticks(range(len(sizes)), [str(n) for n in sizes])
     axes.set_xlabel("labeled training volumes")
