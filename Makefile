@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-quick docs wheel-smoke demo demo-finetune bench gpu-check clean
+.PHONY: install lint test test-quick docs wheel-smoke demo demo-finetune bench gpu-check clean
 
 install: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
+
+# ruff's linter and formatter (configured in pyproject.toml); CI runs it before the tests.
+LINTED := monai_mae tests benchmarks docs/conf.py
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # Everything (what CI runs); test-quick skips the tests marked slow (bundle runs, torchrun, kill -9, CLIs).
 test: install

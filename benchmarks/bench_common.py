@@ -72,7 +72,9 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _cpu_sdpa_backward_flops(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -108,7 +110,6 @@ def peak_bf16_flops(device_name: str) -> float | None:
 def fmt_optional(value: float | None, spec: str) -> str:
     """``value`` formatted with ``spec``, or ``"n/a"`` when it was not measured."""
     return "n/a" if value is None else format(value, spec)
-
 
 
 # ----------------------------------------------------------------------------------------------- machine

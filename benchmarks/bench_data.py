@@ -199,7 +199,9 @@ QUICK = Settings(
     volumes=2,
     rois=(16, 24),
     models=(
-        ModelSpec("tiny ViT/8", "tiny", 16, 8, batch=2, steps=1, overrides=(("num_layers", 1), ("decoder_num_layers", 1))),
+        ModelSpec(
+            "tiny ViT/8", "tiny", 16, 8, batch=2, steps=1, overrides=(("num_layers", 1), ("decoder_num_layers", 1))
+        ),
         ModelSpec("tiny Primus/8", "primus_s", 24, 8, batch=1, steps=1, overrides=_TINY_PRIMUS),
     ),
     rounds=2,
@@ -732,18 +734,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--min-seconds", type=float, default=None, help="timed CPU-seconds per round of (b) and (c) (default 3)"
     )
     parser.add_argument("--vit-batch", type=int, default=None, help="crops per ViT-B/16 step (default 4)")
-    parser.add_argument("--vit-steps", type=int, default=None, help="timed ViT-B/16 steps after the warm-up (default 3)")
     parser.add_argument(
-        "--big-steps", type=int, default=None, help="timed steps of the 8^3-patch model (default 1; 0: time the warm-up)"
+        "--vit-steps", type=int, default=None, help="timed ViT-B/16 steps after the warm-up (default 3)"
+    )
+    parser.add_argument(
+        "--big-steps",
+        type=int,
+        default=None,
+        help="timed steps of the 8^3-patch model (default 1; 0: time the warm-up)",
     )
     parser.add_argument("--gpu-tflops", type=float, default=989.0, help="H100 SXM dense bf16 peak (TFLOP/s)")
     parser.add_argument("--mfu", type=float, default=0.40, help="fraction of the peak the GPU reaches")
     parser.add_argument(
         "--gpu-bandwidth", type=float, default=3.35, help="H100 SXM memory bandwidth (TB/s), prices (d)'s conversion"
     )
-    parser.add_argument("--workers-available", type=int, default=14, help="loader workers of the GPU machine (16 cores)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads of the training steps (default 1: CPU-seconds = one core's time)"
+        "--workers-available", type=int, default=14, help="loader workers of the GPU machine (16 cores)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the training steps (default 1: CPU-seconds = one core's time)",
     )
     parser.add_argument(
         "--loader-threads", type=int, default=1, help="torch threads of a loader worker (DataLoader workers get 1)"

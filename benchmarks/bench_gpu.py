@@ -254,9 +254,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument(
-        "--gpu", choices=sorted(PEAK_BF16_TFLOPS), metavar="DEVICE_NAME",
+        "--gpu",
+        choices=sorted(PEAK_BF16_TFLOPS),
+        metavar="DEVICE_NAME",
         help="take the MFU's peak bf16 FLOP/s of this device (default: the device's own name; one of "
-        + ", ".join(repr(n) for n in sorted(PEAK_BF16_TFLOPS)) + ")",
+        + ", ".join(repr(n) for n in sorted(PEAK_BF16_TFLOPS))
+        + ")",
     )
     parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for the MFU, overriding --gpu")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the same code path on the CPU with tiny sizes")

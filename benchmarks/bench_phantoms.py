@@ -99,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for style in ("simple", "realistic"):
             seconds = time_phantom(shape, style, args.repeats)
             size = "x".join(map(str, shape))
-            print(f"{style:9s} {size:>11s}: {seconds:6.2f} s per volume (median of {args.repeats}; "
-                  f"realistic spacing {spacing} mm)")
+            print(
+                f"{style:9s} {size:>11s}: {seconds:6.2f} s per volume (median of {args.repeats}; "
+                f"realistic spacing {spacing} mm)"
+            )
     if args.picture:
         phantom_picture(shapes[0], args.seed, args.picture)
         print(f"wrote {args.picture}")

@@ -248,18 +248,40 @@ CONFIGS: dict[str, BenchConfig] = {
             qkv_bias=True,
             # SwiGLU with 8/3 x width hidden units holds the weights of MONAI's 4 x width GELU MLP (as Primus)
             ours_options=(
-                ("pos_embed_type", "rope"), ("mlp_type", "swiglu"), ("layer_scale_init", 0.1), ("cls_token", False),
-                ("mlp_dim", 1024), ("decoder_mlp_dim", 768),
+                ("pos_embed_type", "rope"),
+                ("mlp_type", "swiglu"),
+                ("layer_scale_init", 0.1),
+                ("cls_token", False),
+                ("mlp_dim", 1024),
+                ("decoder_mlp_dim", 768),
             ),
         ),
         # --quick: the same shapes in miniature (no targets)
         BenchConfig("a-quick", "smoke: 32^3, patch 8, batch 2", 32, 8, 2, 96, 384, 2, 4, 48, 192, 2, 4),
         BenchConfig("b-quick", "smoke: 32^3, patch 4 (512 tokens), batch 1", 32, 4, 1, 48, 192, 2, 2, 48, 192, 1, 4),
         BenchConfig(
-            "c-quick", "smoke: 32^3, patch 4 (512 tokens), batch 1, MAEViT block options", 32, 4, 1, 48, 192, 2, 2,
-            48, 192, 1, 4, qkv_bias=True,
-            ours_options=(("pos_embed_type", "rope"), ("mlp_type", "swiglu"), ("layer_scale_init", 0.1),
-                          ("cls_token", False), ("mlp_dim", 128), ("decoder_mlp_dim", 128)),
+            "c-quick",
+            "smoke: 32^3, patch 4 (512 tokens), batch 1, MAEViT block options",
+            32,
+            4,
+            1,
+            48,
+            192,
+            2,
+            2,
+            48,
+            192,
+            1,
+            4,
+            qkv_bias=True,
+            ours_options=(
+                ("pos_embed_type", "rope"),
+                ("mlp_type", "swiglu"),
+                ("layer_scale_init", 0.1),
+                ("cls_token", False),
+                ("mlp_dim", 128),
+                ("decoder_mlp_dim", 128),
+            ),
         ),  # fmt: skip
     )
 }
@@ -605,7 +627,7 @@ def run_config(
     optimizers = {key: make_optimizer(model, fused_adamw) for key, model in models.items()}
 
     def stepper(key: str) -> Callable[[], float]:
-        return lambda: train_step(models[key], optimizers[key], loss_fn, images, ratio, bf16=precision[key])
+        return lambda: train_step(models[key], optimizers[key], loss_fn, images, ratio, bf16=precision[key])  # noqa: F821 - deleted after the closure's last call
 
     for key in [k for k in models if precision[k]]:  # bf16 first steps: any error is a finding, not a crash
         name = key.removesuffix(BF16_SUFFIX)
@@ -647,7 +669,7 @@ def run_config(
     gc.collect()
     if ours is not None:
         encoder = time_interleaved(
-            {"masked": lambda: encoder_step(ours, images, ratio), "full": lambda: encoder_step(ours, images, 0.0)},
+            {"masked": lambda: encoder_step(ours, images, ratio), "full": lambda: encoder_step(ours, images, 0.0)},  # noqa: F821 - deleted after the closure's last call
             n_steps,
             warmup,
         )
@@ -916,7 +938,9 @@ def environment(args: argparse.Namespace, n_steps: int, warmup: int) -> dict[str
         "threads": str(torch.get_num_threads()),
         "steps": str(n_steps),
         "warmup": str(warmup),
-        "optimizer": "AdamW (fused, as build_optimizer picks)" if args.fused_adamw else "AdamW (torch's per-tensor loop)",
+        "optimizer": "AdamW (fused, as build_optimizer picks)"
+        if args.fused_adamw
+        else "AdamW (torch's per-tensor loop)",
         "load_start": load_average_1min(),
         "load_end": "",
         "bf16": "",
@@ -933,7 +957,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--configs", nargs="+", choices=("a", "b", "c"), default=["a", "b"],
         help="configs to run (default a b; c: long sequence with MAEViT's block options)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all)")
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all)"
+    )
     parser.add_argument(
         "--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
         help="AdamW(fused=True) for both models, as monai_mae.engines.build_optimizer picks (default); "
@@ -1009,8 +1035,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"running config {config.name} ({config.title}) ...", file=sys.stderr, flush=True)
         results.append(
             run_config(
-                config, n_steps, warmup, args.threads, matmul_rate, memory=not args.no_memory,
-                fused_adamw=args.fused_adamw, bf16=time_bf16, bf16_matmul_rate=bf16_rate,
+                config,
+                n_steps,
+                warmup,
+                args.threads,
+                matmul_rate,
+                memory=not args.no_memory,
+                fused_adamw=args.fused_adamw,
+                bf16=time_bf16,
+                bf16_matmul_rate=bf16_rate,
                 smoke_config=CONFIGS[f"{key}-quick"],
             )  # fmt: skip
         )

@@ -89,16 +89,21 @@ from monai.transforms import AsDiscreted, Compose, EnsureTyped, LoadImaged, Orie
 from monai.utils import set_determinism
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
-from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
-from monai_mae.networks.mim import MaskedImageModel
-from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
 from monai_mae.data.realistic import REALISTIC_ORGANS, realistic_spacing
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
 from monai_mae.engines import (
-    GradientClipping, MAEPrepareBatch, NonFiniteLossGuard, atomic_save, build_optimizer, keep_freed_memory,
+    GradientClipping,
+    MAEPrepareBatch,
+    NonFiniteLossGuard,
+    atomic_save,
+    build_optimizer,
+    keep_freed_memory,
 )
 from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
+from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
+from monai_mae.networks.mim import MaskedImageModel
+from monai_mae.networks.vitseg import ViTSeg
 
 __all__ = [
     "BenefitConfig",
@@ -131,8 +136,18 @@ _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_m
 
 
 # ViT settings that a convolutional network (and its masked-image pretraining) ignores
-_VIT_ONLY = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "mae_cls_token", "decoder_hidden_size",
-             "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads", "feature_size")
+_VIT_ONLY = (
+    "hidden_size",
+    "mlp_dim",
+    "num_heads",
+    "num_layers",
+    "mae_cls_token",
+    "decoder_hidden_size",
+    "decoder_mlp_dim",
+    "decoder_num_layers",
+    "decoder_num_heads",
+    "feature_size",
+)
 
 
 # settings added after runs had been cached: left out of the cache keys while off (0), so the keys of
@@ -141,7 +156,10 @@ _ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "int
 STYLES = ("simple", "realistic")
 
 
-_OFF = {"style": "simple", "curve_steps": ()}  # the value of a later setting that means "as before it existed" (default: 0)
+_OFF = {
+    "style": "simple",
+    "curve_steps": (),
+}  # the value of a later setting that means "as before it existed" (default: 0)
 
 
 def _without_unset_later_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -247,11 +265,15 @@ class BenefitConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}.")
         if self.architecture == "unetr" and (self.patch, self.num_layers) != (UNETR_PATCH, 12):
-            raise ValueError(f"UNETR fixes patch {UNETR_PATCH} and 12 layers, got patch {self.patch}, {self.num_layers} layers.")
+            raise ValueError(
+                f"UNETR fixes patch {UNETR_PATCH} and 12 layers, got patch {self.patch}, {self.num_layers} layers."
+            )
         if self.roi % self.patch:
             raise ValueError(f"roi must be a multiple of the patch size {self.patch}, got {self.roi}.")
         if not 0 <= self.drop_path_rate < 1 or (self.drop_path_rate and self.architecture != "vitseg"):
-            raise ValueError(f"drop_path_rate must be in [0, 1) and needs architecture 'vitseg', got {self.drop_path_rate}.")
+            raise ValueError(
+                f"drop_path_rate must be in [0, 1) and needs architecture 'vitseg', got {self.drop_path_rate}."
+            )
         if not 0 < self.encoder_lr_scale <= 1:
             raise ValueError(f"encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}.")
         if max(self.labeled_sizes) > self.num_labeled_pool:
@@ -267,11 +289,17 @@ class BenefitConfig:
         if self.style == "realistic" and self.layout != "anatomical":
             raise ValueError(f"the realistic style has the anatomical layout only, got layout={self.layout!r}.")
         if not 1 <= self.num_organs <= len(self.organ_names(all_organs=True)):
-            raise ValueError(f"num_organs must be in 1..{len(self.organ_names(all_organs=True))}, got {self.num_organs}.")
-        if not (self.residual_scale == "auto" or (isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0)):
+            raise ValueError(
+                f"num_organs must be in 1..{len(self.organ_names(all_organs=True))}, got {self.num_organs}."
+            )
+        if not (
+            self.residual_scale == "auto" or (isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0)
+        ):
             raise ValueError(f"residual_scale must be 'auto' or a positive number, got {self.residual_scale!r}.")
         if not (self.intensity_shift >= 0 and 0 <= self.intensity_scale < 1):
-            raise ValueError(f"intensity_shift must be >= 0 and intensity_scale in [0, 1), got {self.intensity_shift}, {self.intensity_scale}.")
+            raise ValueError(
+                f"intensity_shift must be >= 0 and intensity_scale in [0, 1), got {self.intensity_shift}, {self.intensity_scale}."
+            )
         if not self.visible_loss_weight >= 0:
             raise ValueError(f"visible_loss_weight must be >= 0, got {self.visible_loss_weight}.")
         if self.hidden_size % self.num_heads:
@@ -295,18 +323,56 @@ class BenefitConfig:
 PRESETS: dict[str, BenefitConfig] = {
     "cpu": BenefitConfig(),
     "gpu": BenefitConfig(
-        phantom_shape=(128, 128, 96), phantom_spacing=(1.5, 1.5, 2.0), num_unlabeled=64, num_labeled_pool=16,
-        num_test=8, roi=96, hidden_size=768, mlp_dim=3072, num_heads=12, feature_size=16, decoder_hidden_size=512,
-        decoder_mlp_dim=2048, decoder_num_layers=8, decoder_num_heads=16, pretrain_epochs=400, pretrain_batch=4,
-        pretrain_samples=2, pretrain_lr=1.5e-4, pretrain_warmup_epochs=40, finetune_steps=3000,
-        finetune_batch=1, finetune_samples=4, finetune_lr=3e-4, labeled_sizes=(2, 4, 8, 16), seeds=(0, 1, 2, 3, 4),
+        phantom_shape=(128, 128, 96),
+        phantom_spacing=(1.5, 1.5, 2.0),
+        num_unlabeled=64,
+        num_labeled_pool=16,
+        num_test=8,
+        roi=96,
+        hidden_size=768,
+        mlp_dim=3072,
+        num_heads=12,
+        feature_size=16,
+        decoder_hidden_size=512,
+        decoder_mlp_dim=2048,
+        decoder_num_layers=8,
+        decoder_num_heads=16,
+        pretrain_epochs=400,
+        pretrain_batch=4,
+        pretrain_samples=2,
+        pretrain_lr=1.5e-4,
+        pretrain_warmup_epochs=40,
+        finetune_steps=3000,
+        finetune_batch=1,
+        finetune_samples=4,
+        finetune_lr=3e-4,
+        labeled_sizes=(2, 4, 8, 16),
+        seeds=(0, 1, 2, 3, 4),
         sw_batch_size=4,
     ),  # fmt: skip
     "quick": BenefitConfig(
-        phantom_shape=(40, 40, 32), phantom_spacing=(1.5, 1.5, 2.0), num_unlabeled=3, num_labeled_pool=2, num_test=1,
-        roi=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=4, decoder_hidden_size=32, decoder_mlp_dim=64,
-        decoder_num_layers=1, decoder_num_heads=4, pretrain_epochs=2, pretrain_batch=2, pretrain_samples=1,
-        pretrain_warmup_epochs=1, finetune_steps=2, finetune_samples=1, labeled_sizes=(2,), seeds=(0,),
+        phantom_shape=(40, 40, 32),
+        phantom_spacing=(1.5, 1.5, 2.0),
+        num_unlabeled=3,
+        num_labeled_pool=2,
+        num_test=1,
+        roi=32,
+        hidden_size=48,
+        mlp_dim=96,
+        num_heads=4,
+        feature_size=4,
+        decoder_hidden_size=32,
+        decoder_mlp_dim=64,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
+        pretrain_epochs=2,
+        pretrain_batch=2,
+        pretrain_samples=1,
+        pretrain_warmup_epochs=1,
+        finetune_steps=2,
+        finetune_samples=1,
+        labeled_sizes=(2,),
+        seeds=(0,),
     ),  # fmt: skip
 }
 
@@ -336,11 +402,28 @@ VITSEG_CHANGES: dict[str, dict[str, Any]] = {
 #: whole encoder-decoder reconstructs them, loss on the masked patches), then fine-tuned whole (every layer but the
 #: output head starts from the pretrained weights) with one learning rate; intensity jitter for both arms, as ViTSeg.
 CNN_CHANGES: dict[str, dict[str, Any]] = {
-    "cpu": dict(patch=8, pretrain_epochs=30, pretrain_warmup_epochs=3, norm_pix_loss=False, pretrain_lr=1e-3, finetune_steps=800,
-                intensity_shift=0.1, intensity_scale=0.1, residual_scale=1.0, labeled_sizes=(1, 2, 4),
-                seeds=(0, 1, 2, 3, 4)),
-    "gpu": dict(patch=16, norm_pix_loss=False, pretrain_lr=1e-3, finetune_steps=6000, intensity_shift=0.1,
-                intensity_scale=0.1, residual_scale=1.0),
+    "cpu": dict(
+        patch=8,
+        pretrain_epochs=30,
+        pretrain_warmup_epochs=3,
+        norm_pix_loss=False,
+        pretrain_lr=1e-3,
+        finetune_steps=800,
+        intensity_shift=0.1,
+        intensity_scale=0.1,
+        residual_scale=1.0,
+        labeled_sizes=(1, 2, 4),
+        seeds=(0, 1, 2, 3, 4),
+    ),
+    "gpu": dict(
+        patch=16,
+        norm_pix_loss=False,
+        pretrain_lr=1e-3,
+        finetune_steps=6000,
+        intensity_shift=0.1,
+        intensity_scale=0.1,
+        residual_scale=1.0,
+    ),
     "quick": dict(patch=8, norm_pix_loss=False, intensity_shift=0.1, intensity_scale=0.1, residual_scale=1.0),
 }
 
@@ -387,12 +470,29 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
                     **({"style": "realistic"} if cfg.style == "realistic" else {}))  # fmt: skip
     unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}"
     labeled_dir = work_dir / f"data_{tag}" / f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
-    ensure_dataset(unlabeled_dir, num=cfg.num_unlabeled, num_validation=0, seed=1000, with_labels=False,
-                   synthetic_if_missing=True, **geometry)
-    ensure_dataset(labeled_dir, num=cfg.num_labeled_pool + cfg.num_test, num_validation=cfg.num_test, seed=2000,
-                   synthetic_if_missing=True, **geometry)
+    ensure_dataset(
+        unlabeled_dir,
+        num=cfg.num_unlabeled,
+        num_validation=0,
+        seed=1000,
+        with_labels=False,
+        synthetic_if_missing=True,
+        **geometry,
+    )
+    ensure_dataset(
+        labeled_dir,
+        num=cfg.num_labeled_pool + cfg.num_test,
+        num_validation=cfg.num_test,
+        seed=2000,
+        synthetic_if_missing=True,
+        **geometry,
+    )
     unlabeled = load_datalist(unlabeled_dir, "training")
-    return unlabeled, load_datalist(labeled_dir, "training", require_label=True), load_datalist(labeled_dir, "validation", require_label=True)
+    return (
+        unlabeled,
+        load_datalist(labeled_dir, "training", require_label=True),
+        load_datalist(labeled_dir, "validation", require_label=True),
+    )
 
 
 def _train_transforms(cfg: BenefitConfig, num_samples: int, with_label: bool) -> Compose:
@@ -451,7 +551,9 @@ def pretrain_mae(
     )  # fmt: skip
     losses: list[float] = []
     epoch_losses: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"].detach())))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"].detach()))
+    )
 
     def log_epoch(engine: Any) -> None:
         epoch_losses.append(statistics.fmean(losses[-len(loader) :]))
@@ -469,7 +571,9 @@ def pretrain_mae(
     info = {"steps": steps, "seconds": seconds, "first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1],
             "epoch_losses": epoch_losses, "settings_key": cfg.pretrain_key()}  # fmt: skip
     info_path.write_text(json.dumps(info, indent=1))
-    logger.info(f"MAE pretrained in {seconds / 60:.1f} min: loss {epoch_losses[0]:.5f} -> {epoch_losses[-1]:.5f}; saved {path}")
+    logger.info(
+        f"MAE pretrained in {seconds / 60:.1f} min: loss {epoch_losses[0]:.5f} -> {epoch_losses[-1]:.5f}; saved {path}"
+    )
     return path, {**info, "reused": False}
 
 
@@ -479,10 +583,20 @@ def build_pretrain_network(cfg: BenefitConfig) -> torch.nn.Module:
         return MaskedImageModel(cfg.architecture, 1, cfg.roi, patch_size=cfg.patch, masking_ratio=cfg.masking_ratio,
                                 spacing=cfg.phantom_spacing)  # fmt: skip
     return MAEViT(
-        1, cfg.roi, cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, masking_ratio=cfg.masking_ratio, decoder_hidden_size=cfg.decoder_hidden_size,
-        decoder_mlp_dim=cfg.decoder_mlp_dim, decoder_num_layers=cfg.decoder_num_layers,
-        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=True, cls_token=cfg.mae_cls_token,
+        1,
+        cfg.roi,
+        cfg.patch,
+        hidden_size=cfg.hidden_size,
+        mlp_dim=cfg.mlp_dim,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        masking_ratio=cfg.masking_ratio,
+        decoder_hidden_size=cfg.decoder_hidden_size,
+        decoder_mlp_dim=cfg.decoder_mlp_dim,
+        decoder_num_layers=cfg.decoder_num_layers,
+        decoder_num_heads=cfg.decoder_num_heads,
+        qkv_bias=True,
+        cls_token=cfg.mae_cls_token,
     )
 
 
@@ -509,7 +623,12 @@ def build_network(cfg: BenefitConfig, drop_path_rate: float = 0.0) -> torch.nn.M
 
 
 def finetune(
-    cfg: BenefitConfig, train_items: list[dict], seed: int, ckpt: Path | None, device: torch.device, amp: bool,
+    cfg: BenefitConfig,
+    train_items: list[dict],
+    seed: int,
+    ckpt: Path | None,
+    device: torch.device,
+    amp: bool,
     test_items: list[dict] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Fine-tune ``cfg.architecture`` on ``train_items`` for ``cfg.finetune_steps`` steps (about; whole epochs), from
@@ -535,11 +654,15 @@ def finetune(
         amp_kwargs={"dtype": torch.bfloat16}, decollate=False, train_handlers=handlers,
     )  # fmt: skip
     losses: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"].detach())))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"].detach()))
+    )
 
     def log_progress(engine: Any) -> None:
         recent = statistics.fmean(losses[-max(1, steps // 10) :])
-        logger.info(f"    step {engine.state.iteration}/{steps}: loss {recent:.3f} ({time.perf_counter() - start:.0f} s)")
+        logger.info(
+            f"    step {engine.state.iteration}/{steps}: loss {recent:.3f} ({time.perf_counter() - start:.0f} s)"
+        )
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, steps // 4)), log_progress)
     curve: list[dict] = []
@@ -552,8 +675,14 @@ def finetune(
             net.eval()
             dice = evaluate_dice(cfg, net, test_items, device, amp)["dice"]
             net.train()
-            curve.append({"step": done, "loss": statistics.fmean(losses[since:done]), "dice": dice,
-                          "seconds": time.perf_counter() - evaluation_start})
+            curve.append(
+                {
+                    "step": done,
+                    "loss": statistics.fmean(losses[since:done]),
+                    "dice": dice,
+                    "seconds": time.perf_counter() - evaluation_start,
+                }
+            )
             logger.info(f"    curve: step {done}: loss {curve[-1]['loss']:.3f}, held-out Dice {dice:.3f}")
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, curve_point)
@@ -566,7 +695,9 @@ def finetune(
     return net, {**info, "curve": curve} if curve else info
 
 
-def evaluate_dice(cfg: BenefitConfig, net: torch.nn.Module, test_items: list[dict], device: torch.device, amp: bool) -> dict:
+def evaluate_dice(
+    cfg: BenefitConfig, net: torch.nn.Module, test_items: list[dict], device: torch.device, amp: bool
+) -> dict:
     """Sliding-window Dice of the final weights on the held-out phantoms: mean over organs, and per organ."""
     loader = DataLoader(get_dataset(test_items, _eval_transforms(), cache="none"), batch_size=1, num_workers=0)
     names = cfg.organ_names()  # label k is names[k - 1]
@@ -604,7 +735,9 @@ def summarise(runs: list[dict], cfg: BenefitConfig) -> list[dict]:
         row["pretrained_better"] = sum(d > 0 for d in diffs)
         per_class = {}
         for arm in ARMS:
-            organ_runs = [r["per_class"] for r in runs if r["n_labeled"] == n and r["arm"] == arm and r["seed"] in seeds]
+            organ_runs = [
+                r["per_class"] for r in runs if r["n_labeled"] == n and r["arm"] == arm and r["seed"] in seeds
+            ]
             per_class[arm] = {k: statistics.fmean(r[k] for r in organ_runs) for k in organ_runs[0]}
         row["per_class_mean"] = per_class
         rows.append(row)
@@ -643,14 +776,18 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         f"phantoms {'x'.join(map(str, cfg.phantom_shape))} at {'x'.join(f'{s:g}' for s in cfg.phantom_spacing)} mm, "
         f"{cfg.style} style, {cfg.layout} layout, {cfg.num_organs} organs; "
         f"{cfg.roi}^3 crops; "
-        + (f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.patch}^3 patches"
-           if cnn else f"ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
-           f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}")
+        + (
+            f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.patch}^3 patches"
+            if cnn
+            else f"ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
+            f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
+        )
         + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "")
         + f". {'Masked-image model' if cnn else 'MAE'}: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
         f"({pretrain['steps']} steps, {pretrain['seconds'] / 60:.1f} min{reused}), masking {cfg.masking_ratio}, "
         f"{'normalised' if cfg.norm_pix_loss else 'plain'}-pixel loss on the masked patches"
-        + (f" + {cfg.visible_loss_weight:g} x the visible ones" if cfg.visible_loss_weight else "") + ", "
+        + (f" + {cfg.visible_loss_weight:g} x the visible ones" if cfg.visible_loss_weight else "")
+        + ", "
         f"loss {pretrain['first_epoch_loss']:.4f} -> {pretrain['last_epoch_loss']:.4f}. "
         f"Fine-tuning: about {cfg.finetune_steps} AdamW steps of {cfg.finetune_batch} volume(s) x {cfg.finetune_samples} crops, "
         f"lr {cfg.finetune_lr:g}, warm-up {cfg.warmup_fraction:.0%} + cosine, DiceCE, "
@@ -664,8 +801,24 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
     return "\n".join(lines) + "\n"
 
 
-ARM_STYLE = {("scratch", 0): "#c8462f", ("pretrained", 0): "#2864be", ("scratch", 1): "#e69f00", ("pretrained", 1): "#009e73"}
-_PALETTE = ("#c8462f", "#2864be", "#e69f00", "#009e73", "#7b3294", "#008837", "#d01c8b", "#4d4d4d", "#a6611a", "#0571b0")
+ARM_STYLE = {
+    ("scratch", 0): "#c8462f",
+    ("pretrained", 0): "#2864be",
+    ("scratch", 1): "#e69f00",
+    ("pretrained", 1): "#009e73",
+}
+_PALETTE = (
+    "#c8462f",
+    "#2864be",
+    "#e69f00",
+    "#009e73",
+    "#7b3294",
+    "#008837",
+    "#d01c8b",
+    "#4d4d4d",
+    "#a6611a",
+    "#0571b0",
+)
 
 
 def _arm_label(label: str, arm: str) -> str:
@@ -719,7 +872,9 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
 def format_combined(reports: dict[str, dict]) -> str:
     """One markdown table of every architecture and arm from the JSON reports of several runs."""
     lines = [
-        "| labeled volumes | " + " | ".join(f"{a} scratch | {a} pretrained | {a} difference (better)" for a in reports) + " |",
+        "| labeled volumes | "
+        + " | ".join(f"{a} scratch | {a} pretrained | {a} difference (better)" for a in reports)
+        + " |",
         "| ---: |" + " :---: | :---: | :---: |" * len(reports),
     ]
     sizes = sorted({row["n_labeled"] for report in reports.values() for row in report["summary"]})
@@ -813,7 +968,9 @@ def best_arms(reports: dict[str, dict], margin: float = 0.02, share: float = 0.8
         for arm in ARMS:
             mean, label, values = best[arm]
             row[arm] = {"architecture": label, "mean": mean, "seeds": sorted(values)}
-        row["unmeasured"] = sorted(label for label in reports if not any(key[0] == label and key[2] == n for key in dice))
+        row["unmeasured"] = sorted(
+            label for label in reports if not any(key[0] == label and key[2] == n for key in dice)
+        )
         row["target_met"] = (bool(diffs) and not row["unmeasured"] and row["difference"] >= margin
                              and row["better"] >= share * len(seeds))  # fmt: skip
         rows.append(row)
@@ -859,25 +1016,47 @@ def combine(paths: Sequence[Path], out_dir: Path, figures_dir: Path | None = Non
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size preset (default: cpu)")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="unetr",
                         help="segmentation network: unetr (patch 16) or vitseg (pure ViT, patch 8; the preset's VITSEG_CHANGES)")  # fmt: skip
-    parser.add_argument("--setting", choices=SETTINGS, default="phantoms",
-                        help="phantoms (the original anatomical phantoms) or realistic (abdominal-CT-like volumes)")
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default="phantoms",
+        help="phantoms (the original anatomical phantoms) or realistic (abdominal-CT-like volumes)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run, < 2 minutes (same as --preset quick)")
-    parser.add_argument("--step-times", type=int, default=None, metavar="STEPS",
-                        help="only measure the seconds per fine-tuning step of UNETR and ViTSeg at the preset's sizes (interleaved)")
+    parser.add_argument(
+        "--step-times",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="only measure the seconds per fine-tuning step of UNETR and ViTSeg at the preset's sizes (interleaved)",
+    )
     parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="REPORT_JSON",
                         help="only write one table and chart from the JSON reports of earlier runs (e.g. unetr and vitseg)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="retrain the MAE and every fine-tune (implied by --quick)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="where the .md/.json go")
-    parser.add_argument("--figures-dir", type=Path, default=None,
-                        help="where the .png goes (default: benchmarks/figures, or OUT_DIR when --out-dir is given)")
-    parser.add_argument("--work-dir", type=Path, default=None, help="generated data and MAE weights (default: OUT_DIR/pretrain_benefit_work)")
+    parser.add_argument(
+        "--figures-dir",
+        type=Path,
+        default=None,
+        help="where the .png goes (default: benchmarks/figures, or OUT_DIR when --out-dir is given)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="generated data and MAE weights (default: OUT_DIR/pretrain_benefit_work)",
+    )
     for name in ("labeled_sizes", "seeds", "curve_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="+", default=None)
     parser.add_argument("--layout", choices=LAYOUTS, default=None, help="organ placement of the phantoms")
@@ -887,8 +1066,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "finetune_samples", "freeze_encoder_epochs", "sw_batch_size")  # fmt: skip
     for name in ints:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    for name in ("pretrain_lr", "finetune_lr", "layer_decay", "encoder_lr_scale", "masking_ratio", "drop_path_rate",
-                 "visible_loss_weight", "intensity_shift", "intensity_scale"):
+    for name in (
+        "pretrain_lr",
+        "finetune_lr",
+        "layer_decay",
+        "encoder_lr_scale",
+        "masking_ratio",
+        "drop_path_rate",
+        "visible_loss_weight",
+        "intensity_shift",
+        "intensity_scale",
+    ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
@@ -909,7 +1097,14 @@ def _residual_scale(text: str) -> float | str:
 
 
 # settings that only the pretrained arm depends on: the MAE, and how it is transferred and fine-tuned
-_PRETRAINED_ONLY = (*_MAE_ONLY, "layer_decay", "encoder_lr_scale", "residual_scale", "freeze_encoder_epochs", "drop_path_rate")
+_PRETRAINED_ONLY = (
+    *_MAE_ONLY,
+    "layer_decay",
+    "encoder_lr_scale",
+    "residual_scale",
+    "freeze_encoder_epochs",
+    "drop_path_rate",
+)
 
 
 def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "pretrained") -> str:
@@ -959,7 +1154,9 @@ def build_config(args: argparse.Namespace) -> BenefitConfig:
     """The preset with every given flag applied."""
     preset = "quick" if args.quick else args.preset
     cfg = preset_config(preset, getattr(args, "architecture", "unetr"), getattr(args, "setting", "phantoms"))
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
+    changes = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None
+    }
     for name in ("labeled_sizes", "seeds", "curve_steps"):
         if name in changes:
             changes[name] = tuple(changes[name])
@@ -980,9 +1177,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         times = step_times(preset, args.step_times, device)
         budget = preset_config(preset, "vitseg")
         seconds = budget.finetune_steps * times["vitseg"]
-        print(f"seconds per fine-tuning step ({preset} preset, {device}, {torch.get_num_threads()} threads, median of "
-              f"{args.step_times}, interleaved); steps in the wall-clock of ViTSeg's {budget.finetune_steps} steps "
-              f"({seconds:.0f} s):", flush=True)
+        print(
+            f"seconds per fine-tuning step ({preset} preset, {device}, {torch.get_num_threads()} threads, median of "
+            f"{args.step_times}, interleaved); steps in the wall-clock of ViTSeg's {budget.finetune_steps} steps "
+            f"({seconds:.0f} s):",
+            flush=True,
+        )
         for arch, value in times.items():
             print(f"  {ARCH_NAMES[arch]:>9}: {value:.3f} s/step, {seconds / value:.0f} steps", flush=True)
         return times
@@ -1002,7 +1202,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.perf_counter()
 
     unlabeled, pool, test = prepare_data(cfg, work_dir)
-    logger.info(f"data: {len(unlabeled)} unlabeled, {len(pool)} labeled (pool), {len(test)} held-out test phantoms in {work_dir}")
+    logger.info(
+        f"data: {len(unlabeled)} unlabeled, {len(pool)} labeled (pool), {len(test)} held-out test phantoms in {work_dir}"
+    )
     reuse = not (args.quick or args.fresh)
     ckpt, pretrain = pretrain_mae(cfg, unlabeled, work_dir, device, amp, reuse=reuse)
 
@@ -1027,8 +1229,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 net, info = finetune(cfg, subset, seed, ckpt if arm == "pretrained" else None, device, amp, test)
                 result = evaluate_dice(cfg, net, test, device, amp)
                 cases = [Path(s["image"]).name for s in subset]
-                runs.append({"architecture": cfg.architecture, "arm": arm, "n_labeled": n, "seed": seed,
-                             "train_cases": cases, **result, **info})
+                runs.append(
+                    {
+                        "architecture": cfg.architecture,
+                        "arm": arm,
+                        "n_labeled": n,
+                        "seed": seed,
+                        "train_cases": cases,
+                        **result,
+                        **info,
+                    }
+                )
                 with open(done_paths[arm], "a", encoding="utf-8") as f:
                     f.write(json.dumps(runs[-1]) + "\n")
                 logger.info(f"[{len(runs)}/{total}] n={n} seed={seed} {arm:>10}: Dice {result['dice']:.3f} "

@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for _ in range(args.steps):
             step()
     elapsed = (time.perf_counter() - start) / args.steps
-    print(f"config {config.name}, {args.model}, {args.threads} thread(s), bf16={args.bf16}: {elapsed:.3f} s/step (profiled)")
+    print(
+        f"config {config.name}, {args.model}, {args.threads} thread(s), bf16={args.bf16}: {elapsed:.3f} s/step (profiled)"
+    )
     table = prof.key_averages(group_by_input_shape=args.shapes)
     print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 

@@ -59,8 +59,17 @@ _RUN_PATHS = ("output_dir", "pretrained_ckpt")
 _PACKAGES = ("pytorch-ignite", "nibabel", "einops", "tensorboard", "fire")
 #: Settings of run_settings.json left out of the README (folders), and the data-preset entries it shows.
 _UNSHOWN = ("dataset_dir", "output_dir", "bundle_root", "preprocessed_dir", "pretrained_ckpt", "ckpt_path")
-_SHOWN_PRESET = ("modality", "pixdim", "a_min", "a_max", "roi_size", "spatial_dims", "in_channels", "num_classes",
-                 "class_names")
+_SHOWN_PRESET = (
+    "modality",
+    "pixdim",
+    "a_min",
+    "a_max",
+    "roi_size",
+    "spatial_dims",
+    "in_channels",
+    "num_classes",
+    "class_names",
+)
 
 
 def run_model_file(run_dir: str | os.PathLike[str], ckpt: str | os.PathLike[str] | None = None) -> Path:
@@ -245,8 +254,10 @@ def _training_lines(run_dir: Path, model: ModelFile, bundle: str) -> list[str]:
         if shown:
             lines.append("- settings: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(shown.items())))
     else:
-        lines.append(f"- the run folder holds no {RUN_SETTINGS_NAME} (it was not started by `monai-mae`): "
-                     "the data it was trained on is not recorded")
+        lines.append(
+            f"- the run folder holds no {RUN_SETTINGS_NAME} (it was not started by `monai-mae`): "
+            "the data it was trained on is not recorded"
+        )
     shown_preset = {k: preset[k] for k in _SHOWN_PRESET if k in preset}
     lines.append("- data preset: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in shown_preset.items()))
     if run.get("pretrained_ckpt"):
@@ -319,7 +330,7 @@ def _readme(name: str, bundle: str, run_dir: Path, model: ModelFile, meta: Mappi
             "```bash",
             "python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\",
             "    --key_in_ckpt network --meta_file configs/metadata.json --config_file configs/inference.json \\",
-            "    --bundle_root . --use_trace True --input_shape \"[1, 1, 96, 96, 96]\"",
+            '    --bundle_root . --use_trace True --input_shape "[1, 1, 96, 96, 96]"',
             "```",
         ]
     lines += [

@@ -122,4 +122,3 @@ def check_visible_weight(visible_weight: float, decoder_type: str) -> float:
             "(decoder_type='cross') does not reconstruct the visible patches; set one of them back."
         )
     return visible_weight
-

@@ -234,7 +234,8 @@ def _conflicts(given: Mapping[str, Any], recorded: Mapping[str, Any], keys: Any,
             problems.append(f"{key}={_plain(given[key])!r} (given) vs {key}={_plain(recorded[key])!r} (in {source})")
     if problems:
         raise ValueError(
-            f"{what} contradict the checkpoint {source}: " + "; ".join(problems)
+            f"{what} contradict the checkpoint {source}: "
+            + "; ".join(problems)
             + ". Leave these settings out to take them from the checkpoint, or use another checkpoint."
         )
 

@@ -74,7 +74,9 @@ def test_paths_selects_a_subset_and_ratios_to_a_are_na(tmp_path, capsys):
     ])  # fmt: skip
     printed = capsys.readouterr().out
     rois = bench_data.QUICK.rois
-    assert [(r["path"], r["roi"]) for r in summary["rows"]] == [(p, r) for r in rois for p in ("preprocessed", "storage")]
+    assert [(r["path"], r["roi"]) for r in summary["rows"]] == [
+        (p, r) for r in rois for p in ("preprocessed", "storage")
+    ]
     assert all(math.isnan(r["x_vs_a"]) for r in summary["rows"]) and "| n/a |" in printed
     assert [t["name"].rsplit(" ", 1)[-1] for t in summary["targets"]] == ["(c)", "(d)"]
     assert printed.count("(d) / (c) per worker") == len(rois)

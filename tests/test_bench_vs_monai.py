@@ -19,7 +19,9 @@ import bench_vs_monai  # noqa: E402
 
 def test_decoder_variants_table_and_json(tmp_path, capsys):
     out = tmp_path / "decoders.json"
-    bench_vs_monai.main(["--quick", "--configs", "c", "--decoders", "--steps", "2", "--warmup", "0", "--json", str(out)])
+    bench_vs_monai.main(
+        ["--quick", "--configs", "c", "--decoders", "--steps", "2", "--warmup", "0", "--json", str(out)]
+    )
     printed = capsys.readouterr().out
     config = bench_vs_monai.CONFIGS["c-quick"]
     n_masked = config.num_tokens - config.num_visible

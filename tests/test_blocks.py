@@ -15,9 +15,9 @@ from monai.networks.layers import DropPath
 
 from monai_mae.networks.attention import RoPEAttention
 from monai_mae.networks.blocks import EncoderBlock, LayerScale, build_blocks, run_blocks
+from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.mlp import MLP_TYPES, GeluMLP, SwiGLU
 from monai_mae.networks.rope import AxialRoPE, apply_rope, apply_rope_qkv, grid_coordinates
-from monai_mae.networks.mae import MAEViT
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -164,7 +164,9 @@ def test_rope_prefix_tokens_not_rotated(prefix):
     assert not torch.allclose(rotated[:, :, prefix + 1 :], x[:, :, prefix + 1 :])
 
 
-@pytest.mark.parametrize("head_dim, dims, passed", [(8, 3, 2), (10, 3, 4), (16, 3, 4), (6, 2, 2), (10, 2, 2), (7, 3, 1)])
+@pytest.mark.parametrize(
+    "head_dim, dims, passed", [(8, 3, 2), (10, 3, 4), (16, 3, 4), (6, 2, 2), (10, 2, 2), (7, 3, 1)]
+)
 def test_rope_leftover_channels_pass_unchanged(head_dim, dims, passed):
     rope = AxialRoPE(head_dim, dims)
     assert head_dim - 2 * rope.rotated_pairs == passed
@@ -520,7 +522,13 @@ def test_encoder_block_drop_path_train_vs_eval():
 # ---------------------------------------------------------------------------------- build / run
 @pytest.mark.parametrize(
     "layers, rate, expected",
-    [(4, 0.3, [0.0, 0.1, 0.2, 0.3]), (3, 0.2, [0.0, 0.1, 0.2]), (2, 0.5, [0.0, 0.5]), (1, 0.4, [0.0]), (3, 0.0, [0.0] * 3)],
+    [
+        (4, 0.3, [0.0, 0.1, 0.2, 0.3]),
+        (3, 0.2, [0.0, 0.1, 0.2]),
+        (2, 0.5, [0.0, 0.5]),
+        (1, 0.4, [0.0]),
+        (3, 0.0, [0.0] * 3),
+    ],
 )
 def test_build_blocks_drop_path_linear(layers, rate, expected):
     blocks = build_blocks(layers, 16, 32, 4, drop_path_rate=rate)
@@ -639,7 +647,12 @@ def test_mae_option_block_types(dims):
 
 
 def test_mae_option_state_dict_keys():
-    hidden, mlp, dec_hidden, dec_mlp = SMALL["hidden_size"], SMALL["mlp_dim"], SMALL["decoder_hidden_size"], SMALL["decoder_mlp_dim"]
+    hidden, mlp, dec_hidden, dec_mlp = (
+        SMALL["hidden_size"],
+        SMALL["mlp_dim"],
+        SMALL["decoder_hidden_size"],
+        SMALL["decoder_mlp_dim"],
+    )
     state = small_mae(3, layer_scale_init=0.1).state_dict()
     for key in ("blocks.0.ls1.gamma", "blocks.1.ls2.gamma", "decoder_blocks.0.ls1.gamma", "decoder_blocks.0.ls2.gamma"):
         assert key in state
@@ -716,7 +729,9 @@ def test_mae_rope_visible_tokens_get_their_grid_coordinates():
     cos, sin = net._rope(net.rope, net.grid_size, indices, torch.device("cpu"))
     full_cos, full_sin = net._rope(net.rope, net.grid_size, None, torch.device("cpu"))
     assert cos.shape == (2, 1, 5, net.rope.rotated_pairs)
-    assert torch.equal(cos[:, 0, 0], torch.ones_like(cos[:, 0, 0])) and torch.equal(sin[:, 0, 0], torch.zeros_like(sin[:, 0, 0]))
+    assert torch.equal(cos[:, 0, 0], torch.ones_like(cos[:, 0, 0])) and torch.equal(
+        sin[:, 0, 0], torch.zeros_like(sin[:, 0, 0])
+    )
     for b in range(2):
         assert torch.equal(cos[b, 0, 1:], full_cos[0, 0, 1:][indices[b]])
         assert torch.equal(sin[b, 0, 1:], full_sin[0, 0, 1:][indices[b]])
@@ -743,8 +758,10 @@ def test_mae_save_attn_without_class_token_is_fine():
         (dict(drop_path_rate=-0.5), r"drop_path_rate must be in \[0, 1\), got -0.5"),
         (dict(pos_embed_type="rope", rope_theta=0.5), "rope_theta must be > 1, got 0.5"),
         (dict(pos_embed_type="rope", hidden_size=8, num_heads=4), r"head_dim >= 2 \* spatial_dims = 6, got head_dim=2"),
-        (dict(pos_embed_type="rope", decoder_hidden_size=8, decoder_num_heads=2),
-         r"head_dim >= 2 \* spatial_dims = 6, got head_dim=4"),  # fmt: skip
+        (
+            dict(pos_embed_type="rope", decoder_hidden_size=8, decoder_num_heads=2),
+            r"head_dim >= 2 \* spatial_dims = 6, got head_dim=4",
+        ),  # fmt: skip
     ],
 )
 def test_mae_invalid_options(kwargs, match):

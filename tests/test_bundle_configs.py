@@ -71,7 +71,9 @@ def model_files(tmp_path_factory) -> dict[str, Path]:
     seg = ViTSeg(1, 3, 32, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, decoder_channels=[8, 8, 8])
     return {
         "mae_pretrain": save_model(mae, root / "mae.pt", data_preset={**preset, "roi_size": [16, 16, 16]}),
-        "mae_finetune": save_model(seg, root / "seg.pt", data_preset={**preset, "roi_size": [32, 32, 32], "num_classes": 3}),
+        "mae_finetune": save_model(
+            seg, root / "seg.pt", data_preset={**preset, "roi_size": [32, 32, 32], "num_classes": 3}
+        ),
     }
 
 
@@ -167,7 +169,9 @@ def test_every_autocasting_engine_names_the_dtype_of_amp_dtype(bundle, files, wo
     else:
         assert workflow in autocasting
     if "train#handlers" in parser:  # the trainer's GradScaler: loss scaling for fp16 only
-        scalers = [h for h in parser.get("train#handlers") if isinstance(h, dict) and h["_target_"].endswith("AmpGradScaler")]
+        scalers = [
+            h for h in parser.get("train#handlers") if isinstance(h, dict) and h["_target_"].endswith("AmpGradScaler")
+        ]
         assert len(scalers) == 1 and scalers[0]["dtype"] == "@amp_dtype"
 
 
@@ -207,7 +211,9 @@ def test_evaluate_refuses_a_preprocessed_dir(dataset, tmp_path, model_files):
     with pytest.raises(RuntimeError) as raised:  # MONAI's parser wraps the expression's error
         parser.get_parsed_content("initialize#0")
     assert isinstance(raised.value.__cause__, ValueError)
-    assert "evaluate.json" in str(raised.value.__cause__) and f"preprocessed_dir='{tmp_path / 'pre'}'" in str(raised.value.__cause__)
+    assert "evaluate.json" in str(raised.value.__cause__) and f"preprocessed_dir='{tmp_path / 'pre'}'" in str(
+        raised.value.__cause__
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -216,9 +222,15 @@ def test_pretrain_loss_takes_the_visible_weight_and_refuses_it_with_the_cross_de
     parser = _parser("mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5)
     loss = parser.get_parsed_content("loss")
     assert isinstance(loss, MaskedReconstructionLoss) and loss.visible_weight == 0.5
-    assert _parser("mae_pretrain", files).get_parsed_content("loss").visible_weight == 1.0  # the default (ViTSeg's recipe)
-    assert _parser("mae_pretrain", files, visible_loss_weight=0.0).get_parsed_content("loss").visible_weight == 0.0  # the paper's
-    crossed = _parser("mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5, decoder_type="cross")
+    assert (
+        _parser("mae_pretrain", files).get_parsed_content("loss").visible_weight == 1.0
+    )  # the default (ViTSeg's recipe)
+    assert (
+        _parser("mae_pretrain", files, visible_loss_weight=0.0).get_parsed_content("loss").visible_weight == 0.0
+    )  # the paper's
+    crossed = _parser(
+        "mae_pretrain", files, output_dir=str(tmp_path / "out"), visible_loss_weight=0.5, decoder_type="cross"
+    )
     with pytest.raises(RuntimeError) as raised:  # MONAI's parser wraps the expression's error
         crossed.get_parsed_content("loss")
     assert isinstance(raised.value.__cause__, ValueError)
@@ -227,11 +239,19 @@ def test_pretrain_loss_takes_the_visible_weight_and_refuses_it_with_the_cross_de
 
 def test_finetune_nifti_chain_jitters_intensity_as_train_augment_says(tmp_path):
     files = ["train.json"]
-    names = [type(t).__name__ for t in _parser("mae_finetune", files).get_parsed_content("train#preprocessing").transforms]
-    assert names[-3:] == ["RandScaleIntensityd", "RandShiftIntensityd", "EnsureTyped"]  # default 0.1 / 0.1, after the flips
+    names = [
+        type(t).__name__ for t in _parser("mae_finetune", files).get_parsed_content("train#preprocessing").transforms
+    ]
+    assert names[-3:] == [
+        "RandScaleIntensityd",
+        "RandShiftIntensityd",
+        "EnsureTyped",
+    ]  # default 0.1 / 0.1, after the flips
     scale, shift = _parser("mae_finetune", files).get_parsed_content("train#preprocessing").transforms[-3:-1]
     assert (scale.scaler.factors, shift.shifter.offsets) == ((-0.1, 0.1), (-0.1, 0.1))
-    off = _parser("mae_finetune", files, **{"train#augment": {"flip_prob": 0.1, "intensity_shift": 0.0, "intensity_scale": 0.0}})
+    off = _parser(
+        "mae_finetune", files, **{"train#augment": {"flip_prob": 0.1, "intensity_shift": 0.0, "intensity_scale": 0.0}}
+    )
     names = [type(t).__name__ for t in off.get_parsed_content("train#preprocessing").transforms]
     assert "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names
 
@@ -242,8 +262,14 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-@pytest.mark.parametrize("bundle, files", [("mae_pretrain", ["inference.json"]), ("mae_finetune", ["inference.json"]),
-                                           ("mae_finetune", ["train.json", "evaluate.json"])])
+@pytest.mark.parametrize(
+    "bundle, files",
+    [
+        ("mae_pretrain", ["inference.json"]),
+        ("mae_finetune", ["inference.json"]),
+        ("mae_finetune", ["train.json", "evaluate.json"]),
+    ],
+)
 def test_a_network_setting_given_to_a_config_that_loads_a_model_file_is_checked_against_it(bundle, files, model_files):
     """``--network_def#hidden_size 192`` on inference/evaluate: checked against the file, not a config-parser error."""
     ckpt = {"ckpt_path": str(model_files[bundle]), "device": "cpu"}

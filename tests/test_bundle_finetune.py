@@ -88,7 +88,11 @@ def test_finetune_loads_mae_encoder_and_keeps_it_frozen(finetuned):
     state = model.state_dict
     # self-describing: class, constructor arguments and the data preset used
     assert model.network["_target_"] == "monai.networks.nets.UNETR"
-    assert (model.network["hidden_size"], model.network["feature_size"], model.network["out_channels"]) == (48, 4, NUM_CLASSES)
+    assert (model.network["hidden_size"], model.network["feature_size"], model.network["out_channels"]) == (
+        48,
+        4,
+        NUM_CLASSES,
+    )
     assert model.data_preset["modality"] == "ct" and model.data_preset["roi_size"] == [32, 32, 32]
     assert model.data_preset["a_min"] == -175.0 and model.run["bundle"] == "mae_finetune"
     vit_keys = [k for k in state if k.startswith("vit.")]
@@ -109,7 +113,9 @@ def test_finetune_loads_mae_encoder_and_keeps_it_frozen(finetuned):
 def test_evaluate_writes_per_class_dice(finetuned, dataset):
     out, _, _ = finetuned
     overrides = write_overrides(out.parent / "tiny_eval.json", **TINY_RUN)
-    result = _run_layered(["train.json", "evaluate.json"], overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    result = _run_layered(
+        ["train.json", "evaluate.json"], overrides, "--dataset_dir", str(dataset), "--output_dir", str(out)
+    )
     assert "Restored all variables from" in result.stdout and "model_best.pt" in result.stdout
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["checkpoint"].endswith("model_best.pt") and report["num_cases"] == 1
@@ -195,7 +201,9 @@ def test_pretrained_ckpt_alone_configures_encoder_and_preprocessing(described_ma
     assert model.data_preset["modality"] == "mri" and model.data_preset["pixdim"] == [1.0, 1.0, 1.0]
     # inference needs only the model file and the data: network and preprocessing are rebuilt from it
     infer = write_overrides(tmp_path / "infer.json", **TINY_INFER)
-    run_bundle("mae_finetune", "inference.json", infer, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"))
+    run_bundle(
+        "mae_finetune", "inference.json", infer, "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out")
+    )
     segmentations = sorted((tmp_path / "out" / "segmentations").glob("*_seg.nii.gz"))
     assert len(segmentations) == 1 and nib.load(segmentations[0]).shape == (40, 40, 32)
 
@@ -203,7 +211,10 @@ def test_pretrained_ckpt_alone_configures_encoder_and_preprocessing(described_ma
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--encoder#hidden_size", "48"), r"encoder settings contradict the checkpoint .*hidden_size=48 \(given\) vs hidden_size=24"),
+        (
+            ("--encoder#hidden_size", "48"),
+            r"encoder settings contradict the checkpoint .*hidden_size=48 \(given\) vs hidden_size=24",
+        ),
         (("--modality", "ct"), r"data settings contradict the checkpoint .*modality='ct' \(given\) vs modality='mri'"),
         (("--architecture", "unetr"), r"cannot be built as MONAI's UNETR: num_layers=2 \(UNETR has 12\), patch_size=8"),
     ],

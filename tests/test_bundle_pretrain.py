@@ -39,7 +39,17 @@ def _val_losses(text: str) -> list[float]:
 def test_two_epochs_end_to_end_then_resume(dataset, tmp_path):
     out = tmp_path / "out"
     overrides = write_overrides(tmp_path / "tiny.json", **TINY_RUN)
-    first = run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out), "--max_epochs", "2")
+    first = run_bundle(
+        "mae_pretrain",
+        "train.json",
+        overrides,
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "2",
+    )
     assert "no checkpoint" in first.stdout and "Epoch[2] Complete" in first.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
     state = read_model(out / "models" / "model.pt").state_dict
@@ -49,7 +59,17 @@ def test_two_epochs_end_to_end_then_resume(dataset, tmp_path):
     assert len(_val_losses(first.stdout)) == 2
 
     # the same command with more epochs resumes after epoch 2 instead of starting over
-    second = run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out), "--max_epochs", "3")
+    second = run_bundle(
+        "mae_pretrain",
+        "train.json",
+        overrides,
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        "--max_epochs",
+        "3",
+    )
     assert "resumed from" in second.stdout and "checkpoint_epoch=2.pt" in second.stdout
     assert "Epoch[1] Complete" not in second.stdout and "Epoch[3] Complete" in second.stdout
     assert (out / "checkpoints" / "checkpoint_epoch=3.pt").exists()
@@ -57,7 +77,9 @@ def test_two_epochs_end_to_end_then_resume(dataset, tmp_path):
     # inference: one reconstruction per validation volume, in the input's space
     # (the network, crop size, masking and preprocessing come from the model file: no network overrides)
     infer_overrides = write_overrides(tmp_path / "infer.json", num_workers=0)
-    infer = run_bundle("mae_pretrain", "inference.json", infer_overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    infer = run_bundle(
+        "mae_pretrain", "inference.json", infer_overrides, "--dataset_dir", str(dataset), "--output_dir", str(out)
+    )
     assert infer.returncode == 0
     source = nib.load(dataset / "imagesTr" / "phantom_003.nii.gz")
     recon = nib.load(out / "reconstructions_nifti" / "phantom_003_recon.nii.gz")
@@ -76,8 +98,12 @@ def test_validation_loss_decreases(dataset, tmp_path):
     assert len(losses) == 8
     assert min(losses[-3:]) < losses[0] * 0.8, losses
     # "best" is the lowest loss in the log (the evaluator's key metric) and in model_best.pt's record
-    best_value, best_epoch = re.findall(r"Key metric: val_loss best value: ([0-9.eE+-]+) at epoch: (\d+)", result.stdout)[-1]
-    assert float(best_value) == pytest.approx(min(losses), abs=1e-4) and int(best_epoch) == losses.index(min(losses)) + 1
+    best_value, best_epoch = re.findall(
+        r"Key metric: val_loss best value: ([0-9.eE+-]+) at epoch: (\d+)", result.stdout
+    )[-1]
+    assert (
+        float(best_value) == pytest.approx(min(losses), abs=1e-4) and int(best_epoch) == losses.index(min(losses)) + 1
+    )
     record = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint_epoch=8.pt", weights_only=True)["best"]
     assert record["best_epoch"] == int(best_epoch) and record["best"] == pytest.approx(float(best_value))
 
@@ -120,9 +146,13 @@ def test_2d_slices_train_and_reconstruct(dataset, tmp_path):
     run_bundle("mae_pretrain", "train.json", overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
     state = read_model(out / "models" / "model.pt").state_dict
     assert state["patch_embedding.patch_embeddings.weight"].shape == (48, 1, 8, 8)
-    assert read_model(out / "models" / "model.pt").data_preset["spatial_dims"] == 2  # inference rebuilds the 2D slicer from it
+    assert (
+        read_model(out / "models" / "model.pt").data_preset["spatial_dims"] == 2
+    )  # inference rebuilds the 2D slicer from it
     infer_overrides = write_overrides(tmp_path / "infer.json", num_workers=0)
-    run_bundle("mae_pretrain", "inference.json", infer_overrides, "--dataset_dir", str(dataset), "--output_dir", str(out))
+    run_bundle(
+        "mae_pretrain", "inference.json", infer_overrides, "--dataset_dir", str(dataset), "--output_dir", str(out)
+    )
     source = nib.load(dataset / "imagesTr" / "phantom_003.nii.gz")
     recon = nib.load(out / "reconstructions_nifti" / "phantom_003_recon.nii.gz")
     assert recon.shape == source.shape and np.allclose(recon.affine, source.affine)

@@ -22,7 +22,16 @@ BUNDLES = ("mae_pretrain", "mae_finetune")
 # The fields the MONAI model-zoo metadata schema requires: meta_schema_20220324.json, the schema each
 # metadata.json names in "schema" (MONAI-extra-test-data release 0.8.1). It is not available offline,
 # so its required fields are written down here.
-_TENSOR_FIELDS = ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def"]
+_TENSOR_FIELDS = [
+    "type",
+    "format",
+    "num_channels",
+    "spatial_shape",
+    "dtype",
+    "value_range",
+    "is_patch_data",
+    "channel_def",
+]
 _TENSOR = {
     "type": "object",
     "required": _TENSOR_FIELDS,
@@ -40,8 +49,19 @@ _TENSOR = {
 _VERSION = {"type": "string", "pattern": r"^\d+\.\d+\.\d+"}
 META_SCHEMA = {
     "type": "object",
-    "required": ["version", "changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-                 "task", "description", "authors", "copyright", "network_data_format"],  # fmt: skip
+    "required": [
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "required_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "network_data_format",
+    ],  # fmt: skip
     "properties": {
         "version": _VERSION,
         "changelog": {"type": "object", "minProperties": 1},
@@ -95,7 +115,11 @@ def test_license_and_model_zoo_readme(bundle):
     license_text = (root / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()
-    headings = [line.lstrip("#").strip() for line in (root / "docs" / "README.md").read_text().splitlines() if line.startswith("#")]
+    headings = [
+        line.lstrip("#").strip()
+        for line in (root / "docs" / "README.md").read_text().splitlines()
+        if line.startswith("#")
+    ]
     for section in ("Model Overview", "Data", "Training configuration", "Input", "Output", "Performance",
                     "MONAI Bundle Commands", "Execute training", "Execute multi-GPU training", "Execute evaluation",
                     "Execute inference", "Export checkpoint to TorchScript", "References", "License"):  # fmt: skip
@@ -114,7 +138,9 @@ def test_inference_checks_its_input_files_like_training(bundle, dataset, tmp_pat
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
     parser.update({"bundle_root": str(REPO / "bundles" / bundle), "dataset_dir": str(dataset)})
-    assert [item["image"] for item in parser.get_parsed_content("datalist")] == [str(dataset / "imagesTr" / "phantom_002.nii.gz")]
+    assert [item["image"] for item in parser.get_parsed_content("datalist")] == [
+        str(dataset / "imagesTr" / "phantom_002.nii.gz")
+    ]
 
     bad = shutil.copytree(dataset, tmp_path / "data")
     truncated = bad / "imagesTr" / "phantom_002.nii.gz"

@@ -18,8 +18,8 @@ from test_engines import TINY, _data, _trainer
 
 from monai_mae import MAEViT
 from monai_mae.engines import AutoResume, BestModelSaver, EpochCheckpointer
-from monai_mae.utils import atomic_write, is_main_process, unwrap
 from monai_mae.model_file import read_model
+from monai_mae.utils import atomic_write, is_main_process, unwrap
 
 
 @pytest.fixture
@@ -211,5 +211,7 @@ def test_bundle_configs_rank_the_key_metric_like_best_model_saver(bundle, metric
         assert cmp_fn(0.2, 0.3) is True and cmp_fn(0.3, 0.2) is False
     else:
         assert "metric_cmp_fn" not in validate["evaluator"]  # MONAI's default: higher is better
-    tensorboard = [h for h in validate["handlers"] if isinstance(h, dict) and h["_target_"].endswith("TensorBoardStatsHandler")]
+    tensorboard = [
+        h for h in validate["handlers"] if isinstance(h, dict) and h["_target_"].endswith("TensorBoardStatsHandler")
+    ]
     assert tensorboard[0]["state_attributes"] == ["best_metric"]

@@ -13,8 +13,19 @@ from monai_mae.networks.checkpoint_adapters import ADAPTERS, CheckpointAdapter, 
 from monai_mae.networks.checkpoint_io import read_checkpoint, split_encoder
 from monai_mae.networks.mae import MAEViT
 
-ARGS = dict(in_channels=1, img_size=32, patch_size=16, hidden_size=24, mlp_dim=48, num_layers=2, num_heads=4,
-            decoder_hidden_size=12, decoder_mlp_dim=24, decoder_num_layers=1, decoder_num_heads=4)
+ARGS = dict(
+    in_channels=1,
+    img_size=32,
+    patch_size=16,
+    hidden_size=24,
+    mlp_dim=48,
+    num_layers=2,
+    num_heads=4,
+    decoder_hidden_size=12,
+    decoder_mlp_dim=24,
+    decoder_num_layers=1,
+    decoder_num_heads=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +52,14 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
         (lambda monai, ours: ours.state_dict(), ()),
         (lambda monai, ours: ours, ()),
         (lambda monai, ours: monai, ("MONAI MaskedAutoEncoderViT",)),
-        (lambda monai, ours: {"network": _prefixed(ours.state_dict(), "module."), "optimizer": {}, "epoch": 3},
-         ("bundle/Ignite checkpoint",)),
-        (lambda monai, ours: {"state_dict": {"model": _prefixed(monai, "_orig_mod.")}, "epoch": 1},
-         ("bundle/Ignite checkpoint", "MONAI MaskedAutoEncoderViT")),
+        (
+            lambda monai, ours: {"network": _prefixed(ours.state_dict(), "module."), "optimizer": {}, "epoch": 3},
+            ("bundle/Ignite checkpoint",),
+        ),
+        (
+            lambda monai, ours: {"state_dict": {"model": _prefixed(monai, "_orig_mod.")}, "epoch": 1},
+            ("bundle/Ignite checkpoint", "MONAI MaskedAutoEncoderViT"),
+        ),
     ],
 )
 def test_every_layout_reads_to_the_same_encoder(monai_state, ours, wrap, layouts):
@@ -70,17 +85,32 @@ def test_model_file_layout_gives_weights_and_position_kind(tmp_path):
     "keys, prefix, depths, expected",
     [
         # depth recognised: the last block index holding only weight / bias is the final norm
-        (["blocks.0.attn.qkv.weight", "blocks.1.weight", "blocks.1.bias"], "", None,
-         {"blocks.1.weight": "norm.weight", "blocks.1.bias": "norm.bias"}),
+        (
+            ["blocks.0.attn.qkv.weight", "blocks.1.weight", "blocks.1.bias"],
+            "",
+            None,
+            {"blocks.1.weight": "norm.weight", "blocks.1.bias": "norm.bias"},
+        ),
         # our own layout: nothing to rename
         (["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight", "norm.weight"], "", None, {}),
         # the last block is a real block: not a norm
         (["blocks.0.attn.qkv.weight", "blocks.1.mlp.linear1.weight"], "", None, {}),
         # exact depths (the pre-hook), decoder too, under a prefix; stale cross-attention dropped
-        (["mae.blocks.0.cross_attn.to_q.weight", "mae.blocks.0.norm_cross_attn.weight", "mae.blocks.1.weight",
-          "mae.decoder_blocks.1.bias"], "mae.", {"blocks": 1, "decoder_blocks": 1},
-         {"mae.blocks.0.cross_attn.to_q.weight": None, "mae.blocks.1.weight": "mae.norm.weight",
-          "mae.decoder_blocks.1.bias": "mae.decoder_norm.bias"}),
+        (
+            [
+                "mae.blocks.0.cross_attn.to_q.weight",
+                "mae.blocks.0.norm_cross_attn.weight",
+                "mae.blocks.1.weight",
+                "mae.decoder_blocks.1.bias",
+            ],
+            "mae.",
+            {"blocks": 1, "decoder_blocks": 1},
+            {
+                "mae.blocks.0.cross_attn.to_q.weight": None,
+                "mae.blocks.1.weight": "mae.norm.weight",
+                "mae.decoder_blocks.1.bias": "mae.decoder_norm.bias",
+            },
+        ),
     ],
 )
 def test_monai_mae_renames(keys, prefix, depths, expected):

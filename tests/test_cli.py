@@ -44,9 +44,22 @@ def _fails(capsys, *argv: str) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text, value", [("16", 16), ("1e-3", 1e-3), ("[16, 16, 16]", [16, 16, 16]), ("true", True),
-                                         ("False", False), ("null", None), ("(1, 2)", (1, 2)), ("cpu", "cpu"),
-                                         ("cuda:1", "cuda:1"), ("$@lr * 2", "$@lr * 2"), ('{"a": 1}', {"a": 1})])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("16", 16),
+        ("1e-3", 1e-3),
+        ("[16, 16, 16]", [16, 16, 16]),
+        ("true", True),
+        ("False", False),
+        ("null", None),
+        ("(1, 2)", (1, 2)),
+        ("cpu", "cpu"),
+        ("cuda:1", "cuda:1"),
+        ("$@lr * 2", "$@lr * 2"),
+        ('{"a": 1}', {"a": 1}),
+    ],
+)
 def test_values_read_as_json_then_python_literal_then_string(text, value):
     assert cli.parse_value(text) == value and type(cli.parse_value(text)) is type(value)
 
@@ -82,8 +95,26 @@ def test_settings_are_layered_config_files_then_flags_then_set_then_trailing(tmp
     first.write_text(json.dumps({"max_epochs": 7, "lr": 0.1}))
     second.write_text(json.dumps({"lr": 0.2}))
     parser = cli.build_parser()
-    argv = ["finetune", "--data", "d", "--out", "o", "--config", str(first), "--config", str(second), "--epochs", "3",
-            "--pretrained", "mae.pt", "--multi-gpu", "--set", "max_epochs=4", "--set", "seed=1"]
+    argv = [
+        "finetune",
+        "--data",
+        "d",
+        "--out",
+        "o",
+        "--config",
+        str(first),
+        "--config",
+        str(second),
+        "--epochs",
+        "3",
+        "--pretrained",
+        "mae.pt",
+        "--multi-gpu",
+        "--set",
+        "max_epochs=4",
+        "--set",
+        "seed=1",
+    ]
     args, extra = parser.parse_known_args([*argv, "--max_epochs", "5"])
     call = cli.bundle_call(args, extra)
     configs = bundle_dir("mae_finetune") / "configs"
@@ -95,13 +126,16 @@ def test_settings_are_layered_config_files_then_flags_then_set_then_trailing(tmp
     assert cli.bundle_call(args, extra).settings["max_epochs"] == 4
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--set", "novalue"], r"--set takes KEY=VALUE \(e.g. --set network_def#hidden_size=384\), got 'novalue'"),
-    (["--max_epochs"], r"the bundle setting --max_epochs needs a value"),
-    (["--lr", "--seed", "1"], r"the bundle setting --lr needs a value"),
-    (["stray"], r"unexpected argument 'stray': bundle settings go as --KEY VALUE"),
-    (["--config", "missing.json"], r"--config file not found: 'missing.json'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "novalue"], r"--set takes KEY=VALUE \(e.g. --set network_def#hidden_size=384\), got 'novalue'"),
+        (["--max_epochs"], r"the bundle setting --max_epochs needs a value"),
+        (["--lr", "--seed", "1"], r"the bundle setting --lr needs a value"),
+        (["stray"], r"unexpected argument 'stray': bundle settings go as --KEY VALUE"),
+        (["--config", "missing.json"], r"--config file not found: 'missing.json'"),
+    ],
+)
 def test_malformed_settings_stop_with_their_name(capsys, argv, message):
     err = _fails(capsys, "pretrain", "--data", "d", "--out", "o", *argv, "--dry-run")
     assert re.search(rf"monai-mae pretrain: error: {message}", err), err
@@ -118,8 +152,19 @@ def test_required_flags_and_unknown_commands_are_argparse_errors(capsys):
 @pytest.fixture
 def runs(tmp_path):
     """A pretraining and a fine-tuning run folder with tiny self-describing model files."""
-    mae = MAEViT(1, 16, 8, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, decoder_hidden_size=16,
-                 decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2)
+    mae = MAEViT(
+        1,
+        16,
+        8,
+        hidden_size=24,
+        mlp_dim=48,
+        num_layers=1,
+        num_heads=2,
+        decoder_hidden_size=16,
+        decoder_mlp_dim=32,
+        decoder_num_layers=1,
+        decoder_num_heads=2,
+    )
     seg = ViTSeg(1, 3, 16, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, decoder_channels=[8, 8, 8])
     save_model(mae, tmp_path / "mae" / "models" / "model.pt", data_preset=PRESET, run={"bundle": "mae_pretrain"})
     preset = {**PRESET, "num_classes": 3, "class_names": ["a", "b"]}
@@ -143,8 +188,10 @@ def test_evaluate_and_infer_take_the_run_s_model_and_its_bundle(capsys, runs):
     assert "no model file in the run folder" in err and "model_best.pt" in err
 
 
-@pytest.mark.parametrize("setting, value, recorded", [("num_classes", "5", "3"), ("spatial_dims", "2", "3"),
-                                                      ("class_names", '["x", "y"]', "['a', 'b']")])
+@pytest.mark.parametrize(
+    "setting, value, recorded",
+    [("num_classes", "5", "3"), ("spatial_dims", "2", "3"), ("class_names", '["x", "y"]', "['a', 'b']")],
+)
 def test_a_setting_the_model_file_decides_is_checked_against_it(capsys, runs, setting, value, recorded):
     for command in ("evaluate", "infer"):
         err = _fails(capsys, command, "--data", "d", "--out", str(runs / "seg"), f"--{setting}", value, "--dry-run")
@@ -226,27 +273,101 @@ def _run(*argv: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProce
 def test_synth_pretrain_finetune_export_then_the_bundle_runs_on_its_own(tmp_path):
     """The commands the wheel smoke test runs, from a folder outside the repository, on tiny settings."""
     pre = tmp_path / "pre.json"
-    pre.write_text(json.dumps({"roi_size": [16, 16, 16], "patch_size": [8, 8, 8], "batch_size": 1, "num_samples": 1,
-                               "num_workers": 0, "warmup_epochs": 1, "val_interval": 1, **TINY_NETWORK}))
+    pre.write_text(
+        json.dumps(
+            {
+                "roi_size": [16, 16, 16],
+                "patch_size": [8, 8, 8],
+                "batch_size": 1,
+                "num_samples": 1,
+                "num_workers": 0,
+                "warmup_epochs": 1,
+                "val_interval": 1,
+                **TINY_NETWORK,
+            }
+        )
+    )
     ft = tmp_path / "ft.json"
-    ft.write_text(json.dumps({"roi_size": [16, 16, 16], "batch_size": 1, "num_samples": 1, "num_workers": 0,
-                              "warmup_epochs": 1, "val_interval": 1, "sw_batch_size": 1,
-                              "vitseg#decoder_channels": [8, 8, 8]}))
+    ft.write_text(
+        json.dumps(
+            {
+                "roi_size": [16, 16, 16],
+                "batch_size": 1,
+                "num_samples": 1,
+                "num_workers": 0,
+                "warmup_epochs": 1,
+                "val_interval": 1,
+                "sw_batch_size": 1,
+                "vitseg#decoder_channels": [8, 8, 8],
+            }
+        )
+    )
     synth = ["synth", "data", "--num", "3", "--num-validation", "1", "--shape", "24", "24", "16"]
     _run("-m", "monai_mae", *synth, cwd=tmp_path)
-    log = _run("-m", "monai_mae", "pretrain", "--data", "data", "--out", "mae", "--epochs", "1", "--device", "cpu",
-               "--config", str(pre), cwd=tmp_path).stdout
+    log = _run(
+        "-m",
+        "monai_mae",
+        "pretrain",
+        "--data",
+        "data",
+        "--out",
+        "mae",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--config",
+        str(pre),
+        cwd=tmp_path,
+    ).stdout
     assert "Iter: 1/2 -- train_loss" not in log  # the progress bar is on: no per-iteration log line
-    _run("-m", "monai_mae", "finetune", "--data", "data", "--out", "seg", "--pretrained", "mae/models/model.pt",
-         "--epochs", "1", "--device", "cpu", "--config", str(ft), cwd=tmp_path)
+    _run(
+        "-m",
+        "monai_mae",
+        "finetune",
+        "--data",
+        "data",
+        "--out",
+        "seg",
+        "--pretrained",
+        "mae/models/model.pt",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--config",
+        str(ft),
+        cwd=tmp_path,
+    )
     model = read_model(tmp_path / "seg" / "models" / "model.pt")
     assert model.network["hidden_size"] == TINY_NETWORK["network_def#hidden_size"]  # the encoder came from the MAE
     _run("-m", "monai_mae", "export", "seg", "shared/seg_bundle", cwd=tmp_path)
     bundle = tmp_path / "shared" / "seg_bundle"
-    _run("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--meta_file", "configs/metadata.json",
-         "--logging_file", "configs/logging.conf", "--bundle_root", ".", "--dataset_dir", str(tmp_path / "data"),
-         "--output_dir", str(tmp_path / "seg_out"), "--device", "cpu", "--num_workers", "0", cwd=bundle)
+    _run(
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--meta_file",
+        "configs/metadata.json",
+        "--logging_file",
+        "configs/logging.conf",
+        "--bundle_root",
+        ".",
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(tmp_path / "seg_out"),
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        cwd=bundle,
+    )
     (segmentation,) = (tmp_path / "seg_out" / "segmentations").glob("*_seg.nii.gz")
     assert segmentation.name == "phantom_002_seg.nii.gz"
-    assert torch.equal(read_model(bundle / "models" / "model.pt").state_dict["norm.weight"],
-                       read_model(tmp_path / "seg" / "models" / "model_best.pt").state_dict["norm.weight"])
+    assert torch.equal(
+        read_model(bundle / "models" / "model.pt").state_dict["norm.weight"],
+        read_model(tmp_path / "seg" / "models" / "model_best.pt").state_dict["norm.weight"],
+    )

@@ -251,7 +251,10 @@ def test_ensure_dataset_without_the_flag_stops_before_writing(tmp_path, exists):
         ensure_dataset(target, synthetic_if_missing="false")
     assert (list(target.iterdir()) == []) if exists else not target.exists()
     path = ensure_dataset(target, synthetic_if_missing="True", num=2, num_validation=1, shape=TINY)
-    assert len(json.loads(path.read_text())["training"]) == 1 and nib.load(target / "imagesTr/phantom_001.nii.gz").shape == TINY
+    assert (
+        len(json.loads(path.read_text())["training"]) == 1
+        and nib.load(target / "imagesTr/phantom_001.nii.gz").shape == TINY
+    )
 
 
 @pytest.mark.parametrize("flag", [1, "yes", None])

@@ -247,7 +247,9 @@ def test_transform_hash_unpicklable_falls_back_to_names(caplog):
         first = transform_hash(transforms)
     assert "cannot be pickled" in caplog.text and "Lambdad" in caplog.text
     assert first == transform_hash([Lambdad("image", lambda x: x * 2)])  # names only: the settings go unnoticed
-    assert transform_hash([Lambdad("image", print)]) != transform_hash([Lambdad("image", len)])  # picklable: settings count
+    assert transform_hash([Lambdad("image", print)]) != transform_hash(
+        [Lambdad("image", len)]
+    )  # picklable: settings count
 
 
 def test_get_dataset_bad_arguments(items):
@@ -306,7 +308,10 @@ def test_presets_ship_inside_the_package():
     assert sorted(e.name for e in packaged.iterdir() if e.name.endswith(".json")) == ["ct.json", "mri.json"]
     assert data_preset_names() == ["ct", "mri"]
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert '"monai_mae.data.presets" = ["*.json"]' in pyproject and '"monai_mae.data.presets"' in pyproject.split("package-dir")[0]
+    assert (
+        '"monai_mae.data.presets" = ["*.json"]' in pyproject
+        and '"monai_mae.data.presets"' in pyproject.split("package-dir")[0]
+    )
 
 
 @pytest.mark.parametrize("name", ["ct", "mri"])

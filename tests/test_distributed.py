@@ -213,7 +213,7 @@ def test_two_process_gloo_run_of_the_finetune_bundle(tmp_path):
     for rank in ranks:
         for key, value in rank["start"].items():
             if key.startswith(("vit.blocks.3.attn.qkv.", "vit.blocks.3.norm", "vit.blocks.3.mlp.linear1.")):
-                assert torch.equal(value, mae_state[key[len("vit."):]]), key  # read the stream: not rescaled
+                assert torch.equal(value, mae_state[key[len("vit.") :]]), key  # read the stream: not rescaled
     for key in ranks[0]["start"]:
         for stage in ("start", "epoch1", "final"):
             assert torch.equal(ranks[0][stage][key], ranks[1][stage][key]), (stage, key)

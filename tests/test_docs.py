@@ -81,8 +81,10 @@ def test_relative_links_point_to_existing_files_and_headings(path):
         resolved = (path.parent / file_part).resolve() if file_part else path
         if not resolved.exists():
             broken.append(f"{path.relative_to(REPO)}:{number}: {target} (no file {resolved})")
-        elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(
-            resolved.read_text("utf-8"), resolved.parent
+        elif (
+            anchor
+            and resolved.suffix == ".md"
+            and anchor not in heading_anchors(resolved.read_text("utf-8"), resolved.parent)
         ):
             broken.append(f"{path.relative_to(REPO)}:{number}: {target} (no heading #{anchor})")
     assert broken == []

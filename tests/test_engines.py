@@ -22,10 +22,10 @@ from monai_mae.engines import (
     MAEPrepareBatch,
     NonFiniteLossError,
     NonFiniteLossGuard,
+    as_plain_tensor,
     atomic_save,
     build_optimizer,
     list_checkpoints,
-    as_plain_tensor,
     param_groups,
     plain_prepare_batch,
     scaled_lr,
@@ -152,7 +152,9 @@ def test_checkpoint_resume_round_trip(tmp_path, caplog):
     resume = AutoResume(tmp_path, {"network": net2, "optimizer": trainer2.optimizer, "trainer": trainer2})
     resume.attach(trainer2)
     loaded = {}
-    trainer2.add_event_handler(Events.STARTED, lambda e: loaded.update({k: v.clone() for k, v in net2.state_dict().items()}))
+    trainer2.add_event_handler(
+        Events.STARTED, lambda e: loaded.update({k: v.clone() for k, v in net2.state_dict().items()})
+    )
     with caplog.at_level(logging.INFO):
         trainer2.run()
     assert all(torch.equal(loaded[k], v) for k, v in saved.items())  # the weights of epoch 2 were restored
@@ -194,10 +196,17 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
 def test_gradient_clipping():
     net = MAEViT(1, 16, 8, **TINY)
     norms = []
-    trainer = _trainer(net, _data(1), handlers=[GradientClipping(max_norm=1e-3)], loss=lambda o, t: 1e3 * MaskedReconstructionLoss(8)(o, t))
+    trainer = _trainer(
+        net,
+        _data(1),
+        handlers=[GradientClipping(max_norm=1e-3)],
+        loss=lambda o, t: 1e3 * MaskedReconstructionLoss(8)(o, t),
+    )
     trainer.add_event_handler(
         IterationEvents.BACKWARD_COMPLETED,
-        lambda e: norms.append(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in net.parameters() if p.grad is not None))),
+        lambda e: norms.append(
+            math.sqrt(sum(float(p.grad.pow(2).sum()) for p in net.parameters() if p.grad is not None))
+        ),
     )
     trainer.run()
     assert norms[0] == pytest.approx(1e-3, rel=1e-3)

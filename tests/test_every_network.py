@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from bundle_utils import REPO, TINY_NETWORK
-from monai.bundle import ConfigParser
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss

@@ -24,8 +24,10 @@ from monai_mae.packaged import bundle_dir
 from monai_mae.version import __version__
 
 SEG = {
-    "vitseg": {"encoder": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "num_layers": 2},
-               "options": {"decoder_channels": [16, 8, 8]}},
+    "vitseg": {
+        "encoder": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "num_layers": 2},
+        "options": {"decoder_channels": [16, 8, 8]},
+    },
     "unetr": {"encoder": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4}, "options": {"feature_size": 8}},
 }
 PRESET = {**load_data_preset("ct"), "roi_size": [32, 32, 32], "spatial_dims": 3, "in_channels": 1, "orientation": "RAS"}
@@ -52,11 +54,25 @@ def _seg_run(tmp_path, architecture: str):
     best = {**facts, "epoch": 3, "val_mean_dice": 0.625}
     save_model(net, run / "models" / "model_best.pt", data_preset=preset, run=best)
     (run / "eval").mkdir()
-    (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": {"val_mean_dice": 0.5, "val_dice_liver": 0.75},
-                                                           "num_cases": 2, "datalist_key": "validation"}))
+    (run / "eval" / "metrics.json").write_text(
+        json.dumps(
+            {"metrics": {"val_mean_dice": 0.5, "val_dice_liver": 0.75}, "num_cases": 2, "datalist_key": "validation"}
+        )
+    )
     data = tmp_path / "data"
-    (run / RUN_SETTINGS_NAME).write_text(json.dumps({"bundle": "mae_finetune", "settings": {
-        "dataset_dir": str(data), "output_dir": str(run), "max_epochs": 4, "network_def#options": {"x": 1}}}))
+    (run / RUN_SETTINGS_NAME).write_text(
+        json.dumps(
+            {
+                "bundle": "mae_finetune",
+                "settings": {
+                    "dataset_dir": str(data),
+                    "output_dir": str(run),
+                    "max_epochs": 4,
+                    "network_def#options": {"x": 1},
+                },
+            }
+        )
+    )
     return run, net
 
 
@@ -67,8 +83,14 @@ def test_a_segmentation_run_exports_to_a_bundle_that_stands_on_its_own(
     run, net = _seg_run(tmp_path, architecture)
     out = export_run(run, tmp_path / "shared" / "liver_seg")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == ["LICENSE", "configs/inference.json", "configs/logging.conf", "configs/metadata.json",
-                     "docs/README.md", "models/model.pt"]
+    assert files == [
+        "LICENSE",
+        "configs/inference.json",
+        "configs/logging.conf",
+        "configs/metadata.json",
+        "docs/README.md",
+        "models/model.pt",
+    ]
     assert (out / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
     names = ("configs/inference.json", "configs/metadata.json", "docs/README.md")
     texts = {name: (out / name).read_text() for name in names}
@@ -116,8 +138,9 @@ def test_a_segmentation_run_exports_to_a_bundle_that_stands_on_its_own(
         assert torch.allclose(torch.jit.load(str(out / "models" / "model.ts"))(x), expected, atol=1e-5)
 
     monkeypatch.chdir(tmp_path)  # load() reads configs/inference.json with bundle_root "." and runs its initialize
-    loaded = load("liver_seg", bundle_dir=str(tmp_path / "shared"), workflow_type="inference", key_in_ckpt="network",
-                  device="cpu")
+    loaded = load(
+        "liver_seg", bundle_dir=str(tmp_path / "shared"), workflow_type="inference", key_in_ckpt="network", device="cpu"
+    )
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(x), expected, atol=1e-6)
     assert not (tmp_path / "data").exists()  # initialize made up no data
@@ -125,8 +148,20 @@ def test_a_segmentation_run_exports_to_a_bundle_that_stands_on_its_own(
 
 def test_an_mae_run_exports_and_fine_tuning_starts_from_the_export(tmp_path):
     run = tmp_path / "mae"
-    mae = MAEViT(1, 32, 8, hidden_size=24, mlp_dim=48, num_layers=2, num_heads=2, decoder_hidden_size=16,
-                 decoder_mlp_dim=32, decoder_num_layers=1, decoder_num_heads=2, qkv_bias=True)
+    mae = MAEViT(
+        1,
+        32,
+        8,
+        hidden_size=24,
+        mlp_dim=48,
+        num_layers=2,
+        num_heads=2,
+        decoder_hidden_size=16,
+        decoder_mlp_dim=32,
+        decoder_num_layers=1,
+        decoder_num_heads=2,
+        qkv_bias=True,
+    )
     facts = {"bundle": "mae_pretrain", "output_dir": str(run), "masking_ratio": 0.6, "norm_pix_loss": True, "epoch": 2}
     save_model(mae, run / "models" / "model.pt", data_preset=PRESET, run=facts)
     out = export_run(run, tmp_path / "mae_bundle", name="phantom_mae")

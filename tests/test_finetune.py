@@ -15,7 +15,6 @@ from monai.networks.nets import UNETR, ViT
 from monai.optimizers import WarmupCosineSchedule
 
 from monai_mae import MAEViT
-from monai_mae.networks.residual import residual_stream_norm
 from monai_mae.engines.finetune import (
     FreezeEncoder,
     encoder_parameters,
@@ -23,6 +22,7 @@ from monai_mae.engines.finetune import (
     load_pretrained,
     save_metrics_json,
 )
+from monai_mae.networks.residual import residual_stream_norm
 
 TINY = dict(hidden_size=48, mlp_dim=96, num_heads=4, qkv_bias=True)  # UNETR fixes 12 layers and patch 16
 
@@ -115,10 +115,16 @@ def test_no_vit_is_a_value_error():
         FreezeEncoder(torch.nn.Conv3d(1, 1, 1), epochs=1)
 
 
-def _record_requires_grad(net: UNETR, freeze_epochs: int, max_epochs: int, start_epoch: int = 0) -> list[tuple[bool, bool]]:
+def _record_requires_grad(
+    net: UNETR, freeze_epochs: int, max_epochs: int, start_epoch: int = 0
+) -> list[tuple[bool, bool]]:
     """(encoder trainable, decoder trainable) seen by the process function in each epoch."""
     seen = []
-    engine = Engine(lambda e, b: seen.append((net.vit.blocks[0].attn.qkv.weight.requires_grad, net.out.conv.conv.weight.requires_grad)))
+    engine = Engine(
+        lambda e, b: seen.append(
+            (net.vit.blocks[0].attn.qkv.weight.requires_grad, net.out.conv.conv.weight.requires_grad)
+        )
+    )
     FreezeEncoder(net, epochs=freeze_epochs).attach(engine)
     if start_epoch:  # as after AutoResume
         engine.load_state_dict({"epoch": start_epoch, "max_epochs": max_epochs, "epoch_length": 1})
@@ -211,12 +217,13 @@ def test_load_pretrained_errors(tmp_path):
     torch.save(_tiny_mae(hidden_size=96).state_dict(), tmp_path / "wide.pt")
     net = _unetr()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(ValueError, match=r"wide.pt' does not fit UNETR: .*checkpoint has hidden_size=96, target has 48"):
+    with pytest.raises(
+        ValueError, match=r"wide.pt' does not fit UNETR: .*checkpoint has hidden_size=96, target has 48"
+    ):
         load_pretrained(net, tmp_path / "wide.pt")
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing written
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_pretrained(net, tmp_path / "missing.pt")
-
 
 
 def test_load_pretrained_residual_scale(tmp_path, caplog):

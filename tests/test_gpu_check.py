@@ -56,8 +56,10 @@ def test_table_formatting_of_gpu_figures_errors_and_failed_checks():
         "| ViT-B | 96^3 / 16^3 | monai_mae | 4 | 41.23 | 41.3% | 11.50 | 0 |",
         "| Primus-B | 160^3 / 8^3 | monai | 2 | out of memory (CUDA out of memory) | | | |",
     ]
-    checks = [gpu_check.Check("mae_pretrain: cuda:0, bf16, compile", [], passed=True, seconds=12.34),
-              gpu_check.Check("mae_finetune: DDP on 2 GPU(s), bf16", [], passed=False, seconds=3.0, log="/tmp/x.log")]
+    checks = [
+        gpu_check.Check("mae_pretrain: cuda:0, bf16, compile", [], passed=True, seconds=12.34),
+        gpu_check.Check("mae_finetune: DDP on 2 GPU(s), bf16", [], passed=False, seconds=3.0, log="/tmp/x.log"),
+    ]
     assert gpu_check.checks_table(checks).splitlines()[2:] == [
         "| mae_pretrain: cuda:0, bf16, compile | passed | 12.3 |",
         "| mae_finetune: DDP on 2 GPU(s), bf16 | FAILED (log: /tmp/x.log) | 3.0 |",

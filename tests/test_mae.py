@@ -4,13 +4,12 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from monai.networks import eval_mode
 from monai.networks.blocks import PatchEmbeddingBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
-from monai.networks.nets import ViT, MaskedAutoEncoderViT
+from monai.networks.nets import MaskedAutoEncoderViT, ViT
 
-from monai_mae import MAEViT, MaskGenerator, MaskedReconstructionLoss, patchify
+from monai_mae import MAEViT, MaskedReconstructionLoss, MaskGenerator, patchify
 from monai_mae.networks.masking import random_masking
 from monai_mae.networks.pos_embed import sincos_pos_embed
 
@@ -194,7 +193,9 @@ def test_other_input_size(pos):
 
 @pytest.mark.parametrize("grid, width", [((4, 6), 64), ((3, 4, 5), 96), ((4, 4, 4), 768)])
 def test_sincos_matches_monai_where_defined(grid, width):
-    torch.testing.assert_close(sincos_pos_embed(grid, width), build_sincos_position_embedding(list(grid), width, len(grid)).data)
+    torch.testing.assert_close(
+        sincos_pos_embed(grid, width), build_sincos_position_embedding(list(grid), width, len(grid)).data
+    )
 
 
 @pytest.mark.parametrize("width", [40, 50, 64, 101])
@@ -286,7 +287,9 @@ AUTOCAST_CASES = {
     "default": dict(),
     "primus": dict(pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1, cls_token=False),
     "rope_cls": dict(pos_embed_type="rope", qkv_bias=True),
-    "perceptron_learnable": dict(proj_type="perceptron", pos_embed_type="learnable", decoder_pos_embed_type="learnable"),
+    "perceptron_learnable": dict(
+        proj_type="perceptron", pos_embed_type="learnable", decoder_pos_embed_type="learnable"
+    ),
     "fourier_no_decoder_pos": dict(pos_embed_type="fourier", decoder_pos_embed_type="none"),
     "save_attn": dict(save_attn=True),
     "checkpointing_drop_path": dict(activation_checkpointing=True, drop_path_rate=0.1, mlp_type="swiglu"),

@@ -41,7 +41,11 @@ def test_round_trip_of_weights_and_description(mae_file):
     path, mae = mae_file
     model = read_model(path)
     assert model.describes and model.network["_target_"] == "monai_mae.networks.mae.MAEViT"
-    assert (model.network["pos_embed_type"], model.network["mlp_type"], model.network["cls_token"]) == ("rope", "swiglu", False)
+    assert (model.network["pos_embed_type"], model.network["mlp_type"], model.network["cls_token"]) == (
+        "rope",
+        "swiglu",
+        False,
+    )
     assert model.data_preset["modality"] == "mri" and model.data_preset["roi_size"] == [32, 32, 32]
     assert model.run == {"epoch": 3} and model.version
     assert all(torch.equal(model.state_dict[k], v) for k, v in mae.state_dict().items())
@@ -59,7 +63,9 @@ def test_mapped_read_for_descriptions_matches_and_legacy_files_still_read(mae_fi
     assert all(torch.equal(mapped.state_dict[k], v) for k, v in full.state_dict.items())
     torch.save(torch.load(path, weights_only=True), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     legacy = read_model(tmp_path / "legacy.pt", mmap=True)  # torch cannot map the old format: read as usual
-    assert legacy.network == full.network and torch.equal(legacy.state_dict["norm.weight"], mae.state_dict()["norm.weight"])
+    assert legacy.network == full.network and torch.equal(
+        legacy.state_dict["norm.weight"], mae.state_dict()["norm.weight"]
+    )
 
 
 def test_plain_state_dicts_still_load_but_describe_nothing(tmp_path):
@@ -80,7 +86,9 @@ def test_encoder_and_data_settings_come_from_the_file_and_conflicts_are_named(ma
     assert isinstance(seg, ViTSeg) and seg.patch_embedding.pos_embed_type == "rope"
     with pytest.raises(ValueError, match=r"hidden_size=48 \(given\) vs hidden_size=24 \(in '.*model.pt'\)"):
         encoder_settings(path, "vitseg", {"hidden_size": 48})
-    with pytest.raises(ValueError, match=r"cannot be built as MONAI's UNETR: num_layers=2 \(UNETR has 12\), patch_size=8"):
+    with pytest.raises(
+        ValueError, match=r"cannot be built as MONAI's UNETR: num_layers=2 \(UNETR has 12\), patch_size=8"
+    ):
         encoder_settings(path, "unetr")
     assert data_preset_for(path)["modality"] == "mri"
     assert data_preset_for(read_model(path)) == data_preset_for(path)  # a file read once serves both configs' items
@@ -112,8 +120,10 @@ def test_files_carry_their_format_version_and_a_newer_format_is_refused_by_name(
     newer = FORMAT_VERSION + 1
     content["monai_mae"].update(format_version=newer, version="9.0.0")
     torch.save(content, tmp_path / "newer.pt")
-    expected = (rf"'.*newer.pt' has model-file format {newer} \(written by monai-mae 9.0.0\), but monai-mae "
-                rf"{__version__} reads formats up to {FORMAT_VERSION}; upgrade monai-mae")
+    expected = (
+        rf"'.*newer.pt' has model-file format {newer} \(written by monai-mae 9.0.0\), but monai-mae "
+        rf"{__version__} reads formats up to {FORMAT_VERSION}; upgrade monai-mae"
+    )
     for read in (read_model, build_network, data_preset_for, lambda p: encoder_settings(p, "vitseg")):
         with pytest.raises(ValueError, match=expected):
             read(tmp_path / "newer.pt")

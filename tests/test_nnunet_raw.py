@@ -194,15 +194,23 @@ def _rename(path: Path, name: str) -> None:
 @pytest.mark.parametrize(
     "damage, match",
     [
-        (lambda r: (r / "imagesTr/b_0001.nii.gz").unlink(),
-         r"case 'b' of .*imagesTr: missing channel file\(s\) .*imagesTr/b_0001\.nii\.gz; dataset\.json's channel_names "
-         r"has 2 channel\(s\) \['T1', 'T2'\]"),
-        (lambda r: _save(r / "labelsTr/zz.nii.gz", np.zeros(SHAPE, np.uint8)),
-         r"labelsTr/zz\.nii\.gz: label without image \(no .*imagesTr/zz_0000\.nii\.gz\)"),
-        (lambda r: _save(r / "imagesTr/a_0002.nii.gz", np.zeros(SHAPE, np.float32)),
-         r"imagesTr/a_0002\.nii\.gz: channel 2, but dataset\.json's channel_names has 2 channel\(s\) \['T1', 'T2'\]"),
-        (lambda r: _rename(r / "imagesTr/a_0000.nii.gz", "a.nii.gz"),
-         r"imagesTr/a\.nii\.gz: name without the channel suffix; nnU-Net images are named CASE_XXXX\.nii\.gz"),
+        (
+            lambda r: (r / "imagesTr/b_0001.nii.gz").unlink(),
+            r"case 'b' of .*imagesTr: missing channel file\(s\) .*imagesTr/b_0001\.nii\.gz; dataset\.json's channel_names "
+            r"has 2 channel\(s\) \['T1', 'T2'\]",
+        ),
+        (
+            lambda r: _save(r / "labelsTr/zz.nii.gz", np.zeros(SHAPE, np.uint8)),
+            r"labelsTr/zz\.nii\.gz: label without image \(no .*imagesTr/zz_0000\.nii\.gz\)",
+        ),
+        (
+            lambda r: _save(r / "imagesTr/a_0002.nii.gz", np.zeros(SHAPE, np.float32)),
+            r"imagesTr/a_0002\.nii\.gz: channel 2, but dataset\.json's channel_names has 2 channel\(s\) \['T1', 'T2'\]",
+        ),
+        (
+            lambda r: _rename(r / "imagesTr/a_0000.nii.gz", "a.nii.gz"),
+            r"imagesTr/a\.nii\.gz: name without the channel suffix; nnU-Net images are named CASE_XXXX\.nii\.gz",
+        ),
     ],
     ids=["missing-channel", "label-without-image", "channel-beyond-channel-names", "no-channel-suffix"],
 )
@@ -225,13 +233,17 @@ def _edit_dataset_json(root: Path, **changes) -> None:
     "changes, match",
     [
         ({"numTraining": 5}, r"dataset\.json: numTraining is 5, but .*imagesTr holds 3 case\(s\) of 1 channel\(s\)"),
-        ({"numTraining": None, "labels": None},
-         r"dataset\.json: no 'labels', 'numTraining'; an nnU-Net v2 dataset\.json needs channel_names, labels"),
+        (
+            {"numTraining": None, "labels": None},
+            r"dataset\.json: no 'labels', 'numTraining'; an nnU-Net v2 dataset\.json needs channel_names, labels",
+        ),
         ({"channel_names": {"1": "CT"}}, r"'channel_names' keys must be the channel indices 0\.\.0, got \['1'\]"),
         ({"file_ending": ".tif"}, r"dataset\.json: file_ending '\.tif' is not read by MONAI's image readers here"),
         ({"file_ending": "nii.gz"}, r"'file_ending' must be a string like '\.nii\.gz', got 'nii\.gz'"),
-        ({"dataset": {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}},
-         r"file lists given in 'dataset' are not read"),
+        (
+            {"dataset": {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}},
+            r"file lists given in 'dataset' are not read",
+        ),
     ],
     ids=["numTraining", "missing-keys", "channel-indices", "unreadable-ending", "ending-without-dot", "dataset-key"],
 )
@@ -274,7 +286,9 @@ def test_preprocess_reads_a_raw_folder(tmp_path):
     root = _raw(tmp_path / "Dataset013_Brain", ["b0", "b1", "b2"], channels=("T1", "T2"))
     manifest = preprocess_dataset(root, tmp_path / "pre", "mri", workers=1, in_channels=2)
     assert [(v["name"], v["split"]) for v in manifest["volumes"]] == [
-        ("b0_0000", "training"), ("b1_0000", "training"), ("b2_0000", "validation")
+        ("b0_0000", "training"),
+        ("b1_0000", "training"),
+        ("b2_0000", "validation"),
     ]
     volume = manifest["volumes"][2]
     assert volume["source"] == {

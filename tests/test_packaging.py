@@ -53,7 +53,10 @@ def test_ci_runs_the_suite_then_the_wheel_smoke_test():
     assert lines.index("make test") < lines.index("make wheel-smoke")
     makefile = (REPO / "Makefile").read_text()
     assert "wheel-smoke:\n\tPYTHON=$(PYTHON) bash .ci/wheel_smoke.sh\n" in makefile
-    assert 'test-quick: install\n\tOMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests\n' in makefile
+    assert (
+        'test-quick: install\n\tOMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests\n'
+        in makefile
+    )
     assert "test: install\n\t$(BIN)/python -m pytest -q tests\n" in makefile  # CI: one process, everything
 
 
@@ -70,8 +73,11 @@ def test_every_package_folder_is_listed_and_the_bundles_ship_from_their_top_leve
     assert folders <= listed and "monai_mae.data.presets" in listed
     assert setup["package-dir"] == {"monai_mae.bundles": "bundles"}
     bundle_packages = {p for p in listed if p.startswith("monai_mae.bundles.")}
-    on_disk = {"monai_mae.bundles." + p.relative_to(REPO / "bundles").as_posix().replace("/", ".")
-               for p in (REPO / "bundles").rglob("*") if p.is_dir() and "__pycache__" not in p.parts}
+    on_disk = {
+        "monai_mae.bundles." + p.relative_to(REPO / "bundles").as_posix().replace("/", ".")
+        for p in (REPO / "bundles").rglob("*")
+        if p.is_dir() and "__pycache__" not in p.parts
+    }
     assert bundle_packages == on_disk
     for package, patterns in setup["package-data"].items():
         folder = REPO / "bundles" / package.split(".", 2)[2].replace(".", "/") if "bundles." in package else None

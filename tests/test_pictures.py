@@ -65,8 +65,17 @@ def test_reconstruction_figure_labels_hu_axes_and_columns():
     figure = reconstruction_figure(out["image"], *out["pred"], (8, 8, 4), a_min=-175.0, a_max=250.0, title="epoch 3")
     *panels, bar = figure.axes
     assert bar.get_ylabel() == "HU" and bar.get_ylim() == pytest.approx((-175.0, 250.0))
-    assert [ax.get_title() for ax in panels[:4]] == ["input", "masked input", "reconstruction", "reconstruction + visible"]
-    assert [panels[r * 4].get_ylabel() for r in range(3)] == ["axial\ny (voxel)", "coronal\nz (voxel)", "sagittal\nz (voxel)"]
+    assert [ax.get_title() for ax in panels[:4]] == [
+        "input",
+        "masked input",
+        "reconstruction",
+        "reconstruction + visible",
+    ]
+    assert [panels[r * 4].get_ylabel() for r in range(3)] == [
+        "axial\ny (voxel)",
+        "coronal\nz (voxel)",
+        "sagittal\nz (voxel)",
+    ]
     assert panels[4].get_xlabel() == "x (voxel)" and figure.get_suptitle() == "epoch 3"
     # the input shown in HU: [0, 1] -> [a_min, a_max]
     shown = panels[0].images[-1].get_array()
@@ -121,7 +130,9 @@ def test_segmentation_overlay_figure_colours_legend_and_errors():
     assert np.allclose(rgb[0, 0], ((z5[0, 0] - z5.min()) / (z5.max() - z5.min())).item(), atol=1e-6)
     with pytest.raises(ValueError, match=r"class_names must name the 4 foreground classes, got 2"):
         segmentation_overlay_figure(image, label, label, num_classes=5, class_names=["a", "b"])
-    with pytest.raises(ValueError, match=r"must share their spatial shape, got \(24, 20, 12\), \(24, 20, 12\) and \(24, 20, 11\)"):
+    with pytest.raises(
+        ValueError, match=r"must share their spatial shape, got \(24, 20, 12\), \(24, 20, 12\) and \(24, 20, 11\)"
+    ):
         segmentation_overlay_figure(image, label, label[..., :11])
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 0.0"):
         segmentation_overlay_figure(image, label, label, alpha=0.0)
@@ -154,7 +165,9 @@ def test_without_matplotlib_training_goes_on_with_one_warning(tmp_path, no_matpl
         state = engine.run([0, 1], max_epochs=3)
     assert state.epoch == 3 and not (tmp_path / "reconstructions").exists() and saver.last_path is None
     warnings = [r.getMessage() for r in caplog.records if "ReconstructionSaver" in r.getMessage()]
-    assert len(warnings) == 1 and "training goes on without pictures" in warnings[0] and "monai-mae[plots]" in warnings[0]
+    assert (
+        len(warnings) == 1 and "training goes on without pictures" in warnings[0] and "monai-mae[plots]" in warnings[0]
+    )
 
 
 def test_pillow_is_imported_only_where_pictures_are_written(monkeypatch, tmp_path):

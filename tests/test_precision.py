@@ -13,8 +13,7 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
-from monai_mae.engines import GradientClipping, MAEPrepareBatch
-from monai_mae.engines import precision
+from monai_mae.engines import GradientClipping, MAEPrepareBatch, precision
 from monai_mae.engines.precision import AutocastInferer, amp_inferer, cpu_bf16_supported, engine_amp
 
 
@@ -176,7 +175,9 @@ def _scaled_trainer(net: torch.nn.Module, dtype: torch.dtype, poison_at: int | N
         decollate=False,
     )  # fmt: skip
     record: list[dict] = []
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(net, "poison", e.state.iteration == poison_at))
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: setattr(net, "poison", e.state.iteration == poison_at)
+    )
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: record.append({"before": net.linear.weight.clone()}))
     precision.AmpGradScaler(dtype, device_type="cpu").attach(trainer)
     GradientClipping(max_norm=0.5).attach(trainer)

@@ -28,6 +28,7 @@ from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, SpatialPad
 from monai_mae.data import (
     PreprocessedCropDataset,
     check_manifest,
+    crops,
     from_storage_layout,
     get_deterministic_transforms,
     get_pretrain_transforms,
@@ -38,7 +39,6 @@ from monai_mae.data import (
     read_manifest,
     write_synthetic_dataset,
 )
-from monai_mae.data import crops
 from monai_mae.data import preprocess as pre
 from monai_mae.data.preprocess import checks
 from monai_mae.engines import MAEPrepareBatch
@@ -635,7 +635,7 @@ def test_cli_subprocess(synthetic, ct_out, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "preprocessed 4 volume(s)" in run.stdout
-    assert "need at most" in run.stderr and sum(f"/4] phantom_00" in line for line in run.stderr.splitlines()) == 4
+    assert "need at most" in run.stderr and sum("/4] phantom_00" in line for line in run.stderr.splitlines()) == 4
     manifest = read_manifest(out)
     for entry in manifest["volumes"]:
         for rel in entry["files"].values():

@@ -73,7 +73,9 @@ def test_pretrain_trains_from_the_folder_without_dataset_dir(preprocessed, tmp_p
         _run(parser)
     train_ds, val_ds = parser.get_parsed_content("train#dataset"), parser.get_parsed_content("validate#dataset")
     assert type(train_ds) is PreprocessedCropDataset and type(val_ds) is PreprocessedCentreCropDataset
-    assert parser.get_parsed_content("train#nifti_dataset") is None and parser.get_parsed_content("train#datalist") == []
+    assert (
+        parser.get_parsed_content("train#nifti_dataset") is None and parser.get_parsed_content("train#datalist") == []
+    )
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_best.pt").is_file()
     assert read_model(out / "models" / "model.pt").data_preset["pixdim"] == [1.5, 1.5, 2.0]
     assert not absent.exists() and not (out / "cache").exists()  # no phantoms generated, no cache written
@@ -107,7 +109,9 @@ def test_finetune_trains_with_labels_and_validates_whole_volumes_gpu_augment(pre
 
 
 @pytest.mark.parametrize("spatial_dims", [3, 2])
-def test_pretrain_gpu_augment_reads_the_storage_layout_and_prepares_the_default_batch(preprocessed, tmp_path, spatial_dims):
+def test_pretrain_gpu_augment_reads_the_storage_layout_and_prepares_the_default_batch(
+    preprocessed, tmp_path, spatial_dims
+):
     roi = {"roi_size": [16] * spatial_dims, "patch_size": [8] * spatial_dims, "spatial_dims": spatial_dims}
     prepared = {}
     for gpu in (False, True):
@@ -129,7 +133,10 @@ def test_pretrain_gpu_augment_reads_the_storage_layout_and_prepares_the_default_
     "change, named",
     [
         ({"preset": {**load_data_preset("ct"), "a_min": -100.0}}, r"'a_min': -100\.0.*'a_min': -175\.0"),
-        ({"spacing": [2.0, 2.0, 2.0]}, r"pixdim: .* has \[2\.0, 2\.0, 2\.0\], the run's preset has \[1\.5, 1\.5, 2\.0\]"),
+        (
+            {"spacing": [2.0, 2.0, 2.0]},
+            r"pixdim: .* has \[2\.0, 2\.0, 2\.0\], the run's preset has \[1\.5, 1\.5, 2\.0\]",
+        ),
     ],
     ids=["ct_window", "spacing"],
 )
@@ -194,7 +201,9 @@ def test_multi_gpu_config_samples_the_folder_with_a_distributed_sampler(preproce
     _run(parser)
     sampler = parser.get_parsed_content("train#sampler")
     assert isinstance(sampler, DistributedSampler) and isinstance(sampler.dataset, PreprocessedCropDataset)
-    assert len(sampler) == 2 and isinstance(parser.get_parsed_content("validate#sampler").dataset, PreprocessedCentreCropDataset)
+    assert len(sampler) == 2 and isinstance(
+        parser.get_parsed_content("validate#sampler").dataset, PreprocessedCentreCropDataset
+    )
     assert (out / "models" / "model.pt").is_file() and not (tmp_path / "never_made").exists()
 
 
@@ -271,7 +280,9 @@ def test_gpu_augment_prepare_batch_converts_the_storage_layout_before_augmenting
               "label": batch["label"].to(torch.uint8).permute(reverse).contiguous()}  # fmt: skip
     options = {"flip_prob": 0.5, "intensity_shift": 0.1, "intensity_scale": 0.1}
     expected = GPUAugmentPrepareBatch(**options, generator=torch.Generator().manual_seed(2))(default, "cpu")
-    got = GPUAugmentPrepareBatch(**options, generator=torch.Generator().manual_seed(2), storage_layout=True)(stored, "cpu")
+    got = GPUAugmentPrepareBatch(**options, generator=torch.Generator().manual_seed(2), storage_layout=True)(
+        stored, "cpu"
+    )
     for a, b in zip(got, expected):
         assert a.dtype == torch.float32 and a.shape == (4, 1, *spatial) and torch.equal(a, b)
 
@@ -304,8 +315,12 @@ def test_crop_augmentation_on_the_cpu_flips_labels_with_images_and_jitters_image
         axes = [c for c in combos if torch.equal(out_label, label.flip(c) if c else label)]
         assert len(axes) == 1  # the label moved by one set of flips and kept its values
         moved = (image.flip(axes[0]) if axes[0] else image).flatten()
-        a, b = torch.linalg.lstsq(torch.stack([moved, torch.ones_like(moved)], 1), out_image.flatten()[:, None]).solution[:, 0]
-        assert torch.allclose(out_image.flatten(), a * moved + b, atol=1e-5)  # the image moved the same way, then jitter
+        a, b = torch.linalg.lstsq(
+            torch.stack([moved, torch.ones_like(moved)], 1), out_image.flatten()[:, None]
+        ).solution[:, 0]
+        assert torch.allclose(
+            out_image.flatten(), a * moved + b, atol=1e-5
+        )  # the image moved the same way, then jitter
         assert 0.8 - 1e-6 <= a <= 1.2 + 1e-6 and -0.2 - 1e-6 <= b <= 0.2 + 1e-6 and (a, b) != (1.0, 0.0)
         flips.add(tuple(axes[0]))
     assert len(flips) > 1
@@ -332,7 +347,10 @@ def test_loader_setting_and_worker_defaults(bundle, preprocessed, tmp_path, monk
     # a CUDA device string: workers for a 16-core machine (per process under torchrun), pinned memory, prefetch
     monkeypatch.setattr("monai_mae.engines.runtime.available_cpus", lambda: 16)
     cuda = _parser(bundle, **{**{k: v for k, v in base.items() if k != "num_workers"}, "device": "cuda:1"})
-    settings = {key: cuda.get_parsed_content(key) for key in ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")}
+    settings = {
+        key: cuda.get_parsed_content(key)
+        for key in ("num_workers", "pin_memory", "prefetch_factor", "persistent_workers")
+    }
     assert settings == {"num_workers": 8, "pin_memory": True, "prefetch_factor": 4, "persistent_workers": True}
     assert cuda.get_parsed_content("train#trainer#non_blocking") is True
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -369,5 +387,10 @@ def test_bundle_run_2d_gpu_augment_thread_loader_subprocess(preprocessed, tmp_pa
         "--output_dir", str(out),
     )  # fmt: skip
     assert result.stdout.count("cache='persistent' is ignored") == 1 and "Epoch[2] Complete" in result.stdout
-    assert read_model(out / "models" / "model.pt").state_dict["patch_embedding.patch_embeddings.weight"].shape == (48, 1, 8, 8)
+    assert read_model(out / "models" / "model.pt").state_dict["patch_embedding.patch_embeddings.weight"].shape == (
+        48,
+        1,
+        8,
+        8,
+    )
     assert not absent.exists() and not (out / "cache").exists()

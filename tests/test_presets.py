@@ -25,7 +25,16 @@ PRIMUS = {  # name: (width, depth, heads), Wald et al., arXiv 2503.01835
     "primus_s": (396, 12, 6), "primus_b": (792, 12, 12), "primus_m": (864, 16, 12), "primus_l": (1056, 24, 16),
 }  # fmt: skip
 # arguments the bundle's network_def takes from flat settings (not sizes)
-BUNDLE_WIRING = {"_target_", "in_channels", "img_size", "patch_size", "spatial_dims", "masking_ratio", "decoder_type", "decoder_predict_ratio"}
+BUNDLE_WIRING = {
+    "_target_",
+    "in_channels",
+    "img_size",
+    "patch_size",
+    "spatial_dims",
+    "masking_ratio",
+    "decoder_type",
+    "decoder_predict_ratio",
+}
 
 
 @pytest.mark.parametrize("name", sorted(MAE_PRESETS))
@@ -88,7 +97,10 @@ def test_primus_sizes(name):
     }  # fmt: skip
     # Primus' own blocks: attention and MLP sub-norms, an absolute table with RoPE, RoPE base 10000
     assert {k: preset[k] for k in ("attn_norm", "mlp_norm", "abs_pos_embed", "rope_theta")} == {
-        "attn_norm": True, "mlp_norm": True, "abs_pos_embed": True, "rope_theta": 10000.0,
+        "attn_norm": True,
+        "mlp_norm": True,
+        "abs_pos_embed": True,
+        "rope_theta": 10000.0,
     }
 
 

@@ -74,10 +74,15 @@ def test_combined_table_reads_the_reports_of_both_architectures(tmp_path):
     reports = []
     for arch in ("unetr", "vitseg"):
         path = tmp_path / f"{arch}.json"
-        path.write_text(json.dumps({"config": {"architecture": arch}, "summary": pb.summarise(runs, cfg), "runs": runs}))
+        path.write_text(
+            json.dumps({"config": {"architecture": arch}, "summary": pb.summarise(runs, cfg), "runs": runs})
+        )
         reports.append(path)
     markdown = pb.combine(reports, tmp_path / "out").read_text()
-    assert "| labeled volumes | UNETR scratch | UNETR pretrained |" in markdown and "ViTSeg difference (better)" in markdown
+    assert (
+        "| labeled volumes | UNETR scratch | UNETR pretrained |" in markdown
+        and "ViTSeg difference (better)" in markdown
+    )
     assert "| 2 | 0.200 +- 0.100 | 0.250 +- 0.050 | +0.050 (2/3) | 0.200 +- 0.100 |" in markdown
     assert "UNETR: 300 steps per fine-tune, 200 s on average (200-200 s)" in markdown
     assert (tmp_path / "out" / "pretrain_benefit_combined.png").is_file()
@@ -132,7 +137,9 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
     for change in (dict(layer_decay=0.75), dict(residual_scale=1.0), dict(pretrain_epochs=3), dict(masking_ratio=0.5)):
         assert pb._runs_key(dataclasses.replace(base, **change), pb.torch.device("cpu"), False, "scratch") == scratch
         assert pb._runs_key(dataclasses.replace(base, **change), pb.torch.device("cpu"), False) != key
-    assert pb._runs_key(dataclasses.replace(base, finetune_steps=10), pb.torch.device("cpu"), False, "scratch") != scratch
+    assert (
+        pb._runs_key(dataclasses.replace(base, finetune_steps=10), pb.torch.device("cpu"), False, "scratch") != scratch
+    )
     # --residual-scale: 'auto' or a positive factor
     assert pb.build_config(pb.parse_args(["--residual-scale", "0.05"])).residual_scale == 0.05
     assert pb.build_config(pb.parse_args(["--residual-scale", "AUTO"])).residual_scale == "auto"
@@ -142,16 +149,21 @@ def test_flags_override_the_preset_and_bad_settings_are_named():
     with pytest.raises(ValueError, match="residual_scale must be 'auto' or a positive number, got 'half'"):
         dataclasses.replace(base, residual_scale="half").check()
     # --drop-path-rate: ViTSeg's stochastic depth for the pretrained arm; off keeps the keys of older runs
-    dropped = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--finetune-steps", "50", "--drop-path-rate", "0.1"]))
+    dropped = pb.build_config(
+        pb.parse_args(["--architecture", "vitseg", "--finetune-steps", "50", "--drop-path-rate", "0.1"])
+    )
     assert dropped.drop_path_rate == 0.1
     cpu = pb.torch.device("cpu")
     assert pb._runs_key(dropped, cpu, False) != pb._runs_key(vitseg, cpu, False)
     assert pb._runs_key(dropped, cpu, False, "scratch") == pb._runs_key(vitseg, cpu, False, "scratch")
     blocks = pb.build_network(dropped, drop_path_rate=0.1).blocks  # linear from 0 over the blocks
-    assert isinstance(blocks[0].drop_path, pb.torch.nn.Identity) and blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="drop_path_rate must be in \\[0, 1\\) and needs architecture 'vitseg', got 0.1"):
+    assert isinstance(blocks[0].drop_path, pb.torch.nn.Identity) and blocks[-1].drop_path.drop_prob == pytest.approx(
+        0.1
+    )
+    with pytest.raises(
+        ValueError, match="drop_path_rate must be in \\[0, 1\\) and needs architecture 'vitseg', got 0.1"
+    ):
         dataclasses.replace(base, drop_path_rate=0.1).check()
-
 
 
 def test_visible_loss_weight_and_intensity_jitter_settings():
@@ -160,7 +172,11 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
     assert (vitseg.visible_loss_weight, vitseg.intensity_shift, vitseg.intensity_scale) == (1.0, 0.1, 0.1)
     # off (UNETR's preset) keeps the keys of the MAEs and fine-tunes made before the settings existed
     plain = dataclasses.replace(vitseg, visible_loss_weight=0.0, intensity_shift=0.0, intensity_scale=0.0)
-    without = {k: v for k, v in dataclasses.asdict(plain).items() if k not in ("visible_loss_weight", "intensity_shift", "intensity_scale")}
+    without = {
+        k: v
+        for k, v in dataclasses.asdict(plain).items()
+        if k not in ("visible_loss_weight", "intensity_shift", "intensity_scale")
+    }
     names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads", "patch", "num_layers",
              *[n for n in pb._MAE_ONLY if n != "visible_loss_weight"])  # fmt: skip
     old_key = pb.hashlib.sha1(pb.json.dumps({n: without[n] for n in names}, sort_keys=True).encode()).hexdigest()[:10]
@@ -169,7 +185,9 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
     scratch = pb._runs_key(plain, cpu, False, "scratch")
     assert pb._runs_key(dataclasses.replace(plain, visible_loss_weight=1.0), cpu, False, "scratch") == scratch
     assert pb._runs_key(dataclasses.replace(plain, intensity_shift=0.1), cpu, False, "scratch") != scratch
-    flags = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--visible-loss-weight", "0.5", "--intensity-shift", "0.2"]))
+    flags = pb.build_config(
+        pb.parse_args(["--architecture", "vitseg", "--visible-loss-weight", "0.5", "--intensity-shift", "0.2"])
+    )
     assert (flags.visible_loss_weight, flags.intensity_shift, flags.intensity_scale) == (0.5, 0.2, 0.1)
     for bad, match in ((dict(visible_loss_weight=-1.0), "visible_loss_weight must be >= 0, got -1.0"),
                        (dict(intensity_scale=1.0), r"intensity_shift must be >= 0 and intensity_scale in \[0, 1\), got 0.1, 1.0")):  # fmt: skip
@@ -180,7 +198,11 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
     assert tail == ["RandFlipd", "RandScaleIntensityd", "RandShiftIntensityd", "EnsureTyped", "EnsureTyped"]
     for chain in (pb._train_transforms(vitseg, 2, with_label=False), pb._train_transforms(plain, 2, with_label=True)):
         names = [type(t).__name__ for t in chain.transforms]  # MAE pretraining, or jitter off: no intensity jitter
-        assert names[-3:] == ["RandFlipd", "EnsureTyped", "EnsureTyped"] and "RandScaleIntensityd" not in names and "RandShiftIntensityd" not in names
+        assert (
+            names[-3:] == ["RandFlipd", "EnsureTyped", "EnsureTyped"]
+            and "RandScaleIntensityd" not in names
+            and "RandShiftIntensityd" not in names
+        )
 
 
 def test_step_times_of_every_architecture_at_the_preset_sizes():

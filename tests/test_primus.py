@@ -64,7 +64,10 @@ def test_block_option_adds_exactly_its_tensors(option, added, removed):
     shapes = {k: tuple(v.shape) for k, v in changed.state_dict().items()}
     width, mlp = TINY["hidden_size"], TINY["mlp_dim"]
     expected = {
-        "attn.norm.weight": (width,), "mlp.norm.weight": (mlp,), "attn.q_bias": (width,), "attn.v_bias": (width,)
+        "attn.norm.weight": (width,),
+        "mlp.norm.weight": (mlp,),
+        "attn.q_bias": (width,),
+        "attn.v_bias": (width,),
     }
     for name in added & set(expected):
         assert shapes[f"blocks.1.{name}"] == expected[name]

@@ -35,7 +35,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_blocks_are_reused_without_page_faults():
     faults = {}
     for mode in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120, check=True
+        )
         faults[mode] = int(out.stdout.strip().splitlines()[-1])
     assert faults["default"] > 5 * 16_000 * 0.9  # every round faults the 16,384 pages of 4 KiB in again
     assert faults["keep"] < faults["default"] / 3  # most rounds reuse the kept block (glibc faults it in now and then)

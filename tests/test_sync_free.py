@@ -36,8 +36,14 @@ from monai_mae.networks.vitseg import ViTSeg
 aten = torch.ops.aten
 
 TINY = dict(
-    hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4,
-    decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4,
+    hidden_size=48,
+    mlp_dim=96,
+    num_layers=2,
+    num_heads=4,
+    decoder_hidden_size=24,
+    decoder_mlp_dim=48,
+    decoder_num_layers=1,
+    decoder_num_heads=4,
 )
 PRIMUS_BLOCKS = dict(pos_embed_type="rope", mlp_type="swiglu", layer_scale_init=0.1)
 MAE_VARIANTS = {
@@ -59,8 +65,14 @@ SCALAR_READS = {aten._local_scalar_dense, aten.item, aten.is_nonzero}
 #: ops driven by a boolean mask's values or with a value-dependent output shape (a host read on CUDA, a graph
 #: break in torch.compile)
 DATA_DEPENDENT = {
-    aten.nonzero, aten.argwhere, aten.masked_select, aten.masked_scatter, aten.masked_scatter_,
-    aten.unique_dim, aten._unique2, aten.unique_consecutive,
+    aten.nonzero,
+    aten.argwhere,
+    aten.masked_select,
+    aten.masked_scatter,
+    aten.masked_scatter_,
+    aten.unique_dim,
+    aten._unique2,
+    aten.unique_consecutive,
 }
 INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_, aten._unsafe_index}
 

@@ -7,9 +7,9 @@ import torch
 from monai.networks import eval_mode
 from monai.networks.nets import UNETR, MaskedAutoEncoderViT, ViT
 
+from monai_mae.networks.checkpoint_io import extract_encoder_state_dict
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.pos_embed import interpolate_pos_embed
-from monai_mae.networks.checkpoint_io import extract_encoder_state_dict
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
 from monai_mae.networks.transfer import TransferReport, load_mae_encoder
 
@@ -45,7 +45,6 @@ def assert_unchanged(net: torch.nn.Module, before: dict[str, torch.Tensor]) -> N
 def mae12() -> MAEViT:
     torch.manual_seed(1)
     return mae()
-
 
 
 def encoder_keys(state: dict[str, torch.Tensor]) -> list[str]:
@@ -174,9 +173,7 @@ def test_learned_source_into_fixed_sincos_target_keeps_it_fixed():
 
 
 # ------------------------------------------------------------------------------ projection conversion
-@pytest.mark.parametrize(
-    "spatial_dims, img_size, patch_size", [(3, (16, 16, 16), (8, 4, 8)), (2, (16, 32), (4, 8))]
-)
+@pytest.mark.parametrize("spatial_dims, img_size, patch_size", [(3, (16, 16, 16), (8, 4, 8)), (2, (16, 32), (4, 8))])
 def test_conv_perceptron_round_trip_computes_the_same_function(spatial_dims, img_size, patch_size):
     geometry = dict(in_channels=2, img_size=img_size, patch_size=patch_size, spatial_dims=spatial_dims)
     source = mae(**geometry, num_layers=2)
@@ -322,7 +319,13 @@ def test_rescale_residual_stream_keeps_the_function_and_scales_hidden_states(net
         "vit_cls": lambda: vit(classification=True, num_classes=3, post_activation=None),
     }[network]()
     encoder = net.vit if network == "unetr" else net
-    shape = (2, 1, 32, 32, 16) if network == "vit_conv" else (2, 1, 32, 32) if network == "vit_perceptron" else (2, 1, 32, 32, 32)
+    shape = (
+        (2, 1, 32, 32, 16)
+        if network == "vit_conv"
+        else (2, 1, 32, 32)
+        if network == "vit_perceptron"
+        else (2, 1, 32, 32, 32)
+    )
     net = net.double()
     if network == "vit_cls":
         torch.nn.init.normal_(net.cls_token)  # zeros at init: LayerNorm of a zero token is undefined with eps = 0
@@ -394,6 +397,8 @@ def test_residual_stream_norm_follows_the_network_dtype():
     net = vit().double()
     assert isinstance(residual_stream_norm(net), float)  # the reference batch is built in float64 too
     net2 = vit(proj_type="perceptron", spatial_dims=2, img_size=(32, 48), patch_size=16)
-    with pytest.raises(ValueError, match=r"cannot infer the input size of ViT \(patch grid unknown\).*pass images= explicitly"):
+    with pytest.raises(
+        ValueError, match=r"cannot infer the input size of ViT \(patch grid unknown\).*pass images= explicitly"
+    ):
         residual_stream_norm(net2)  # 2 x 3 tokens of a perceptron ViT: the grid is not recoverable
     assert residual_stream_norm(net2, torch.rand(1, 1, 32, 48)) > 0

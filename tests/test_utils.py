@@ -33,7 +33,9 @@ def test_find_vit(build, prefix):
 
 @pytest.mark.parametrize("network", [torch.nn.Linear(2, 2), "unetr", None], ids=["Linear", "str", "None"])
 def test_find_vit_names_the_caller_and_the_type(network):
-    with pytest.raises(ValueError, match=rf"^layerwise_lr_groups expects a MONAI UNETR, .*got {type(network).__name__}\.$"):
+    with pytest.raises(
+        ValueError, match=rf"^layerwise_lr_groups expects a MONAI UNETR, .*got {type(network).__name__}\.$"
+    ):
         find_vit(network, "layerwise_lr_groups")
 
 

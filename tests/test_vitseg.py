@@ -17,8 +17,8 @@ from monai_mae.engines.finetune import FreezeEncoder, encoder_parameters, layerw
 from monai_mae.networks.blocks import EncoderBlock
 from monai_mae.networks.mae import MAEViT
 from monai_mae.networks.patching import patchify
-from monai_mae.networks.rope import grid_coordinates
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
+from monai_mae.networks.rope import grid_coordinates
 from monai_mae.networks.transfer import load_mae_encoder
 from monai_mae.networks.vitseg import ViTSeg, upsampling_strides
 
@@ -181,7 +181,10 @@ def test_vitseg_non_tensor_input():
         (dict(hidden_size=20, num_heads=3), "hidden_size=20 must be divisible by num_heads=3"),
         (dict(dropout_rate=1.5), r"dropout_rate must be in \[0, 1\], got 1.5"),
         (dict(patch_size=6, img_size=36), r"power-of-2 patch sides .*got \(6, 6, 6\)"),
-        (dict(decoder_channels=(16, 8)), r"decoder_channels needs 3 positive entries .*patch size \(8, 8, 8\).*got \[16, 8\]"),
+        (
+            dict(decoder_channels=(16, 8)),
+            r"decoder_channels needs 3 positive entries .*patch size \(8, 8, 8\).*got \[16, 8\]",
+        ),
         (dict(decoder_channels=(16, 8, 4, 2)), r"decoder_channels needs 3 positive entries .*got \[16, 8, 4, 2\]"),
         (dict(decoder_channels=(16, 0, 4)), r"decoder_channels needs 3 positive entries .*got \[16, 0, 4\]"),
         (dict(patch_size=(8, 8, 4), decoder_channels=(8, 4)), r"needs 3 positive entries .*patch size \(8, 8, 4\)"),
@@ -190,7 +193,10 @@ def test_vitseg_non_tensor_input():
         (dict(layer_scale_init=-1.0), "layer_scale_init must be None or a positive number, got -1.0"),
         (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
         (dict(pos_embed_type="rope", rope_theta=1.0), "rope_theta must be > 1, got 1.0"),
-        (dict(pos_embed_type="rope", hidden_size=16, num_heads=4), r"head_dim >= 2 \* spatial_dims = 6, got head_dim=4"),
+        (
+            dict(pos_embed_type="rope", hidden_size=16, num_heads=4),
+            r"head_dim >= 2 \* spatial_dims = 6, got head_dim=4",
+        ),
         (dict(pos_embed_type="sin"), "'sin' is not a valid value"),
     ],
 )
@@ -201,8 +207,12 @@ def test_vitseg_invalid_arguments(kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(pos_embed_type="learnable", **{k: v for k, v in PRIMUS.items() if k != "pos_embed_type"}),
-     dict(**PRIMUS, drop_path_rate=0.2), dict(spatial_dims=2, img_size=16, pos_embed_type="rope")],  # fmt: skip
+    [
+        dict(),
+        dict(pos_embed_type="learnable", **{k: v for k, v in PRIMUS.items() if k != "pos_embed_type"}),
+        dict(**PRIMUS, drop_path_rate=0.2),
+        dict(spatial_dims=2, img_size=16, pos_embed_type="rope"),
+    ],  # fmt: skip
 )
 def test_vitseg_gradient_reaches_every_trainable_parameter(kwargs):
     torch.manual_seed(1)
@@ -273,7 +283,9 @@ def test_load_mae_encoder_into_vitseg_same_features(options, dims):
     decoder_before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith(("decoder.", "head."))}
     report = load_mae_encoder(target, source, verbose=False)
     assert report.missing == [] and report.skipped == []
-    assert set(report.loaded) == {k for k in target.state_dict() if k.startswith(("patch_embedding.", "blocks.", "norm."))}
+    assert set(report.loaded) == {
+        k for k in target.state_dict() if k.startswith(("patch_embedding.", "blocks.", "norm."))
+    }
     mae_decoder = {k for k in source.state_dict() if k.startswith(("decoder_", "mask_tokens"))}
     assert mae_decoder and mae_decoder <= set(report.ignored)
     assert "cls_token" not in report.ignored
@@ -333,9 +345,16 @@ def test_load_rope_mae_into_vitseg_of_other_img_size():
         (dict(hidden_size=48, num_heads=4), dict(), "checkpoint has hidden_size=48, target has 24"),
         (dict(num_layers=3), dict(), "depth differs: checkpoint has 3 blocks, target has 2"),
         (dict(patch_size=16), dict(), r"patch size differs: checkpoint has \(16, 16, 16\), target has \(8, 8, 8\)"),
-        (dict(mlp_type="swiglu"), dict(),
-         r"blocks.0.mlp.linear1.weight: checkpoint shape \(64, 24\) != target shape \(32, 24\)"),
-        (dict(layer_scale_init=0.1), dict(), r"checkpoint encoder keys with no place in the target: blocks.0.ls1.gamma"),
+        (
+            dict(mlp_type="swiglu"),
+            dict(),
+            r"blocks.0.mlp.linear1.weight: checkpoint shape \(64, 24\) != target shape \(32, 24\)",
+        ),
+        (
+            dict(layer_scale_init=0.1),
+            dict(),
+            r"checkpoint encoder keys with no place in the target: blocks.0.ls1.gamma",
+        ),
         (dict(), dict(layer_scale_init=0.1), r"target keys missing from the checkpoint: blocks.0.ls1.gamma"),
     ],  # fmt: skip
 )
@@ -379,7 +398,9 @@ def test_residual_stream_norm_of_vitseg(options):
         assert residual_stream_norm(net) == pytest.approx(block_output_norm(net.eval(), reference), rel=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(), PRIMUS, dict(mlp_type="swiglu", layer_scale_init=0.3, pos_embed_type="learnable")])
+@pytest.mark.parametrize(
+    "options", [dict(), PRIMUS, dict(mlp_type="swiglu", layer_scale_init=0.3, pos_embed_type="learnable")]
+)
 @pytest.mark.parametrize("scale", [0.2, 7.0])
 def test_match_residual_stream_of_vitseg(options, scale):
     torch.manual_seed(10)
@@ -528,7 +549,9 @@ def test_rope_and_table_encoders_do_not_transfer_into_each_other(tmp_path, as_fi
     source = save_model(rope, tmp_path / "rope.pt") if as_file else rope
     target = ViTSeg(1, 3, 32, 8, **small)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(ValueError, match=r"position embedding differs: checkpoint has pos_embed_type='rope', target has 'sincos'"):
+    with pytest.raises(
+        ValueError, match=r"position embedding differs: checkpoint has pos_embed_type='rope', target has 'sincos'"
+    ):
         load_mae_encoder(target, source, verbose=False)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     assert load_mae_encoder(ViTSeg(1, 3, 32, 8, **small, pos_embed_type="rope"), source, verbose=False).missing == []

@@ -12,7 +12,11 @@ from monai_mae.data.crops import (
     from_storage_layout,
 )
 from monai_mae.data.datalist import (
-    check_nifti, check_volume, load_checked_datalist, load_datalist, validate_datalist,
+    check_nifti,
+    check_volume,
+    load_checked_datalist,
+    load_datalist,
+    validate_datalist,
 )
 from monai_mae.data.nnunet_raw import is_nnunet_raw, nnunet_modality, read_nnunet_raw
 from monai_mae.data.preprocess import (

@@ -105,7 +105,7 @@ def _read_dataset_json(root: Path) -> tuple[dict[str, Any], list[str], str]:
         )
     names = raw["channel_names"]
     if not isinstance(names, dict) or not names:
-        raise ValueError(f"{path}: 'channel_names' must be a non-empty object like {{\"0\": \"CT\"}}, got {names!r}.")
+        raise ValueError(f'{path}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}, got {names!r}.')
     if sorted(names) != [str(i) for i in range(len(names))]:
         raise ValueError(
             f"{path}: 'channel_names' keys must be the channel indices 0..{len(names) - 1}, got {sorted(names)}."
@@ -218,7 +218,7 @@ def _read_splits(path: Path, cases: Sequence[str]) -> tuple[list[str], list[str]
     """Fold 0 of nnU-Net's ``splits_final.json``: (training, validation) case identifiers, checked."""
     folds = read_json(path)
     if not isinstance(folds, list) or not folds or not isinstance(folds[0], dict):
-        raise ValueError(f"{path}: expected a list of folds like [{{\"train\": [...], \"val\": [...]}}, ...].")
+        raise ValueError(f'{path}: expected a list of folds like [{{"train": [...], "val": [...]}}, ...].')
     fold = folds[0]
     split = []
     for key in ("train", "val"):

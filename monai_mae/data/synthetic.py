@@ -590,15 +590,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m monai_mae.dat
         python -m monai_mae.data.synthetic ./data/synthetic --num 8 --num-validation 2 --shape 96 96 64
         python -m monai_mae.data.synthetic ./data/realistic --style realistic --shape 128 128 48 --num-organs 9
     """
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Write synthetic CT-like phantoms and datalist.json."
-    )
+    parser = argparse.ArgumentParser(prog=prog, description="Write synthetic CT-like phantoms and datalist.json.")
     parser.add_argument("out_dir", help="output folder")
     parser.add_argument("--num", type=int, default=8, help="number of cases (default 8)")
     parser.add_argument("--num-validation", type=int, default=2, help="cases kept for validation (default 2)")
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
     parser.add_argument(
-        "--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("SX", "SY", "SZ"),
         help="voxel size in mm (default: 1.5 1.5 2.0; realistic style: an adult-sized patient)",
     )
     parser.add_argument("--seed", type=int, default=0)

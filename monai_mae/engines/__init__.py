@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from monai_mae.engines.finetune import (
-    FreezeEncoder,
-    encoder_parameters,
-    layerwise_lr_groups,
-    load_pretrained,
-    save_metrics_json,
+from monai_mae.engines.augment import GPUAugmentPrepareBatch, crop_augmentation
+from monai_mae.engines.bundle_parts import (
+    ensure_training_data,
+    first_enabled,
+    rank_zero_handlers,
+    start_process_group,
+    window_inferer,
 )
 from monai_mae.engines.checkpoint import (
     AutoResume,
@@ -18,13 +19,12 @@ from monai_mae.engines.checkpoint import (
     list_checkpoints,
 )
 from monai_mae.engines.distributed import AccumulationNoSync, freeze_unused_parameters, rewrap_ddp
-from monai_mae.engines.augment import GPUAugmentPrepareBatch, crop_augmentation
-from monai_mae.engines.bundle_parts import (
-    ensure_training_data,
-    first_enabled,
-    rank_zero_handlers,
-    start_process_group,
-    window_inferer,
+from monai_mae.engines.finetune import (
+    FreezeEncoder,
+    encoder_parameters,
+    layerwise_lr_groups,
+    load_pretrained,
+    save_metrics_json,
 )
 from monai_mae.engines.optim import build_optimizer, fused_adamw_supported, param_groups, scaled_lr
 from monai_mae.engines.pictures import ReconstructionSaver, SegmentationOverlaySaver, reconstruction_panel
@@ -37,13 +37,13 @@ from monai_mae.engines.precision import (
     cuda_bf16_supported,
     engine_amp,
 )
-from monai_mae.engines.runtime import available_cpus, default_num_workers, keep_freed_memory, seed_and_backends
 from monai_mae.engines.prepare_batch import MAEPrepareBatch, as_plain_tensor, plain_prepare_batch
 from monai_mae.engines.preprocessed import (
     PreprocessedCentreCropDataset,
     PreprocessedVolumeDataset,
     check_preprocessed_dir,
 )
+from monai_mae.engines.runtime import available_cpus, default_num_workers, keep_freed_memory, seed_and_backends
 from monai_mae.engines.training import (
     GradientClipping,
     LearningRateLogger,

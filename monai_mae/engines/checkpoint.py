@@ -300,7 +300,9 @@ class BestModelSaver:
         if is_main_process():
             run = {**self.run, "epoch": self.best_epoch, self.metric_name: value}
             save_model(self.network, self.path, data_preset=self.data_preset, run=run)
-            self.logger.info(f"BestModelSaver: {self.metric_name}={value:.6f} at epoch {self.best_epoch}, saved {self.path}.")
+            self.logger.info(
+                f"BestModelSaver: {self.metric_name}={value:.6f} at epoch {self.best_epoch}, saved {self.path}."
+            )
 
 
 class FinalModelSaver:
@@ -335,5 +337,7 @@ class FinalModelSaver:
             self.logger.error(f"FinalModelSaver: non-finite weights, {self.path} not written.")
             return
         if is_main_process():
-            save_model(self.network, self.path, data_preset=self.data_preset, run={**self.run, "epoch": engine.state.epoch})
+            save_model(
+                self.network, self.path, data_preset=self.data_preset, run={**self.run, "epoch": engine.state.epoch}
+            )
             self.logger.info(f"FinalModelSaver: saved {self.path}.")

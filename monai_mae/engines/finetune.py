@@ -43,6 +43,7 @@ def has_vit(network: nn.Module) -> bool:
     inner = unwrap(network)
     return any(is_vit(candidate) for candidate in (inner, getattr(inner, "vit", None)))
 
+
 def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
     """The parameters of the ViT encoder: patch embedding, ``cls_token``, ``blocks`` and final ``norm``.
 
@@ -343,7 +344,9 @@ def load_pretrained(
         return network
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: '{path}' (set pretrained_ckpt to '' to train from scratch).")
+        raise FileNotFoundError(
+            f"pretrained checkpoint not found: '{path}' (set pretrained_ckpt to '' to train from scratch)."
+        )
     if not has_vit(network):  # a CNN: the same network pretrained by masked-image modelling
         model = read_model(path)
         report = load_mim_weights(network, model.state_dict, model.source)

@@ -30,7 +30,9 @@ def param_groups(network: nn.Module, weight_decay: float = 0.05) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def scaled_lr(base_lr: float, batch_size: int, world_size: int = 1, accumulation_steps: int = 1, base_batch: int = 256) -> float:
+def scaled_lr(
+    base_lr: float, batch_size: int, world_size: int = 1, accumulation_steps: int = 1, base_batch: int = 256
+) -> float:
     """The MAE paper's linear scaling rule: ``lr = base_lr * effective_batch / base_batch``.
 
     ``effective_batch = batch_size * world_size * accumulation_steps``; with ``base_batch=1`` this

@@ -461,7 +461,9 @@ class SegmentationOverlaySaver(_PictureSaver):
         item = output[0] if isinstance(output, (list, tuple)) else output
         missing = [str(k) for k in (CommonKeys.IMAGE, CommonKeys.LABEL, CommonKeys.PRED) if k not in item]
         if missing:
-            raise ValueError(f"SegmentationOverlaySaver: the evaluator's output has no {missing} (keys: {sorted(item)}).")
+            raise ValueError(
+                f"SegmentationOverlaySaver: the evaluator's output has no {missing} (keys: {sorted(item)})."
+            )
         batched = not isinstance(output, (list, tuple))
         self._first = tuple(
             torch.as_tensor(item[k][0] if batched else item[k]).detach().cpu()

@@ -198,4 +198,3 @@ def amp_inferer(inferer: Inferer, device: str | torch.device, amp: bool) -> Infe
             stacklevel=2,
         )
     return AutocastInferer(inferer, device_type="cpu", dtype=amp_dtype(device))
-

@@ -20,7 +20,12 @@ from monai_mae.data.preprocess.manifest import check_manifest, read_manifest, sp
 
 # the datasets live in monai_mae.data.crops; the bundles name them monai_mae.engines.PreprocessedCentreCropDataset
 # and monai_mae.engines.PreprocessedVolumeDataset, which monai_mae.engines imports from here
-__all__ = ["PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "refuse_preprocessed_dir"]
+__all__ = [
+    "PreprocessedCentreCropDataset",
+    "PreprocessedVolumeDataset",
+    "check_preprocessed_dir",
+    "refuse_preprocessed_dir",
+]
 
 logger = logging.getLogger(__name__)
 

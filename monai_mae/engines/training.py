@@ -125,7 +125,9 @@ class GradientClipping:
 class LearningRateLogger:
     """Write the optimizer's learning rate (first group) to TensorBoard every ``interval`` iterations."""
 
-    def __init__(self, summary_writer: Any, optimizer: torch.optim.Optimizer, interval: int = 10, tag: str = "lr") -> None:
+    def __init__(
+        self, summary_writer: Any, optimizer: torch.optim.Optimizer, interval: int = 10, tag: str = "lr"
+    ) -> None:
         self.summary_writer = summary_writer
         self.optimizer = optimizer
         self.interval = max(int(interval), 1)

@@ -18,9 +18,17 @@ from monai_mae.networks.masking import (
 from monai_mae.networks.patch_embed import VisiblePatchEmbedding
 from monai_mae.networks.patching import patchify, unpatchify
 from monai_mae.networks.pos_embed import interpolate_pos_embed, sincos_pos_embed
+from monai_mae.networks.presets import (
+    MAE_PRESETS,
+    get_preset,
+    mae_vit,
+    mae_vit_base,
+    mae_vit_large,
+    mae_vit_small,
+    mae_vit_tiny,
+)
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
 from monai_mae.networks.transfer import TransferReport, load_mae_encoder
-from monai_mae.networks.presets import MAE_PRESETS, get_preset, mae_vit, mae_vit_base, mae_vit_large, mae_vit_small, mae_vit_tiny
 
 __all__ = [
     "MAEViT", "MAEReconstructor", "ViTEncoder", "VisiblePatchEmbedding", "TransferReport", "extract_encoder_state_dict",

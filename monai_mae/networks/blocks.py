@@ -154,7 +154,13 @@ def build_blocks(
             )
         blocks = nn.ModuleList(
             TransformerBlock(
-                hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, save_attn, use_flash_attention=use_flash_attention
+                hidden_size,
+                mlp_dim,
+                num_heads,
+                dropout_rate,
+                qkv_bias,
+                save_attn,
+                use_flash_attention=use_flash_attention,
             )
             for _ in range(num_layers)
         )
@@ -167,8 +173,16 @@ def build_blocks(
     rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
     return nn.ModuleList(
         EncoderBlock(
-            hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, mlp_type, layer_scale_init, rate,
-            attn_norm=attn_norm, mlp_norm=mlp_norm,
+            hidden_size,
+            mlp_dim,
+            num_heads,
+            dropout_rate,
+            qkv_bias,
+            mlp_type,
+            layer_scale_init,
+            rate,
+            attn_norm=attn_norm,
+            mlp_norm=mlp_norm,
         )
         for rate in rates
     )

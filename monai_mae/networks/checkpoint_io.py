@@ -119,9 +119,7 @@ def read_checkpoint(checkpoint: Checkpoint) -> EncoderCheckpoint:
     elif isinstance(checkpoint, Mapping):
         obj, source = checkpoint, "checkpoint"
     else:
-        raise ValueError(
-            f"checkpoint must be a path, a state dict or a module, got {type(checkpoint).__name__}."
-        )
+        raise ValueError(f"checkpoint must be a path, a state dict or a module, got {type(checkpoint).__name__}.")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors).")
     weights, layouts = obj, []
@@ -193,4 +191,3 @@ def extract_encoder_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor
         encoder = extract_encoder_state_dict("runs/mae/model_final.pt")  # {"network": ..., "optimizer": ...}
     """
     return split_encoder(read_checkpoint(checkpoint).state)[0]
-

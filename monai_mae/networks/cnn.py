@@ -158,6 +158,8 @@ def _plan_dynunet(
         kernels, strides = nnunet_kernels_strides(img_size, spacing, spatial_dims)
         args.setdefault("kernel_size", kernels)
         args.setdefault("strides", strides)
-    args.setdefault("upsample_kernel_size", [list(s) if isinstance(s, (list, tuple)) else s for s in args["strides"][1:]])
+    args.setdefault(
+        "upsample_kernel_size", [list(s) if isinstance(s, (list, tuple)) else s for s in args["strides"][1:]]
+    )
     args.setdefault("filters", [min(base * 2**i, top) for i in range(len(args["strides"]))])
     return args

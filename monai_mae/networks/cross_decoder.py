@@ -109,7 +109,9 @@ class CrossDecoderBlock(nn.Module):
         self.norm_kv = nn.LayerNorm(hidden_size)
         self.attn = CrossAttention(hidden_size, num_heads, qkv_bias, dropout_rate)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.mlp, self.ls1, self.ls2 = mlp_and_layer_scales(hidden_size, mlp_dim, dropout_rate, mlp_type, layer_scale_init)
+        self.mlp, self.ls1, self.ls2 = mlp_and_layer_scales(
+            hidden_size, mlp_dim, dropout_rate, mlp_type, layer_scale_init
+        )
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, rope_q: Rope | None = None, rope_kv: Rope | None = None
@@ -135,4 +137,3 @@ def build_cross_blocks(
         CrossDecoderBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, mlp_type, layer_scale_init)
         for _ in range(num_layers)
     )
-

@@ -143,8 +143,15 @@ class ViTEncoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
         self.patch_embedding = VisiblePatchEmbedding(
-            in_channels, self.img_size, self.patch_size, hidden_size, proj_type, pos_embed_type, dropout_rate,
-            spatial_dims, abs_pos_embed=abs_pos_embed,
+            in_channels,
+            self.img_size,
+            self.patch_size,
+            hidden_size,
+            proj_type,
+            pos_embed_type,
+            dropout_rate,
+            spatial_dims,
+            abs_pos_embed=abs_pos_embed,
         )
         self.grid_size = self.patch_embedding.grid_size
         self.num_prefix_tokens = int(bool(cls_token))
@@ -160,11 +167,22 @@ class ViTEncoder(nn.Module):
             )
         #: the block options besides the sizes, for further blocks of the same kind (an MAE decoder's)
         self.block_options: dict[str, Any] = dict(
-            mlp_type=mlp_type, layer_scale_init=layer_scale_init, attn_norm=attn_norm, mlp_norm=mlp_norm,
-            monai_blocks=monai_blocks, save_attn=save_attn, use_flash_attention=use_flash_attention,
+            mlp_type=mlp_type,
+            layer_scale_init=layer_scale_init,
+            attn_norm=attn_norm,
+            mlp_norm=mlp_norm,
+            monai_blocks=monai_blocks,
+            save_attn=save_attn,
+            use_flash_attention=use_flash_attention,
         )
         self.blocks = build_blocks(
-            num_layers, hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, drop_path_rate=drop_path_rate,
+            num_layers,
+            hidden_size,
+            mlp_dim,
+            num_heads,
+            dropout_rate,
+            qkv_bias,
+            drop_path_rate=drop_path_rate,
             **self.block_options,
         )
         self.norm = nn.LayerNorm(hidden_size)

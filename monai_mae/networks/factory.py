@@ -48,7 +48,8 @@ def unetr_encoder_args(settings: Mapping[str, Any], source: str = "the settings"
     problems += [f"{name}=True" for name in ("attn_norm", "mlp_norm", "abs_pos_embed") if settings.get(name)]
     if problems:
         raise ValueError(
-            f"the encoder of {source} cannot be built as MONAI's UNETR: " + ", ".join(problems)
+            f"the encoder of {source} cannot be built as MONAI's UNETR: "
+            + ", ".join(problems)
             + "; use architecture='vitseg'."
         )
     return {k: settings[k] for k in (*_UNETR_ENCODER, "spatial_dims", "in_channels") if k in settings}

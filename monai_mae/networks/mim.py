@@ -160,7 +160,10 @@ class MaskedImageModel(nn.Module):
 
 
 def load_mim_weights(
-    network: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the state dict", min_fraction: float = 0.5
+    network: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "the state dict",
+    min_fraction: float = 0.5,
 ) -> dict[str, list[str]]:
     """Load a :class:`MaskedImageModel`'s network weights into a segmentation network of the same architecture.
 

@@ -40,9 +40,7 @@ def patch_pattern(spatial_dims: int) -> tuple[str, str]:
     return image, tokens
 
 
-def patch_grid(
-    spatial_size: Sequence[int], patch_size: Sequence[int] | int, name: str = "images"
-) -> tuple[int, ...]:
+def patch_grid(spatial_size: Sequence[int], patch_size: Sequence[int] | int, name: str = "images") -> tuple[int, ...]:
     """Number of patches along each spatial axis.
 
     Args:

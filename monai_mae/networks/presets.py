@@ -145,7 +145,9 @@ def mae_vit(
         ((20, 20, 20), 0.75)
     """
     settings = get_preset(name, **overrides)
-    return MAEViT(in_channels=in_channels, img_size=img_size, patch_size=patch_size, spatial_dims=spatial_dims, **settings)
+    return MAEViT(
+        in_channels=in_channels, img_size=img_size, patch_size=patch_size, spatial_dims=spatial_dims, **settings
+    )
 
 
 def vitseg_preset(

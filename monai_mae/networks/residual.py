@@ -90,7 +90,10 @@ def residual_stream_norm(network: nn.Module, images: torch.Tensor | None = None)
     if images is None:
         images = _reference_input(vit, unwrap(network))
     norms: list[torch.Tensor] = []
-    hooks = [block.register_forward_hook(lambda _m, _i, out: norms.append(out.float().norm(dim=-1).mean())) for block in vit.blocks]
+    hooks = [
+        block.register_forward_hook(lambda _m, _i, out: norms.append(out.float().norm(dim=-1).mean()))
+        for block in vit.blocks
+    ]
     was_training = vit.training
     vit.eval()
     try:

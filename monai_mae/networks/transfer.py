@@ -279,7 +279,9 @@ class _Plan:
                     missing = short_keys([prefix + k for k in self.missing])
                     problems.append(f"target keys missing from the checkpoint: {missing}")
                 if self.unexpected:
-                    problems.append(f"checkpoint encoder keys with no place in the target: {short_keys(self.unexpected)}")
+                    problems.append(
+                        f"checkpoint encoder keys with no place in the target: {short_keys(self.unexpected)}"
+                    )
             if problems:
                 raise ValueError("MAE encoder does not fit the target network: " + "; ".join(problems) + ".")
         elif not self.values:
@@ -295,8 +297,11 @@ class _Plan:
             ignored=[*others, *self.unused, *self.unexpected],
             missing=[prefix + k for k in self.missing],
             skipped=[prefix + k for k, _ in self.misfits],
-            notes=[*self.notes, *(f"misfit: {e}" for e in self.errors),
-                   *(f"skipped {prefix}{k}: {why}" for k, why in self.misfits)],  # fmt: skip
+            notes=[
+                *self.notes,
+                *(f"misfit: {e}" for e in self.errors),
+                *(f"skipped {prefix}{k}: {why}" for k, why in self.misfits),
+            ],  # fmt: skip
         )
 
 
@@ -442,4 +447,3 @@ def _position_table(
         if src_sincos is None:
             plan.converted.append(key)
     return value
-

@@ -33,7 +33,9 @@ def upsampling_strides(patch_size: Sequence[int]) -> list[tuple[int, ...]]:
     """
     sides = [int(p) for p in patch_size]
     if any(p < 1 or p & (p - 1) for p in sides):
-        raise ValueError(f"ViTSeg needs power-of-2 patch sides (one x2 upsampling stage per factor), got {tuple(sides)}.")
+        raise ValueError(
+            f"ViTSeg needs power-of-2 patch sides (one x2 upsampling stage per factor), got {tuple(sides)}."
+        )
     stages = max(p.bit_length() - 1 for p in sides)
     return [tuple(2 if (p >> s) > 1 else 1 for p in sides) for s in range(stages)]
 
@@ -131,10 +133,25 @@ class ViTSeg(ViTEncoder):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         super().__init__(
-            in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, proj_type=proj_type,
-            pos_embed_type=pos_embed_type, dropout_rate=dropout_rate, spatial_dims=spatial_dims, qkv_bias=qkv_bias,
-            mlp_type=mlp_type, layer_scale_init=layer_scale_init, drop_path_rate=drop_path_rate, rope_theta=rope_theta,
-            activation_checkpointing=activation_checkpointing, attn_norm=attn_norm, mlp_norm=mlp_norm,
+            in_channels,
+            img_size,
+            patch_size,
+            hidden_size,
+            mlp_dim,
+            num_layers,
+            num_heads,
+            proj_type=proj_type,
+            pos_embed_type=pos_embed_type,
+            dropout_rate=dropout_rate,
+            spatial_dims=spatial_dims,
+            qkv_bias=qkv_bias,
+            mlp_type=mlp_type,
+            layer_scale_init=layer_scale_init,
+            drop_path_rate=drop_path_rate,
+            rope_theta=rope_theta,
+            activation_checkpointing=activation_checkpointing,
+            attn_norm=attn_norm,
+            mlp_norm=mlp_norm,
             abs_pos_embed=abs_pos_embed,
         )
         self.out_channels = out_channels

@@ -396,4 +396,3 @@ def split_volumes(
                 "training with labels (fine-tuning) needs a folder preprocessed with them (without --no-labels)."
             )
     return volumes
-

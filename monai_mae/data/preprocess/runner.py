@@ -238,8 +238,10 @@ def preprocess_dataset(
             "dataset_dir": str(dataset_dir.absolute()),
             "preset": {"name": preset_name, "source": preset_source, "settings": settings, "preset": raw_preset},
             "storage": storage,
-            "splits": {split: [j["name"] for j in jobs if j["split"] == split and j["name"] not in skipped_names]
-                       for split in {j["split"]: None for j in jobs}},  # fmt: skip
+            "splits": {
+                split: [j["name"] for j in jobs if j["split"] == split and j["name"] not in skipped_names]
+                for split in {j["split"]: None for j in jobs}
+            },  # fmt: skip
             "volumes": [done[job["name"]] for job in jobs if job["name"] in done],
             "skipped": skipped,
         }
