@@ -968,9 +968,8 @@ def best_arms(reports: dict[str, dict], margin: float = 0.02, share: float = 0.8
         for arm in ARMS:
             mean, label, values = best[arm]
             row[arm] = {"architecture": label, "mean": mean, "seeds": sorted(values)}
-        row["unmeasured"] = sorted(
-            label for label in reports if not any(key[0] == label and key[2] == n for key in dice)
-        )
+        with_runs = {key[0] for key in dice}  # a report that keeps only its summary cannot be paired by seed
+        row["unmeasured"] = sorted(label for label in with_runs if not any(k[0] == label and k[2] == n for k in dice))
         row["target_met"] = (bool(diffs) and not row["unmeasured"] and row["difference"] >= margin
                              and row["better"] >= share * len(seeds))  # fmt: skip
         rows.append(row)
@@ -1002,7 +1001,9 @@ def combine(paths: Sequence[Path], out_dir: Path, figures_dir: Path | None = Non
         report = json.loads(Path(path).read_text())
         reports[ARCH_NAMES[report["config"].get("architecture", "unetr")]] = report
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = format_combined(reports) + "\nBest arm of any architecture, per labeled size:\n\n"
+    summary_only = [label for label, report in reports.items() if not report.get("runs")]
+    markdown = format_combined(reports) + "\nBest arm of any architecture with per-run results, per labeled size"
+    markdown += f" ({', '.join(summary_only)}: summary only, not compared):\n\n" if summary_only else ":\n\n"
     markdown += format_best_arms(best_arms(reports))
     (out_dir / "pretrain_benefit_combined.md").write_text(markdown)
     counts = {label: len({s for row in report["summary"] for s in row["seeds"]}) for label, report in reports.items()}
