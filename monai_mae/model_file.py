@@ -313,8 +313,7 @@ def encoder_settings(
     if pretrained_ckpt is not None and os.fspath(pretrained_ckpt).strip():
         model = read_model(pretrained_ckpt, mmap=True)
         source = model.source
-    pretrained_cnn = model is not None and model.describes and model.network.get("_target_") == MIM_TARGET
-    if architecture in CNN_ARCHITECTURES or pretrained_cnn:
+    if architecture in CNN_ARCHITECTURES or (model is not None and _is_masked_image_model(model)):
         return _cnn_settings(model, architecture, given)
     if model is not None:
         if model.describes:
@@ -324,6 +323,11 @@ def encoder_settings(
     if architecture == "unetr":
         return unetr_encoder_args(settings, source)
     return settings
+
+
+def _is_masked_image_model(model: ModelFile) -> bool:
+    """Whether ``model`` describes a :class:`~monai_mae.networks.mim.MaskedImageModel` (a pretrained CNN)."""
+    return model.describes and model.network.get("_target_") == MIM_TARGET
 
 
 def _cnn_settings(model: ModelFile | None, architecture: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,7 +341,7 @@ def _cnn_settings(model: ModelFile | None, architecture: str, given: Mapping[str
     if model is None:
         return dict(given)
     recorded = model.network if model.describes else None
-    if recorded is None or recorded.get("_target_") != MIM_TARGET:
+    if not _is_masked_image_model(model):
         held = recorded.get("_target_") if recorded else "a plain state dict"
         raise ValueError(
             f"architecture={architecture!r} starts from a masked-image-pretrained CNN of the same architecture, "
@@ -370,7 +374,7 @@ def architecture_for(
     if not Path(pretrained_ckpt).is_file():
         return default
     model = read_model(pretrained_ckpt, mmap=True)
-    if model.describes and model.network.get("_target_") == MIM_TARGET:
+    if _is_masked_image_model(model):
         return str(model.network["architecture"])
     return default
 

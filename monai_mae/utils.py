@@ -23,6 +23,7 @@ __all__ = [
     "NO_WEIGHT_DECAY_NAMES",
     "atomic_write",
     "find_vit",
+    "vit_of",
     "is_compiling",
     "is_distributed",
     "is_main_process",
@@ -75,6 +76,14 @@ def is_vit(module: Any) -> bool:
     )
 
 
+def vit_of(network: Any) -> nn.Module | None:
+    """The ViT encoder of ``network`` (itself or its ``.vit``, after unwrapping DDP / ``torch.compile``), or None."""
+    if not isinstance(network, nn.Module):
+        return None
+    inner = unwrap(network)
+    return next((c for c in (inner, getattr(inner, "vit", None)) if is_vit(c)), None)
+
+
 def find_vit(network: Any, caller: str = "find_vit") -> tuple[nn.Module, str]:
     """The ViT encoder of ``network`` and the prefix of its keys in ``network.state_dict()``.
 
@@ -99,12 +108,10 @@ def find_vit(network: Any, caller: str = "find_vit") -> tuple[nn.Module, str]:
         >>> vit is unetr.vit, prefix
         (True, 'vit.')
     """
-    if isinstance(network, nn.Module):
-        inner = unwrap(network)
-        for candidate in (inner, getattr(inner, "vit", None)):
-            if is_vit(candidate):
-                name = next(name for name, module in network.named_modules() if module is candidate)
-                return candidate, f"{name}." if name else ""
+    candidate = vit_of(network)
+    if candidate is not None:
+        name = next(name for name, module in network.named_modules() if module is candidate)
+        return candidate, f"{name}." if name else ""
     raise ValueError(
         f"{caller} expects a MONAI UNETR, a MONAI ViT, a ViTSeg or a module holding a ViT at `.vit` (a ViT has "
         "`patch_embedding` with `patch_embeddings` and a `position_embeddings` tensor, `blocks` as an nn.ModuleList "

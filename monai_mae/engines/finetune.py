@@ -31,7 +31,7 @@ from monai_mae.model_file import read_model
 from monai_mae.networks.mim import load_mim_weights
 from monai_mae.networks.residual import match_residual_stream, rescale_residual_stream, residual_stream_norm
 from monai_mae.networks.transfer import load_mae_encoder
-from monai_mae.utils import atomic_write, find_vit, is_positive_finite, is_vit, no_weight_decay, unwrap
+from monai_mae.utils import atomic_write, find_vit, is_positive_finite, no_weight_decay, unwrap, vit_of
 
 __all__ = ["layerwise_lr_groups", "encoder_parameters", "FreezeEncoder", "load_pretrained", "save_metrics_json"]
 
@@ -40,8 +40,7 @@ logger = logging.getLogger(__name__)
 
 def has_vit(network: nn.Module) -> bool:
     """True when ``network`` (unwrapped) is a ViT or holds one at ``.vit`` (what :func:`find_vit` finds)."""
-    inner = unwrap(network)
-    return any(is_vit(candidate) for candidate in (inner, getattr(inner, "vit", None)))
+    return vit_of(network) is not None
 
 
 def encoder_parameters(network: nn.Module) -> list[nn.Parameter]:
