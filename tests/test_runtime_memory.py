@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from monai_mae.engines import keep_freed_memory
+from monai_mae.engines import keep_freed_memory, runtime
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -47,3 +47,9 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_block_size_out_of_range_is_refused(size):
     with pytest.raises(ValueError, match=f"max_block must be between 1 MiB and 2 GiB, got {size}"):
         keep_freed_memory(size)
+
+
+def test_another_c_library_is_left_alone(monkeypatch):
+    """Off glibc (musl, macOS, Windows) the call changes nothing and says so; checked here by pretending."""
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
+    assert keep_freed_memory() is False
