@@ -4,6 +4,7 @@ settings that contradict the file stop the run."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import nibabel as nib
@@ -37,6 +38,16 @@ def test_pretraining_writes_a_described_masked_image_model(pretrained):
     assert model.network["options"]["channels"] == [4, 8]
     assert any(k.startswith("network.model.0.") for k in model.state_dict)
     assert (pretrained / "pre" / "reconstructions" / "latest.png").is_file()
+
+
+def test_reconstruction_error_of_a_masked_image_model(pretrained, tmp_path):
+    """inference.json of mae_pretrain rebuilds the masked-image model and reports its masked-patch error."""
+    infer = write_overrides(tmp_path / "infer.json", num_workers=0)
+    run_bundle("mae_pretrain", "inference.json", infer, "--dataset_dir", str(pretrained / "data"),
+               "--output_dir", str(pretrained / "pre"))  # fmt: skip
+    error = json.loads((pretrained / "pre" / "reconstruction_error.json").read_text())
+    assert error["volumes"] == 1 and 0 < error["masked_mse_ratio"] < 10
+    assert len(list((pretrained / "pre" / "reconstructions_nifti").glob("*_recon.nii.gz"))) == 1
 
 
 def test_pretrained_ckpt_alone_configures_the_cnn(pretrained, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -86,6 +87,11 @@ def test_two_epochs_end_to_end_then_resume(dataset, tmp_path):
     assert recon.shape == source.shape and np.allclose(recon.affine, source.affine)
     data = recon.get_fdata()
     assert np.isfinite(data).all() and -200 < data.mean() < 300  # back in HU, inside the CT window
+    # the masked-patch error next to the mean fill's, over the one validation volume (the demo's figure)
+    error = json.loads((out / "reconstruction_error.json").read_text())
+    assert error["volumes"] == 1 and 0 < error["masked_mse_ratio"] < 10
+    assert error["masked_mse_ratio"] == pytest.approx(error["masked_mse"] / error["mean_fill_mse"])
+    assert "masked-patch MSE" in infer.stdout + infer.stderr
 
 
 def test_validation_loss_decreases(dataset, tmp_path):

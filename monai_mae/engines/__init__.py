@@ -43,6 +43,11 @@ from monai_mae.engines.preprocessed import (
     PreprocessedVolumeDataset,
     check_preprocessed_dir,
 )
+from monai_mae.engines.reconstruction_error import (
+    MaskedFillErrorProbe,
+    ReconstructionErrorHandler,
+    masked_fill_errors,
+)
 from monai_mae.engines.runtime import available_cpus, default_num_workers, keep_freed_memory, seed_and_backends
 from monai_mae.engines.training import (
     GradientClipping,
@@ -59,5 +64,6 @@ __all__ = [
     "encoder_parameters", "freeze_unused_parameters", "rewrap_ddp", "layerwise_lr_groups", "list_checkpoints", "load_pretrained", "param_groups", "plain_prepare_batch",
     "rank_zero_summary_writer", "seed_and_backends", "keep_freed_memory", "reconstruction_panel", "save_metrics_json", "scaled_lr", "unwrap",
     "GPUAugmentPrepareBatch", "PreprocessedCentreCropDataset", "PreprocessedVolumeDataset", "check_preprocessed_dir", "crop_augmentation",
+    "MaskedFillErrorProbe", "ReconstructionErrorHandler", "masked_fill_errors",
     "ensure_training_data", "first_enabled", "rank_zero_handlers", "start_process_group", "window_inferer",
 ]  # fmt: skip
