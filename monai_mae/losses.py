@@ -10,7 +10,21 @@ from monai.utils import ensure_tuple_rep
 
 from monai_mae.networks.patching import patchify
 
-__all__ = ["MaskedReconstructionLoss", "check_visible_weight", "normalize_patches"]
+__all__ = [
+    "MaskedReconstructionLoss",
+    "VISIBLE_WEIGHT_FOR",
+    "check_visible_weight",
+    "normalize_patches",
+    "visible_weight_for",
+]
+
+#: The ``visible_loss_weight`` that pretraining uses by default, by the network that will be fine-tuned from it.
+#: ``vitseg`` 1.0: its light decoder reads only the encoder's last layer, which the visible-patch term makes keep
+#: each patch's own detail (on the anatomical phantoms pretraining paid for ViTSeg only with it, see
+#: docs/pretraining_study.md). 0.0 (the MAE paper's loss) for the rest: UNETR reads blocks 3/6/9 and the image
+#: as well, a CNN reads its own full-resolution features; on real CT and on the realistic phantoms the visible
+#: term made the masked-patch reconstruction worse (docs/defaults.md).
+VISIBLE_WEIGHT_FOR: dict[str, float] = {"vitseg": 1.0, "unetr": 0.0, "unet": 0.0, "dynunet": 0.0, "segresnet": 0.0}
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -122,3 +136,23 @@ def check_visible_weight(visible_weight: float, decoder_type: str) -> float:
             "(decoder_type='cross') does not reconstruct the visible patches; set one of them back."
         )
     return visible_weight
+
+
+def visible_weight_for(architecture: str) -> float:
+    """The default ``visible_loss_weight`` of a pretraining meant for fine-tuning ``architecture``.
+
+    Args:
+        architecture: the network ``mae_finetune`` will build from the pretrained file, a key of
+            :data:`VISIBLE_WEIGHT_FOR`.
+
+    Raises:
+        ValueError: for an architecture not in :data:`VISIBLE_WEIGHT_FOR` (the message lists them).
+
+    Examples::
+
+        >>> visible_weight_for("vitseg"), visible_weight_for("unetr")
+        (1.0, 0.0)
+    """
+    if architecture not in VISIBLE_WEIGHT_FOR:
+        raise ValueError(f"finetune_architecture={architecture!r}: expected one of {', '.join(VISIBLE_WEIGHT_FOR)}.")
+    return VISIBLE_WEIGHT_FOR[architecture]

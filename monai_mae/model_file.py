@@ -361,8 +361,10 @@ def architecture_for(
 ) -> str:
     """The fine-tuning architecture a pretrained file implies.
 
-    A masked-image-pretrained CNN gives its own architecture; an MAE (ViT) file or a plain state dict gives
-    ``default``; no file (``""``, training from scratch) gives ``scratch`` (``default`` when None).
+    A masked-image-pretrained CNN gives its own architecture; an MAE (ViT) file gives the ViT network its
+    pretraining was meant for (``run["finetune_architecture"]``, which the ``mae_pretrain`` bundle records:
+    ``"vitseg"`` or ``"unetr"``), and a file without that record or a plain state dict gives ``default``; no file
+    (``""``, training from scratch) gives ``scratch`` (``default`` when None).
 
     Examples::
 
@@ -376,7 +378,8 @@ def architecture_for(
     model = read_model(pretrained_ckpt, mmap=True)
     if _is_masked_image_model(model):
         return str(model.network["architecture"])
-    return default
+    meant_for = (model.run or {}).get("finetune_architecture") if model.describes else None
+    return str(meant_for) if meant_for in ("vitseg", "unetr") else default
 
 
 def data_preset_for(

@@ -224,7 +224,13 @@ def test_pretrain_loss_takes_the_visible_weight_and_refuses_it_with_the_cross_de
     assert isinstance(loss, MaskedReconstructionLoss) and loss.visible_weight == 0.5
     assert (
         _parser("mae_pretrain", files).get_parsed_content("loss").visible_weight == 1.0
-    )  # the default (ViTSeg's recipe)
+    )  # the default follows finetune_architecture, "vitseg" by default (ViTSeg's recipe)
+    for_unetr = _parser("mae_pretrain", files, finetune_architecture="unetr")
+    assert for_unetr.get_parsed_content("loss").visible_weight == 0.0
+    assert for_unetr.get_parsed_content("model_run")["finetune_architecture"] == "unetr"
+    mim = _parser("mae_pretrain", ["train.json", "mim_cnn.json"])
+    assert mim.get_parsed_content("loss").visible_weight == 0.0  # a CNN: the masked patches only
+    assert mim.get_parsed_content("model_run")["finetune_architecture"] == "unet"
     assert (
         _parser("mae_pretrain", files, visible_loss_weight=0.0).get_parsed_content("loss").visible_weight == 0.0
     )  # the paper's

@@ -105,3 +105,13 @@ def test_masked_input():
     expected = torch.ones(1, 4, 32)
     expected[:, 3] = 0
     assert torch.equal(out, unpatchify(expected, 4, (8, 8), 2))
+
+
+def test_visible_weight_follows_the_network_to_be_fine_tuned():
+    from monai_mae.losses import VISIBLE_WEIGHT_FOR, visible_weight_for
+
+    assert visible_weight_for("vitseg") == 1.0
+    assert [visible_weight_for(a) for a in ("unetr", "unet", "dynunet", "segresnet")] == [0.0] * 4
+    assert set(VISIBLE_WEIGHT_FOR) == set(__import__("monai_mae.networks.factory").networks.factory.ARCHITECTURES)
+    with pytest.raises(ValueError, match="finetune_architecture='vit': expected one of vitseg, unetr"):
+        visible_weight_for("vit")

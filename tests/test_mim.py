@@ -177,6 +177,12 @@ def test_checkpoint_and_architecture_must_agree(tmp_path):
     assert architecture_for(tmp_path / "mae.pt", default="vitseg", scratch="unet") == "vitseg"
     assert architecture_for("", default="vitseg", scratch="unet") == "unet"  # from scratch: the best scratch network
     assert architecture_for("", default="vitseg") == "vitseg"
+    # an MAE file names the ViT network its pretraining was meant for (mae_pretrain's finetune_architecture)
+    mae = MAEViT(1, 16, 8, hidden_size=24, mlp_dim=48, num_heads=2)
+    save_model(mae, tmp_path / "for_unetr.pt", run={"finetune_architecture": "unetr"})
+    assert architecture_for(tmp_path / "for_unetr.pt", default="vitseg") == "unetr"
+    save_model(mae, tmp_path / "odd.pt", run={"finetune_architecture": "unet"})  # not a ViT network: ignored
+    assert architecture_for(tmp_path / "odd.pt", default="vitseg") == "vitseg"
     recorded = encoder_settings(tmp_path / "mim.pt", "unet")
     with pytest.raises(ValueError, match=r"channels=\[8, 16\] \(given\) vs \[4, 8\]"):
         segmentation_network("unet", 1, 3, 16, encoder=recorded, options={"channels": [8, 16]})
