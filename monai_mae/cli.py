@@ -8,7 +8,7 @@ Subcommands::
     monai-mae finetune --data DIR --out RUN [--pretrained FILE]           mae_finetune train.json
     monai-mae evaluate --data DIR --out RUN [--ckpt FILE]                 mae_finetune train.json + evaluate.json
     monai-mae infer --data DIR --out RUN [--ckpt FILE]                    inference.json of the file's bundle
-    monai-mae export RUN OUT [--format bundle|nnssl]                      a MONAI model-zoo bundle or an nnssl checkpoint
+    monai-mae export RUN OUT [--format bundle|nnssl]                      a MONAI model-zoo bundle / nnssl checkpoint
 
 The bundle commands run ``monai.bundle.run`` on the bundle configs shipped in the package. Settings are
 layered in this order, the later winning: the bundle's configs, each ``--config FILE`` (a JSON of bundle
@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = subs.add_parser("finetune", help="segmentation fine-tuning (bundle mae_finetune)", **kw)
     _common(sub, "dataset folder with a labelled datalist.json", "run folder")
     _training(sub)
-    sub.add_argument("--pretrained", metavar="FILE", help="model file of a pretraining run (RUN/models/model.pt)")
+    sub.add_argument(
+        "--pretrained", metavar="FILE", help="model file of a pretraining run, or nnssl checkpoint_final.pth"
+    )
     sub.add_argument("--architecture", help="segmentation network: vitseg (default), unetr, ...")
 
     sub = subs.add_parser("evaluate", help="Dice of a fine-tuned run on a labelled list (writes RUN/eval/)", **kw)

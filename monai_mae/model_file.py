@@ -194,10 +194,15 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
         raise ValueError(f"the model file {name} holds no weights (top-level keys: {list(obj)[:8]}).")
     description = description if isinstance(description, Mapping) else {}
     format_version = _check_format_version(description, name)
+    data_preset = description.get("data_preset")
+    run = description.get("run")
+    if isinstance(run, Mapping) and run.get("source") == "nnssl" and isinstance(data_preset, Mapping):
+        # the plan says spacing, normalisation and crop; the rest (augmentation, samples) is the packaged preset's
+        data_preset = {**load_data_preset(str(data_preset.get("modality", "mri"))), **data_preset}
     return ModelFile(
         state_dict={k: v for k, v in weights.items() if isinstance(v, torch.Tensor)},
         network=description.get("network"),
-        data_preset=description.get("data_preset"),
+        data_preset=data_preset,
         version=description.get("version"),
         run=description.get("run"),
         source=name,

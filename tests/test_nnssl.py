@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from monai_mae import load_mae_encoder
+from monai_mae.data import load_data_preset
 from monai_mae.model_file import build_network, data_preset_for, encoder_settings, read_model
 from monai_mae.networks.checkpoint_io import read_checkpoint, read_nnssl_checkpoint
 from monai_mae.networks.nnssl import (
@@ -159,6 +160,8 @@ def test_model_file_readers_take_the_plan(tmp_path):
     torch.save(read_nnssl_checkpoint(FILES["primus"], num_heads=3), tmp_path / "model.pt")
     preset = data_preset_for(tmp_path / "model.pt")
     assert preset["modality"] == "mri" and preset["pixdim"] == [1.5, 1.25, 1.0]
+    packaged = load_data_preset("mri")  # what the plan does not say (augmentation, samples) is the packaged preset's
+    assert (preset["flip_prob"], preset["num_samples"]) == (packaged["flip_prob"], packaged["num_samples"])
     with pytest.raises(ValueError, match=r"pixdim=\[1.0, 1.0, 1.0\] \(given\) vs pixdim=\[1.5, 1.25, 1.0\]"):
         data_preset_for(tmp_path / "model.pt", pixdim=[1.0, 1.0, 1.0])
     settings = encoder_settings(tmp_path / "model.pt", "vitseg")
