@@ -6,7 +6,8 @@ state in :mod:`monai_mae.engines.checkpoint`). :func:`read_checkpoint` takes a p
 dict or a module, lets the adapters of :mod:`monai_mae.networks.checkpoint_adapters` find the weights
 (model files, nnssl checkpoints, bundle / Ignite / Lightning checkpoints) and rename them (MONAI's
 ``MaskedAutoEncoderViT``), strips ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes, and returns one
-plain state dict in ``MAEViT`` / MONAI ``ViT`` naming (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``, ``norm.*``);
+plain state dict in ``MAEViT`` / MONAI ``ViT`` naming (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``,
+``norm.*``);
 :func:`split_encoder` separates the encoder from the rest (decoder, ``mask_tokens``).
 :mod:`monai_mae.networks.transfer` fits the result into a target network. :func:`read_nnssl_checkpoint` reads an
 nnssl checkpoint as a monai-mae model file, with the choices a file may leave open (token order, heads).
