@@ -194,6 +194,11 @@ def _resenc() -> dict:
             r"'down_projection.proj.weight' .* \(Primus V2 / V3 stems are not supported\)",
         ),
         (lambda o: o["network_weights"].update(register_tokens=torch.zeros(1, 4, 36)), "register tokens"),
+        (
+            lambda o: o["network_weights"].pop("eva.blocks.1.attn.q_proj.weight"),
+            r"block 1 has no 'attn.q_proj.weight'; monai-mae reads EVA blocks with separate q/k/v projections",
+        ),
+        (lambda o: o["network_weights"].pop("eva.norm.weight"), r"no final norm 'eva.norm.weight'"),
     ],
 )
 def test_bad_files_raise(change, match):
@@ -223,6 +228,11 @@ def test_paths_name_the_file(tmp_path):
         read_model(tmp_path / "resenc.pth")
     with pytest.raises(FileNotFoundError, match="nnssl checkpoint not found"):
         read_nnssl_checkpoint(tmp_path / "missing.pth")
+    torch.save({**raw("primus"), "init_args": {"device": Path("not/allowed")}}, tmp_path / "pickled.pth")
+    with pytest.raises(
+        ValueError, match=r"(?s)'.*pickled.pth' with torch.load\(weights_only=True\): .* If you trust the"
+    ):
+        read_nnssl_checkpoint(tmp_path / "pickled.pth")
 
 
 # ------------------------------------------------------------------ monai-mae -> nnssl

@@ -185,7 +185,11 @@ def read_nnssl_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"nnssl checkpoint not found: '{path}'.")
-    obj = load_checkpoint_file(path, "nnssl checkpoint")
+    advice = (
+        " If you trust the file, load it with torch.load(path, weights_only=False) and pass the dict to "
+        "monai_mae.networks.nnssl.nnssl_model_file."
+    )
+    obj = load_checkpoint_file(path, "nnssl checkpoint", advice=advice)
     if not isinstance(obj, Mapping):
         raise ValueError(f"the nnssl checkpoint '{path}' holds a {type(obj).__name__}, expected a dict.")
     return nnssl_model_file(obj, token_order, num_heads, axes, configuration, source=f"the nnssl checkpoint '{path}'")

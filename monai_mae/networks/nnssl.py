@@ -79,7 +79,11 @@ _WRAPPERS = ("module.", "_orig_mod.")
 
 def is_nnssl_checkpoint(obj: Any) -> bool:
     """Whether ``obj`` (what ``torch.load`` returned) is an nnssl checkpoint: weights beside an adaptation plan."""
-    return isinstance(obj, Mapping) and isinstance(obj.get(NNSSL_PLAN_KEY), Mapping) and NNSSL_WEIGHTS_KEY in obj
+    return (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get(NNSSL_PLAN_KEY), Mapping)
+        and isinstance(obj.get(NNSSL_WEIGHTS_KEY), Mapping)
+    )
 
 
 # ------------------------------------------------------------------ the plan
@@ -382,9 +386,10 @@ def nnssl_model_file(
     state: dict[str, torch.Tensor] = {
         "patch_embedding.patch_embeddings.weight": _kernel_to_ours(kernel, axes),
         "patch_embedding.patch_embeddings.bias": kernel_bias,
-        "norm.weight": theirs["norm.weight"],
-        "norm.bias": theirs["norm.bias"],
     }
+    if "norm.weight" not in theirs:
+        raise ValueError(f"{source} has no final norm '{encoder}.norm.weight'.")
+    state.update({"norm.weight": theirs["norm.weight"], "norm.bias": theirs["norm.bias"]})
     table = theirs.get("pos_embed")
     crop = config.get("patch_size") or ()
     model_grid = tuple(int(c) // int(p) for c, p in zip(crop, patch))
@@ -394,7 +399,13 @@ def nnssl_model_file(
         state["patch_embedding.position_embeddings"] = _table_to_ours(table, seq_grid, seq_to_ours)
     for i in range(depth):
         block = {k[len(f"blocks.{i}.") :]: v for k, v in theirs.items() if k.startswith(f"blocks.{i}.")}
-        state.update({f"blocks.{i}.{k}": v for k, v in _block_to_ours(block, inverse).items()})
+        try:
+            state.update({f"blocks.{i}.{k}": v for k, v in _block_to_ours(block, inverse).items()})
+        except KeyError as err:
+            raise ValueError(
+                f"{source}: block {i} has no {err}; monai-mae reads EVA blocks with separate q/k/v projections "
+                f"(q and v biases) and SwiGLU (its keys: {sorted(block)})."
+            ) from err
     first = {k[len("blocks.0.") :] for k in theirs if k.startswith("blocks.0.")}
     grid = model_grid if len(model_grid) == 3 else (1, 1, 1)  # no crop size and no table: unknown
     network = {
