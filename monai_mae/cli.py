@@ -8,7 +8,7 @@ Subcommands::
     monai-mae finetune --data DIR --out RUN [--pretrained FILE]           mae_finetune train.json
     monai-mae evaluate --data DIR --out RUN [--ckpt FILE]                 mae_finetune train.json + evaluate.json
     monai-mae infer --data DIR --out RUN [--ckpt FILE]                    inference.json of the file's bundle
-    monai-mae export RUN OUT [--format bundle]                            the run as a MONAI model-zoo bundle
+    monai-mae export RUN OUT [--format bundle|nnssl]                      a MONAI model-zoo bundle / nnssl checkpoint
 
 The bundle commands run ``monai.bundle.run`` on the bundle configs shipped in the package. Settings are
 layered in this order, the later winning: the bundle's configs, each ``--config FILE`` (a JSON of bundle
@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = subs.add_parser("finetune", help="segmentation fine-tuning (bundle mae_finetune)", **kw)
     _common(sub, "dataset folder with a labelled datalist.json", "run folder")
     _training(sub)
-    sub.add_argument("--pretrained", metavar="FILE", help="model file of a pretraining run (RUN/models/model.pt)")
+    sub.add_argument(
+        "--pretrained", metavar="FILE", help="model file of a pretraining run, or nnssl checkpoint_final.pth"
+    )
     sub.add_argument("--architecture", help="segmentation network: vitseg (default), unetr, ...")
 
     sub = subs.add_parser("evaluate", help="Dice of a fine-tuned run on a labelled list (writes RUN/eval/)", **kw)
@@ -189,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--ckpt", metavar="FILE", help="model file (default: RUN/models/model_best.pt, else model.pt)")
     sub.add_argument("--bundle", choices=BUNDLE_NAMES, help="bundle whose inference.json runs (default: the file's)")
 
-    sub = subs.add_parser("export", help="write a run as a MONAI model-zoo bundle", **kw)
+    sub = subs.add_parser("export", help="write a run as a MONAI model-zoo bundle or an nnssl checkpoint", **kw)
     sub.add_argument("run", metavar="RUN", help="run folder (output_dir of pretrain / finetune)")
     sub.add_argument("out", metavar="OUT", help="new bundle folder")
-    sub.add_argument("--format", default="bundle", help="bundle (MONAI model zoo); nnssl is not available yet")
+    sub.add_argument("--format", default="bundle", help="bundle (MONAI model zoo) or nnssl (checkpoint_final.pth)")
     sub.add_argument("--ckpt", metavar="FILE", help="model file to export (default: the run's best, else final)")
     sub.add_argument("--name", help="bundle name (default: OUT's folder name)")
     return parser
@@ -294,7 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if extra:
                 raise ValueError(f"unrecognized arguments: {' '.join(extra)}")
             out = export_run(args.run, args.out, format=args.format, ckpt=args.ckpt, name=args.name)
-            print(f"wrote the bundle {out} (configs/, models/model.pt, docs/README.md, LICENSE)")
+            if args.format == "nnssl":
+                print(f"wrote the nnssl checkpoint {out / 'checkpoint_final.pth'} (and adaptation_plan.json)")
+            else:
+                print(f"wrote the bundle {out} (configs/, models/model.pt, docs/README.md, LICENSE)")
             return 0
         call = bundle_call(args, extra)
     except (ValueError, FileNotFoundError) as err:

@@ -20,6 +20,11 @@ It runs with ``python -m monai.bundle run --config_file OUT/configs/inference.js
 key_in_ckpt="network")``; segmentation networks export with ``ckpt_export --key_in_ckpt network``. The
 model file is monai-mae's (weights under ``"network"``, the description under ``"monai_mae"``), so
 fine-tuning can start from an exported MAE as from the run.
+
+``format="nnssl"`` writes the run's encoder (a ``primus_*`` MAE or ViTSeg, 8^3 patches) as nnssl writes its
+pretrained weights instead: ``OUT/checkpoint_final.pth`` (``network_weights`` with ``down_projection.*`` and
+``eva.*``, ``nnssl_adaptation_plan``) and ``OUT/adaptation_plan.json``, which nnssl's and nnU-Net's fine-tuning
+read (:func:`~monai_mae.networks.nnssl.save_nnssl_checkpoint`).
 """
 
 from __future__ import annotations
@@ -37,17 +42,18 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from monai_mae.model_file import ModelFile, read_model
+from monai_mae.model_file import ModelFile, build_network, read_model
 from monai_mae.networks.checkpoint_adapters import DESCRIPTION_KEY
 from monai_mae.networks.checkpoint_io import load_checkpoint_file
+from monai_mae.networks.nnssl import NNSSL_PLAN_KEY, nnssl_checkpoint
 from monai_mae.packaged import BUNDLE_NAMES, bundle_dir
 from monai_mae.utils import atomic_write
 from monai_mae.version import __version__
 
 __all__ = ["EXPORT_FORMATS", "RUN_SETTINGS_NAME", "export_run", "run_model_file"]
 
-#: What ``monai-mae export --format`` writes (nnssl checkpoints are not available yet).
-EXPORT_FORMATS = ("bundle",)
+#: What ``monai-mae export --format`` writes: a MONAI model-zoo bundle, or an nnssl checkpoint of the encoder.
+EXPORT_FORMATS = ("bundle", "nnssl")
 #: The file ``monai-mae pretrain`` / ``finetune`` writes into the run folder: the command and its settings.
 RUN_SETTINGS_NAME = "run_settings.json"
 #: Flat settings of the inference configs whose value the run decides (resolved and written in as literals).
@@ -357,12 +363,13 @@ def export_run(
     ckpt: str | os.PathLike[str] | None = None,
     name: str | None = None,
 ) -> Path:
-    """Write the run ``run_dir`` as a MONAI model-zoo bundle in ``out_dir``.
+    """Write the run ``run_dir`` as a MONAI model-zoo bundle (or an nnssl checkpoint) in ``out_dir``.
 
     Args:
         run_dir: the run's ``output_dir`` (with ``models/model.pt`` or ``models/model_best.pt``).
         out_dir: the bundle folder to write; it must not exist or be empty.
-        format: ``"bundle"`` (the only one so far; ``"nnssl"`` is planned).
+        format: ``"bundle"``, or ``"nnssl"``: the encoder of a ``primus_*`` run as ``out_dir/checkpoint_final.pth``
+            and ``out_dir/adaptation_plan.json`` (:func:`_export_nnssl`).
         ckpt: the model file to export instead of the run's best (else final) model.
         name: the bundle's name in its metadata and README; defaults to ``out_dir``'s folder name.
 
@@ -370,8 +377,8 @@ def export_run(
         ``out_dir``.
 
     Raises:
-        ValueError: for another ``format``, a model file that does not describe its network, or a non-empty
-            ``out_dir``.
+        ValueError: for another ``format``, a model file that does not describe its network, a non-empty
+            ``out_dir``, or (``"nnssl"``) an encoder that is no Primus size with the Primus-exact options.
         FileNotFoundError: when the run folder has no model file.
 
     Examples::
@@ -379,8 +386,7 @@ def export_run(
         export_run("runs/finetune", "bundles_out/liver_vitseg")
     """
     if format not in EXPORT_FORMATS:
-        hint = " (nnssl checkpoints are not available yet)" if format == "nnssl" else ""
-        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}{hint}, got {format!r}.")
+        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}.")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: '{run_dir}'.")
@@ -393,6 +399,8 @@ def export_run(
             f"{model.source} does not describe its network (a plain state dict); only model files written by "
             "monai-mae's bundles can be exported."
         )
+    if format == "nnssl":
+        return _export_nnssl(model, out_dir)
     bundle = _bundle_of(model)
     name = name or out_dir.name
     config = _inference_config(bundle, model_path, model)
@@ -407,4 +415,17 @@ def export_run(
     shutil.copyfile(source / "configs" / "logging.conf", out_dir / "configs" / "logging.conf")
     shutil.copyfile(source / "LICENSE", out_dir / "LICENSE")
     (out_dir / "docs" / "README.md").write_text(_readme(name, bundle, run_dir, model, meta))
+    return out_dir
+
+
+def _export_nnssl(model: ModelFile, out_dir: Path) -> Path:
+    """The model file's encoder as nnssl's ``checkpoint_final.pth`` and ``adaptation_plan.json`` in ``out_dir``."""
+    try:
+        checkpoint = nnssl_checkpoint(build_network(model), model.data_preset)
+    except ValueError as err:
+        raise ValueError(f"{model.source} cannot be written as an nnssl checkpoint: {err}") from err
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "checkpoint_final.pth", lambda f: torch.save(checkpoint, f))
+    plan = {**checkpoint[NNSSL_PLAN_KEY], "trainer_name": checkpoint["trainer_name"]}  # as nnssl writes it
+    (out_dir / "adaptation_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return out_dir

@@ -33,6 +33,7 @@ from monai_mae.data.transforms import load_data_preset
 from monai_mae.networks.checkpoint_adapters import DESCRIPTION_KEY, WEIGHTS_KEY, ModelFileAdapter
 from monai_mae.networks.checkpoint_io import load_checkpoint_file
 from monai_mae.networks.factory import CNN_ARCHITECTURES, merge_cnn_options, unetr_encoder_args
+from monai_mae.networks.nnssl import is_nnssl_checkpoint, nnssl_model_file
 from monai_mae.utils import atomic_write, unwrap
 from monai_mae.version import __version__
 
@@ -158,6 +159,10 @@ def save_model(
 def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False) -> ModelFile:
     """Read a model file written by :func:`save_model`, or any state dict (then it describes nothing).
 
+    An nnssl checkpoint (``checkpoint_final.pth`` of a Primus / EvaMAE encoder) reads as the model file of its
+    encoder (:func:`~monai_mae.networks.nnssl.nnssl_model_file`): a ``ViTEncoder`` with the Primus-exact options
+    and the data preset of its pretraining plan.
+
     Args:
         source: a path (``torch.load(map_location="cpu", weights_only=True)``) or an already loaded mapping.
         mmap: map the file's tensors instead of reading them (``torch.load(mmap=True)``): for callers
@@ -179,6 +184,8 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
         obj = load_checkpoint_file(path, "model file", mmap=mmap)
     if not isinstance(obj, Mapping):
         raise ValueError(f"the model file {name} holds a {type(obj).__name__}, expected a state dict.")
+    if is_nnssl_checkpoint(obj):  # nnssl's checkpoint_final.pth: its encoder and plan as a model file
+        obj = nnssl_model_file(obj, source=f"the nnssl checkpoint {name}")
     # a model file, else a bundle checkpoint ({"network": ..., "optimizer": ...}), else a plain state dict
     weights, description = MODEL_FILE.unpack(obj) or (obj.get(WEIGHTS_KEY, obj), None)
     if isinstance(weights, nn.Module):
@@ -187,10 +194,15 @@ def read_model(source: str | os.PathLike | Mapping[str, Any], mmap: bool = False
         raise ValueError(f"the model file {name} holds no weights (top-level keys: {list(obj)[:8]}).")
     description = description if isinstance(description, Mapping) else {}
     format_version = _check_format_version(description, name)
+    data_preset = description.get("data_preset")
+    run = description.get("run")
+    if isinstance(run, Mapping) and run.get("source") == "nnssl" and isinstance(data_preset, Mapping):
+        # the plan says spacing, normalisation and crop; the rest (augmentation, samples) is the packaged preset's
+        data_preset = {**load_data_preset(str(data_preset.get("modality", "mri"))), **data_preset}
     return ModelFile(
         state_dict={k: v for k, v in weights.items() if isinstance(v, torch.Tensor)},
         network=description.get("network"),
-        data_preset=description.get("data_preset"),
+        data_preset=data_preset,
         version=description.get("version"),
         run=description.get("run"),
         source=name,

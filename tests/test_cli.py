@@ -19,7 +19,9 @@ from monai.bundle import run as bundle_run
 from monai_mae import MAEViT, cli
 from monai_mae.data import load_data_preset, write_synthetic_dataset
 from monai_mae.export import RUN_SETTINGS_NAME
-from monai_mae.model_file import read_model, save_model
+from monai_mae.model_file import build_network, read_model, save_model
+from monai_mae.networks.patching import patchify
+from monai_mae.networks.presets import mae_vit
 from monai_mae.networks.vitseg import ViTSeg
 from monai_mae.packaged import BUNDLE_NAMES, bundle_dir, bundle_file, bundles_root
 
@@ -255,7 +257,9 @@ def test_synth_and_preprocess_are_the_package_s_own_command_lines(capsys, tmp_pa
 
 def test_export_format_and_arguments(capsys, runs):
     err = _fails(capsys, "export", str(runs / "seg"), str(runs / "out"), "--format", "nnssl")
-    assert "monai-mae export: error: export format must be one of ['bundle'] (nnssl checkpoints are not" in err
+    assert "monai-mae export: error: '" in err and "model_best.pt' cannot be written as an nnssl checkpoint" in err
+    err = _fails(capsys, "export", str(runs / "seg"), str(runs / "out"), "--format", "onnx")
+    assert "export format must be one of ['bundle', 'nnssl'], got 'onnx'" in err
     err = _fails(capsys, "export", str(runs / "seg"), str(runs / "out"), "--bogus", "1")
     assert "unrecognized arguments: --bogus 1" in err
     assert cli.main(["export", str(runs / "seg"), str(runs / "out"), "--name", "tiny_seg"]) == 0
@@ -371,3 +375,22 @@ def test_synth_pretrain_finetune_export_then_the_bundle_runs_on_its_own(tmp_path
         read_model(bundle / "models" / "model.pt").state_dict["norm.weight"],
         read_model(tmp_path / "seg" / "models" / "model_best.pt").state_dict["norm.weight"],
     )
+
+
+def test_export_nnssl_writes_a_checkpoint_that_reads_back(capsys, tmp_path):
+    mae = mae_vit("primus_s", img_size=16, patch_size=8, num_layers=1).eval()
+    preset = {"modality": "mri", "pixdim": [1.0, 1.0, 1.0], "roi_size": [16, 16, 16]}
+    save_model(mae, tmp_path / "run" / "models" / "model.pt", data_preset=preset, run={"bundle": "mae_pretrain"})
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--format", "nnssl"]) == 0
+    assert "wrote the nnssl checkpoint" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "out" / "adaptation_plan.json").read_text())
+    assert plan["architecture_plans"]["arch_class_name"] == "PrimusS" and plan["trainer_name"] == "monai_mae"
+    model = read_model(tmp_path / "out" / "checkpoint_final.pth")  # an nnssl file reads as a model file
+    assert model.data_preset["pixdim"] == [1.0, 1.0, 1.0] and model.network["num_heads"] == 6
+    encoder = build_network(model).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    patches = patchify(x, (8, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encoder.encode_patches(patches, (2, 2, 2)), mae.forward_encoder(x), atol=1e-5, rtol=0
+        )

@@ -19,11 +19,11 @@ prefix-free tensors. The layouts:
   block lists (``blocks.{L}.*``); :class:`~monai_mae.networks.mae.MAEViT`'s load pre-hook uses the same
   renaming (:func:`monai_mae_renames`).
 
-nnssl checkpoints (``network_weights`` + ``nnssl_adaptation_plan``, Primus encoders) are not read by this
-module yet. Their adapter belongs here, as one more :class:`CheckpointAdapter`: ``unpack`` takes
-``network_weights`` when ``nnssl_adaptation_plan`` is present (the plan as the description), ``rename``
-maps Primus's keys to ``MAEViT`` naming; it goes into :data:`ADAPTERS` before
-:class:`NestedCheckpointAdapter`.
+* :class:`NnsslAdapter`: nnssl checkpoints (``network_weights`` + ``nnssl_adaptation_plan``) of Primus / EvaMAE
+  encoders. Their mapping needs the plan (heads, token order, axes), so ``unpack`` does all of it
+  (:func:`monai_mae.networks.nnssl.nnssl_model_file`) and returns the weights in ``MAEViT`` naming with a model
+  file's description; for a file whose token order or heads cannot be told, read it with
+  :func:`monai_mae.networks.checkpoint_io.read_nnssl_checkpoint` and pass what that returns.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from monai_mae.networks.nnssl import is_nnssl_checkpoint, nnssl_model_file
+
 __all__ = [
     "ADAPTERS",
     "BLOCK_KEY",
@@ -45,6 +47,7 @@ __all__ = [
     "MonaiMAEAdapter",
     "NEST_KEYS",
     "NestedCheckpointAdapter",
+    "NnsslAdapter",
     "WEIGHTS_KEY",
     "WRAPPER_PREFIXES",
     "is_encoder_key",
@@ -153,6 +156,23 @@ class NestedCheckpointAdapter(CheckpointAdapter):
         return None
 
 
+class NnsslAdapter(CheckpointAdapter):
+    """nnssl checkpoints: ``{"network_weights": ..., "nnssl_adaptation_plan": ..., "trainer_name": ...}`` of Primus /
+    EvaMAE encoders, mapped to ``MAEViT`` naming with a model file's description (network, data preset).
+
+    Raises (from ``unpack``):
+        ValueError: for a CNN (ResEnc) checkpoint, or a file whose token order or heads cannot be told.
+    """
+
+    name = "nnssl checkpoint"
+
+    def unpack(self, obj: Mapping[str, Any]) -> Unpacked | None:
+        if not is_nnssl_checkpoint(obj):
+            return None
+        converted = nnssl_model_file(obj)
+        return converted[WEIGHTS_KEY], converted[DESCRIPTION_KEY]
+
+
 def monai_mae_renames(
     keys: Iterable[str], prefix: str = "", depths: Mapping[str, int | None] | None = None
 ) -> dict[str, str | None]:
@@ -215,4 +235,9 @@ class MonaiMAEAdapter(CheckpointAdapter):
 
 
 #: The layouts :func:`~monai_mae.networks.checkpoint_io.read_checkpoint` reads, in the order tried.
-ADAPTERS: tuple[CheckpointAdapter, ...] = (ModelFileAdapter(), NestedCheckpointAdapter(), MonaiMAEAdapter())
+ADAPTERS: tuple[CheckpointAdapter, ...] = (
+    ModelFileAdapter(),
+    NnsslAdapter(),
+    NestedCheckpointAdapter(),
+    MonaiMAEAdapter(),
+)

@@ -4,11 +4,13 @@
 model files in :func:`monai_mae.model_file.read_model` and the exporter; resuming a run reads its trainer
 state in :mod:`monai_mae.engines.checkpoint`). :func:`read_checkpoint` takes a path, a (possibly nested) state
 dict or a module, lets the adapters of :mod:`monai_mae.networks.checkpoint_adapters` find the weights
-(model files, bundle / Ignite / Lightning checkpoints) and rename them (MONAI's ``MaskedAutoEncoderViT``),
-strips ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes, and returns one plain state dict in
-``MAEViT`` / MONAI ``ViT`` naming (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``, ``norm.*``);
+(model files, nnssl checkpoints, bundle / Ignite / Lightning checkpoints) and rename them (MONAI's
+``MaskedAutoEncoderViT``), strips ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes, and returns one
+plain state dict in ``MAEViT`` / MONAI ``ViT`` naming (``patch_embedding.*``, ``cls_token``, ``blocks.N.*``,
+``norm.*``);
 :func:`split_encoder` separates the encoder from the rest (decoder, ``mask_tokens``).
-:mod:`monai_mae.networks.transfer` fits the result into a target network.
+:mod:`monai_mae.networks.transfer` fits the result into a target network. :func:`read_nnssl_checkpoint` reads an
+nnssl checkpoint as a monai-mae model file, with the choices a file may leave open (token order, heads).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from monai_mae.networks.checkpoint_adapters import (
     is_encoder_key,
     tensors_of,
 )
+from monai_mae.networks.nnssl import nnssl_model_file
 
 __all__ = [
     "Checkpoint",
@@ -35,6 +38,7 @@ __all__ = [
     "extract_encoder_state_dict",
     "load_checkpoint_file",
     "read_checkpoint",
+    "read_nnssl_checkpoint",
     "short_keys",
     "split_encoder",
 ]
@@ -124,11 +128,16 @@ def read_checkpoint(checkpoint: Checkpoint) -> EncoderCheckpoint:
         raise ValueError(f"{source} holds a {type(obj).__name__}, expected a state dict (a mapping of tensors).")
     weights, layouts = obj, []
     for adapter in ADAPTERS:
-        unpacked = adapter.unpack(obj)
+        try:
+            unpacked = adapter.unpack(obj)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
         if unpacked is not None:
             (weights, description), layouts = unpacked, [adapter.name]
             network = description.get("network") if isinstance(description, Mapping) else None
             kind = network.get("pos_embed_type") if isinstance(network, Mapping) else kind
+            if isinstance(network, Mapping) and adapter.name == "nnssl checkpoint":  # the pretraining grid
+                grid = [i // p for i, p in zip(network["img_size"], network["patch_size"])]
             break
     state = tensors_of(weights) if isinstance(weights, (Mapping, nn.Module)) else {}
     for adapter in ADAPTERS:
@@ -141,6 +150,49 @@ def read_checkpoint(checkpoint: Checkpoint) -> EncoderCheckpoint:
             f"any of {list(NEST_KEYS)}; its top-level keys are {short_keys([str(k) for k in obj])}."
         )
     return EncoderCheckpoint(state, tuple(int(g) for g in grid) if grid is not None else None, kind, tuple(layouts))
+
+
+def read_nnssl_checkpoint(
+    path: str | os.PathLike,
+    token_order: str | None = None,
+    num_heads: int | None = None,
+    axes: Sequence[int] | None = None,
+    configuration: str | None = None,
+) -> dict[str, Any]:
+    """An nnssl ``checkpoint_final.pth`` (Primus / EvaMAE encoder) as a monai-mae model file.
+
+    What it returns is ``{"network": state_dict, "monai_mae": description}``: pass it to
+    :func:`~monai_mae.networks.transfer.load_mae_encoder` or :func:`~monai_mae.model_file.read_model`, or
+    ``torch.save`` it as a model file. A path alone does the same where the file tells everything
+    (:func:`~monai_mae.networks.nnssl.nnssl_model_file`).
+
+    Args:
+        path: the nnssl checkpoint.
+        token_order: ``"whd"`` (Primus, nnssl's SimMIM) or ``"hwd"`` (nnssl's EvaMAE); None: read from the file.
+        num_heads: attention heads; None: from the architecture name (``PrimusS/B/M/L``).
+        axes: nnssl array axis of each of our (RAS) axes; None: from the plan's ``transpose_forward``.
+        configuration: the pretraining plan's named configuration, where it has several.
+
+    Raises:
+        FileNotFoundError: when the path does not exist.
+        ValueError: for a file that is no nnssl checkpoint of a Primus / EvaMAE encoder, or choices it leaves open.
+
+    Examples::
+
+        model = read_nnssl_checkpoint("checkpoint_final.pth")  # an OpenMind Primus-M (EvaMAE) checkpoint
+        torch.save(model, "primus_m.pt")  # a model file: monai-mae finetune --pretrained primus_m.pt ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"nnssl checkpoint not found: '{path}'.")
+    advice = (
+        " If you trust the file, load it with torch.load(path, weights_only=False) and pass the dict to "
+        "monai_mae.networks.nnssl.nnssl_model_file."
+    )
+    obj = load_checkpoint_file(path, "nnssl checkpoint", advice=advice)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"the nnssl checkpoint '{path}' holds a {type(obj).__name__}, expected a dict.")
+    return nnssl_model_file(obj, token_order, num_heads, axes, configuration, source=f"the nnssl checkpoint '{path}'")
 
 
 def split_encoder(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
