@@ -29,13 +29,13 @@ _SPEC.loader.exec_module(fixture)
 dna = fixture.import_dynamic_network_architectures()  # stubs torchvision only where it does not import
 
 
-def primus(width: int, heads: int, crop: tuple[int, ...], exact: bool = True) -> torch.nn.Module:
+def primus(width: int, heads: int, crop: tuple[int, ...], exact: bool = True, depth: int = 2) -> torch.nn.Module:
     net = dna.Primus(
         1,
         width,
         (8, 8, 8),
         2,
-        eva_depth=2,
+        eva_depth=depth,
         eva_numheads=heads,
         input_shape=crop,
         init_values=0.1 if exact else None,
@@ -71,6 +71,24 @@ def test_live_primus_features_and_round_trip(width, heads, crop, exact, axes):
     assert all(torch.equal(exported["network_weights"][k], v) for k, v in weights.items())
     strict = primus(width, heads, crop, exact)  # nnU-Net's strict load of the stem and the encoder
     strict.load_state_dict({**strict.state_dict(), **exported["network_weights"]}, strict=True)
+
+
+def test_live_primus_s_features():
+    """Primus-S as nnssl trains it (width 396, 6 heads, 12 blocks): the features after all 12 blocks agree too."""
+    crop = (32, 32, 32)
+    net = primus(396, 6, crop, depth=12)
+    plan = fixture.adaptation_plan("PrimusS", {"onemmiso": fixture.configuration([1.0, 1.0, 1.0], crop)})
+    model = nnssl_model_file(fixture.checkpoint(net, "SimMIMEvaTrainer", plan))  # heads from the name: S has 6
+    network = {k: v for k, v in model["monai_mae"]["network"].items() if k != "_target_"}
+    assert (network["hidden_size"], network["num_heads"], network["num_layers"]) == (396, 6, 12)
+    seg = ViTSeg(out_channels=2, **network).eval()
+    assert not load_mae_encoder(seg, model).missing
+    x = torch.randn(1, 1, *crop)
+    with torch.no_grad():
+        expected = fixture.encoder_features(dna, net, x, "w h d")
+        tokens, _ = seg.forward_features(x.permute(0, 1, 4, 3, 2))
+    got = tokens.transpose(1, 2).reshape(1, 396, *seg.grid_size)
+    torch.testing.assert_close(got, expected.permute(0, 1, 4, 3, 2), rtol=0, atol=1e-5)
 
 
 def test_live_evamae_features():
