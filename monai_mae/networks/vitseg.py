@@ -202,12 +202,12 @@ class ViTSeg(ViTEncoder):
             channels = out
         self.decoder = nn.Sequential(*stages)
         self.head = Conv[Conv.CONV, spatial_dims](channels, out_channels, kernel_size=1)
+        self._init_weights()  # the encoder's, after the decoder: the order in which a seed draws the weights
         self.conv_skips = bool(conv_skips)
         #: decoder stage index -> index into ``skip_stem`` / ``skip_fuse`` (empty without ``conv_skips``)
         self.skip_stages: dict[int, int] = {}
-        if self.conv_skips:
+        if self.conv_skips:  # drawn last: a seed gives the hybrid the plain network's encoder, decoder and head
             self._build_conv_skips(decoder_channels, norm_name, act_name)
-        self._init_weights()  # the encoder's, after the decoder: the order in which a seed draws the weights
 
     def _build_conv_skips(self, decoder_channels: Sequence[int], norm_name: str | tuple, act_name: str | tuple) -> None:
         """The stem (``skip_stem``: full, then half resolution) and the fusing convolutions (``skip_fuse``).
