@@ -188,3 +188,14 @@ def test_a_model_file_without_conv_skips_rebuilds_a_plain_vitseg(tmp_path):
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), net(x))
+
+
+def test_the_hybrid_traces_as_the_exported_vitseg_does():
+    """``ckpt_export`` traces ViTSeg (``use_trace``): the traced hybrid gives the same logits."""
+    torch.manual_seed(9)
+    net = hybrid().eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    traced = torch.jit.trace(net, x)
+    other = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(traced(other), net(other), atol=1e-5)
