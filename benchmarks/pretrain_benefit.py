@@ -1247,8 +1247,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             flush=True,
         )
         for name, value in times.items():
-            print(f"  {network_label(configs[name]):>12}: {value:.3f} s/step, {seconds / value:.0f} steps, "
-                  f"{counts[name] / 1e6:.2f} M parameters", flush=True)  # fmt: skip
+            label, millions = network_label(configs[name]), counts[name] / 1e6
+            line = f"  {label:>12}: {value:.3f} s/step, {seconds / value:.0f} steps, {millions:.2f} M parameters"
+            print(line, flush=True)
         return times
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     warnings.filterwarnings("ignore", message="torch.meshgrid")

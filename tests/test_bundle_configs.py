@@ -312,8 +312,9 @@ def test_vitseg_conv_skips_from_the_command_line_into_a_pretrained_vitseg(tmp_pa
     torch.manual_seed(0)
     mae = MAEViT(1, 32, 8, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, cls_token=False, qkv_bias=True)
     save_model(mae, tmp_path / "mae.pt")
-    args, extra = cli.build_parser().parse_known_args(["finetune", "--data", "d", "--out", "o", "--vitseg#conv_skips",
-                                                        "true"])  # fmt: skip
+    args, extra = cli.build_parser().parse_known_args(
+        ["finetune", "--data", "d", "--out", "o", "--vitseg#conv_skips", "true"]
+    )
     settings = cli.bundle_call(args, extra).settings
     assert settings["vitseg#conv_skips"] is True
     common = dict(pretrained_ckpt=str(tmp_path / "mae.pt"), roi_size=[32, 32, 32], output_dir=str(tmp_path / "out"))

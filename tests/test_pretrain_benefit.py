@@ -250,8 +250,12 @@ def test_conv_skips_setting_builds_the_hybrid_under_its_own_cache_key_and_report
     # reports: the settings name it, and a combined table keeps it apart from the plain ViTSeg
     rows = pb.summarise(_runs(), hybrid)
     pretrain = {"steps": 1, "seconds": 60.0, "first_epoch_loss": 1.0, "last_epoch_loss": 0.5}
-    markdown = pb.format_markdown(rows, hybrid, {"command": "c", "device": "cpu", "torch": "t", "monai": "m",
-                                                 "threads": 1, "total_minutes": 1.0}, pretrain)  # fmt: skip
+    markdown = pb.format_markdown(
+        rows,
+        hybrid,
+        {"command": "c", "device": "cpu", "torch": "t", "monai": "m", "threads": 1, "total_minutes": 1.0},
+        pretrain,
+    )
     assert markdown.startswith("## MAE pretraining benefit for ViTSeg+skips (")
     assert "ViTSeg with convolutional skips (conv_skips" in markdown
     paths = []

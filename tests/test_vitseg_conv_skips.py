@@ -32,15 +32,28 @@ def skip_names(net: torch.nn.Module) -> list[str]:
     [
         (dict(), (2, 1, 32, 32, 32), [(2, 4, 32, 32, 32), (2, 8, 16, 16, 16)]),
         (dict(), (1, 1, 40, 24, 16), [(1, 4, 40, 24, 16), (1, 8, 20, 12, 8)]),  # not img_size
-        (dict(patch_size=16, img_size=32, decoder_channels=(16, 8, 8, 4)), (1, 1, 32, 48, 16),
-         [(1, 4, 32, 48, 16), (1, 8, 16, 24, 8)]),
+        (
+            dict(patch_size=16, img_size=32, decoder_channels=(16, 8, 8, 4)),
+            (1, 1, 32, 48, 16),
+            [(1, 4, 32, 48, 16), (1, 8, 16, 24, 8)],
+        ),
         (dict(patch_size=(8, 8, 4)), (1, 1, 16, 32, 8), [(1, 4, 16, 32, 8), (1, 8, 8, 16, 8)]),  # last stride (2, 2, 1)
         (dict(spatial_dims=2, img_size=(32, 16)), (2, 1, 32, 16), [(2, 4, 32, 16), (2, 8, 16, 8)]),
-        (dict(spatial_dims=2, img_size=64, patch_size=16, decoder_channels=(16, 8, 8, 4), in_channels=2,
-              out_channels=5), (1, 2, 64, 48), [(1, 4, 64, 48), (1, 8, 32, 24)]),
+        (
+            dict(
+                spatial_dims=2,
+                img_size=64,
+                patch_size=16,
+                decoder_channels=(16, 8, 8, 4),
+                in_channels=2,
+                out_channels=5,
+            ),
+            (1, 2, 64, 48),
+            [(1, 4, 64, 48), (1, 8, 32, 24)],
+        ),
         (dict(patch_size=2, decoder_channels=(4,)), (1, 1, 8, 6, 4), [(1, 4, 8, 6, 4)]),  # one stage: full res only
     ],
-)  # fmt: skip
+)
 def test_output_and_skip_shapes(kwargs, shape, skips):
     net = hybrid(**kwargs).eval()
     x = torch.randn(*shape)
@@ -100,8 +113,18 @@ def test_a_hybrid_adds_only_skip_parameters_to_the_plain_network():
 def test_mae_encoder_loads_into_the_hybrid(dims):
     torch.manual_seed(5)
     size = 32 if dims == 3 else (32, 16)
-    source = MAEViT(1, size, 8, **ENCODER, spatial_dims=dims, cls_token=False, decoder_hidden_size=16,
-                    decoder_mlp_dim=16, decoder_num_layers=1, decoder_num_heads=2)  # fmt: skip
+    source = MAEViT(
+        1,
+        size,
+        8,
+        **ENCODER,
+        spatial_dims=dims,
+        cls_token=False,
+        decoder_hidden_size=16,
+        decoder_mlp_dim=16,
+        decoder_num_layers=1,
+        decoder_num_heads=2,
+    )
     with torch.no_grad():
         for param in source.parameters():
             param.add_(torch.randn_like(param) * 0.2)
@@ -158,8 +181,9 @@ def test_freeze_encoder_leaves_the_stem_trainable_and_the_stem_gets_gradients():
 
 
 # ----------------------------------------------------------------------------------------- model file
-@pytest.mark.parametrize("kwargs", [dict(), dict(spatial_dims=2, img_size=64, patch_size=16,
-                                                 decoder_channels=(16, 8, 8, 4))])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(spatial_dims=2, img_size=64, patch_size=16, decoder_channels=(16, 8, 8, 4))]
+)
 def test_model_file_round_trip_rebuilds_the_hybrid(tmp_path, kwargs):
     torch.manual_seed(7)
     net = hybrid(**kwargs).eval()
