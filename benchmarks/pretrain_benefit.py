@@ -48,6 +48,12 @@ Examples::
     nohup python benchmarks/pretrain_benefit.py > /tmp/pretrain_benefit.log 2>&1 &
     python benchmarks/pretrain_benefit.py --preset gpu --device cuda
     python benchmarks/pretrain_benefit.py --labeled-sizes 2 8 --seeds 0 1 2 3 4 --finetune-steps 200
+    python benchmarks/pretrain_benefit.py --architecture vitseg --conv-skips   # the UNETR-like hybrid ViTSeg
+    python benchmarks/pretrain_benefit.py --step-times 5 --threads 1           # s/step and parameters per network
+
+``--conv-skips`` builds the ViTSeg arms with ``conv_skips=True`` (a convolutional stem whose full- and
+half-resolution features join the last two decoder stages); its reports are written as
+``pretrain_benefit_vitseg_conv_skips.*`` and its fine-tunes cached under their own key.
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ ARMS = ("scratch", "pretrained")
 CNNS = CNN_ARCHITECTURES  # pretrained by masked-image modelling (MaskedImageModel) instead of an MAE
 ARCHITECTURES = ("unetr", "vitseg", *CNNS)
 ARCH_NAMES = {"unetr": "UNETR", "vitseg": "ViTSeg", "unet": "UNet", "dynunet": "DynUNet", "segresnet": "SegResNet"}
+CONV_SKIPS_NAME = "ViTSeg+skips"  # ViTSeg(conv_skips=True), the UNETR-like hybrid
 CT_WINDOW = (-175.0, 250.0)
 UNETR_PATCH = 16  # UNETR's fixed patch size
 logger = logging.getLogger("pretrain_benefit")
@@ -152,13 +159,22 @@ _VIT_ONLY = (
 
 # settings added after runs had been cached: left out of the cache keys while off (0), so the keys of
 # the MAEs and fine-tunes made before they existed stay valid
-_ADDED_LATER = ("drop_path_rate", "visible_loss_weight", "intensity_shift", "intensity_scale", "style", "curve_steps")
+_ADDED_LATER = (
+    "drop_path_rate",
+    "visible_loss_weight",
+    "intensity_shift",
+    "intensity_scale",
+    "style",
+    "curve_steps",
+    "conv_skips",
+)
 STYLES = ("simple", "realistic")
 
 
 _OFF = {
     "style": "simple",
     "curve_steps": (),
+    "conv_skips": False,
 }  # the value of a later setting that means "as before it existed" (default: 0)
 
 
@@ -206,6 +222,8 @@ class BenefitConfig:
             ``mae_finetune`` bundle's chain); 0 = off.
         drop_path_rate: ViTSeg's stochastic depth while fine-tuning a pretrained encoder (pretrained
             arm only; scratch uses 0).
+        conv_skips: ViTSeg with convolutional skip connections (``ViTSeg(conv_skips=True)``, both arms); the MAE
+            is the same as without.
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -259,6 +277,7 @@ class BenefitConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     sw_batch_size: int = 2
     curve_steps: tuple[int, ...] = ()
+    conv_skips: bool = False
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
@@ -276,6 +295,8 @@ class BenefitConfig:
             )
         if not 0 < self.encoder_lr_scale <= 1:
             raise ValueError(f"encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}.")
+        if self.conv_skips and self.architecture != "vitseg":
+            raise ValueError(f"conv_skips needs architecture 'vitseg', got {self.architecture!r}.")
         if max(self.labeled_sizes) > self.num_labeled_pool:
             raise ValueError(
                 f"labeled_sizes {self.labeled_sizes} ask for more volumes than num_labeled_pool={self.num_labeled_pool}."
@@ -613,6 +634,7 @@ def build_network(cfg: BenefitConfig, drop_path_rate: float = 0.0) -> torch.nn.M
         return ViTSeg(
             1, cfg.num_organs + 1, cfg.roi, patch_size=cfg.patch, hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim,
             num_layers=cfg.num_layers, num_heads=cfg.num_heads, qkv_bias=True, drop_path_rate=drop_path_rate,
+            conv_skips=cfg.conv_skips,
         )  # fmt: skip
     if drop_path_rate:
         raise ValueError(f"drop_path_rate={drop_path_rate} needs architecture 'vitseg'; UNETR has no stochastic depth.")
@@ -715,6 +737,14 @@ def evaluate_dice(
 
 
 # ------------------------------------------------------------------------------------------ report
+def network_label(config: BenefitConfig | dict[str, Any]) -> str:
+    """The network's name in reports and charts: ``ARCH_NAMES`` of the architecture, :data:`CONV_SKIPS_NAME` for
+    ViTSeg with ``conv_skips``; ``config`` is a :class:`BenefitConfig` or a report's ``"config"``."""
+    values = asdict(config) if isinstance(config, BenefitConfig) else config
+    architecture = values.get("architecture", "unetr")
+    return CONV_SKIPS_NAME if architecture == "vitseg" and values.get("conv_skips") else ARCH_NAMES[architecture]
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -749,7 +779,7 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
     cnn = cfg.architecture in CNNS
     method = "Masked-image" if cnn else "MAE"
     lines = [
-        f"## {method} pretraining benefit for {ARCH_NAMES[cfg.architecture]} (synthetic CT phantoms, {cfg.style} style)",
+        f"## {method} pretraining benefit for {network_label(cfg)} (synthetic CT phantoms, {cfg.style} style)",
         "",
         f"Mean Dice of the {cfg.num_organs} organs on {cfg.num_test} held-out phantoms (sliding window, final weights), "
         f"mean +- sample std over seeds {list(cfg.seeds)}; the same labeled subset per seed for both arms.",
@@ -782,6 +812,7 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
             else f"ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
             f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
         )
+        + (" with convolutional skips (conv_skips: full- and half-resolution stem)" if cfg.conv_skips else "")
         + (f" feature size {cfg.feature_size}" if cfg.architecture == "unetr" else "")
         + f". {'Masked-image model' if cnn else 'MAE'}: {cfg.num_unlabeled} unlabeled phantoms, {cfg.pretrain_epochs} epochs "
         f"({pretrain['steps']} steps, {pretrain['seconds'] / 60:.1f} min{reused}), masking {cfg.masking_ratio}, "
@@ -900,15 +931,30 @@ def format_combined(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + ("\n\nFine-tuning budget: " + "; ".join(budget) + ".\n" if budget else "\n")
 
 
+def step_time_configs(preset: str) -> dict[str, BenefitConfig]:
+    """The networks :func:`step_times` measures: every architecture at ``preset``'s sizes, and ViTSeg with
+    ``conv_skips`` (``"vitseg_conv_skips"``)."""
+    configs = {arch: preset_config(preset, arch) for arch in ARCHITECTURES}
+    configs["vitseg_conv_skips"] = dataclasses.replace(configs["vitseg"], conv_skips=True)
+    return configs
+
+
+def parameter_counts(preset: str) -> dict[str, int]:
+    """Parameters (trainable or not) of each network of :func:`step_time_configs`."""
+    return {
+        name: sum(p.numel() for p in build_network(cfg).parameters()) for name, cfg in step_time_configs(preset).items()
+    }
+
+
 def step_times(preset: str, steps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per fine-tuning step of each architecture at ``preset``'s sizes, measured interleaved.
+    """Median seconds per fine-tuning step of each network of :func:`step_time_configs`, measured interleaved.
 
     One step: a batch of ``finetune_batch`` volumes x ``finetune_samples`` random crops, DiceCE, backward,
-    AdamW. Interleaving the two networks step by step exposes both to the same machine load, so the
-    ratio (what sets equal wall-clock budgets, e.g. ``VITSEG_CHANGES[preset]["finetune_steps"]``) holds
+    AdamW. Interleaving the networks step by step exposes all to the same machine load, so the
+    ratios (what sets equal wall-clock budgets, e.g. ``VITSEG_CHANGES[preset]["finetune_steps"]``) hold
     on a busy machine too.
     """
-    configs = {arch: preset_config(preset, arch) for arch in ARCHITECTURES}
+    configs = step_time_configs(preset)
     torch.manual_seed(0)
     cfg = configs["unetr"]
     batch = cfg.finetune_batch * cfg.finetune_samples
@@ -999,7 +1045,7 @@ def combine(paths: Sequence[Path], out_dir: Path, figures_dir: Path | None = Non
     reports = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
-        reports[ARCH_NAMES[report["config"].get("architecture", "unetr")]] = report
+        reports[network_label(report["config"])] = report
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_only = [label for label, report in reports.items() if not report.get("runs")]
     markdown = format_combined(reports) + "\nBest arm of any architecture with per-run results, per labeled size"
@@ -1035,7 +1081,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         metavar="STEPS",
-        help="only measure the seconds per fine-tuning step of UNETR and ViTSeg at the preset's sizes (interleaved)",
+        help="only measure the seconds per fine-tuning step (and count the parameters) of every network at the "
+        "preset's sizes, ViTSeg with --conv-skips included (interleaved)",
     )
     parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="REPORT_JSON",
                         help="only write one table and chart from the JSON reports of earlier runs (e.g. unetr and vitseg)")  # fmt: skip
@@ -1080,6 +1127,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=None)
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--conv-skips",
+        action="store_true",
+        default=None,
+        help="ViTSeg arms with convolutional skip connections (ViTSeg conv_skips; needs --architecture vitseg)",
+    )
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
                         help="rescale the transferred encoder's residual stream: 'auto' (to a fresh UNETR's size) or a factor (1 = off)")  # fmt: skip
     return parser.parse_args(argv)
@@ -1118,6 +1171,13 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
     settings = _without_unset_later_settings({k: v for k, v in asdict(cfg).items() if k not in drop})
     text = json.dumps({**settings, "device": device.type, "amp": amp, "arm": arm}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def report_name(cfg: BenefitConfig, quick: bool = False) -> str:
+    """The reports' file name without suffix: ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_realistic]``."""
+    name = ("pretrain_benefit_quick" if quick else "pretrain_benefit") + f"_{cfg.architecture}"
+    name += "_conv_skips" if cfg.conv_skips else ""
+    return name + ("_realistic" if cfg.style == "realistic" else "")
 
 
 def _figures_dir(args: argparse.Namespace) -> Path:
@@ -1176,6 +1236,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         preset = "quick" if args.quick else args.preset
         times = step_times(preset, args.step_times, device)
+        counts = parameter_counts(preset)
+        configs = step_time_configs(preset)
         budget = preset_config(preset, "vitseg")
         seconds = budget.finetune_steps * times["vitseg"]
         print(
@@ -1184,8 +1246,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"({seconds:.0f} s):",
             flush=True,
         )
-        for arch, value in times.items():
-            print(f"  {ARCH_NAMES[arch]:>9}: {value:.3f} s/step, {seconds / value:.0f} steps", flush=True)
+        for name, value in times.items():
+            label, millions = network_label(configs[name]), counts[name] / 1e6
+            line = f"  {label:>12}: {value:.3f} s/step, {seconds / value:.0f} steps, {millions:.2f} M parameters"
+            print(line, flush=True)
         return times
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     warnings.filterwarnings("ignore", message="torch.meshgrid")
@@ -1198,8 +1262,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     work_dir = args.work_dir or args.out_dir / "pretrain_benefit_work"
-    name = ("pretrain_benefit_quick" if args.quick else "pretrain_benefit") + f"_{cfg.architecture}"
-    name += "_realistic" if cfg.style == "realistic" else ""
+    name = report_name(cfg, args.quick)
     t0 = time.perf_counter()
 
     unlabeled, pool, test = prepare_data(cfg, work_dir)
@@ -1263,8 +1326,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.md").write_text(markdown)
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    draw_chart({ARCH_NAMES[cfg.architecture]: rows}, _figures_dir(args) / f"{name}.png",
-               f"{ARCH_NAMES[cfg.architecture]} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")  # fmt: skip
+    draw_chart({network_label(cfg): rows}, _figures_dir(args) / f"{name}.png",
+               f"{network_label(cfg)} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")  # fmt: skip
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md and .json, {_figures_dir(args) / name}.png")
     return report

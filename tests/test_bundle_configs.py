@@ -311,6 +311,27 @@ def test_finetune_from_scratch_defaults_to_the_best_scratch_network(tmp_path):
     assert parser.get_parsed_content("architecture") == "vitseg"
 
 
+def test_vitseg_conv_skips_from_the_command_line_into_a_pretrained_vitseg(tmp_path):
+    """``--vitseg#conv_skips true`` (parsed as the ``monai-mae`` command does) builds the hybrid; the MAE encoder loads."""
+    from monai_mae import cli
+
+    torch.manual_seed(0)
+    mae = MAEViT(1, 32, 8, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, cls_token=False, qkv_bias=True)
+    save_model(mae, tmp_path / "mae.pt")
+    args, extra = cli.build_parser().parse_known_args(
+        ["finetune", "--data", "d", "--out", "o", "--vitseg#conv_skips", "true"]
+    )
+    settings = cli.bundle_call(args, extra).settings
+    assert settings["vitseg#conv_skips"] is True
+    common = dict(pretrained_ckpt=str(tmp_path / "mae.pt"), roi_size=[32, 32, 32], output_dir=str(tmp_path / "out"))
+    plain = _parser("mae_finetune", ["train.json"], **common).get_parsed_content("network_def")
+    assert plain.conv_skips is False and not hasattr(plain, "skip_stem")
+    parser = _parser("mae_finetune", ["train.json"], **common, **{"vitseg#conv_skips": settings["vitseg#conv_skips"]})
+    network = parser.get_parsed_content("pretrained_network")
+    assert isinstance(network, ViTSeg) and network.conv_skips and network.init_args["conv_skips"] is True
+    assert torch.equal(network.state_dict()["blocks.0.attn.qkv.weight"], mae.state_dict()["blocks.0.attn.qkv.weight"])
+
+
 # --------------------------------------------------------------------------------------------------
 # the configs read as lists of components: short lines, no inline choice on the data source
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ gloo ``DistributedDataParallel`` with ``find_unused_parameters=False`` (``freeze
 
 MONAI's ``UNETR`` blocks carry a ``norm_cross_attn`` that the forward pass never uses: DDP without the
 unused-parameter scan then stops at the second iteration. The architectures come from
-``monai_mae.networks.factory.ARCHITECTURES``, so a network added there is covered here.
+``monai_mae.networks.factory.ARCHITECTURES``, so a network added there is covered here; ``NETWORKS`` adds the
+variants an option makes (ViTSeg with ``conv_skips``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from monai.losses import DiceCELoss
 from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.data import write_synthetic_dataset
 from monai_mae.engines import AccumulationNoSync, freeze_unused_parameters
+from monai_mae.model_file import build_network
 from monai_mae.networks.factory import ARCHITECTURES, segmentation_network
 
 #: tiny encoder settings per ViT architecture (UNETR fixes 12 layers and 16^3 patches); others use their defaults
@@ -28,6 +30,8 @@ TINY_ENCODER = {
     "unetr": {"hidden_size": 24, "mlp_dim": 48, "num_heads": 2},
 }
 TINY_OPTIONS = {"vitseg": {"decoder_channels": [8, 8, 8]}, "unetr": {"feature_size": 4}}
+#: every architecture, and the variants an option adds: name -> (architecture, options on top of TINY_OPTIONS)
+NETWORKS = {**{a: (a, {}) for a in ARCHITECTURES}, "vitseg_conv_skips": ("vitseg", {"conv_skips": True})}
 #: the MAE variants of mae_pretrain (its decoder_type setting), tiny
 MAE_VARIANTS = {"self": {}, "cross": {"decoder_type": "cross"}, "cross-partial": {"decoder_type": "cross",
                 "decoder_predict_ratio": 0.5}}  # fmt: skip
@@ -37,10 +41,11 @@ def _trainable_without_grad(network: torch.nn.Module) -> list[str]:
     return [name for name, p in network.named_parameters() if p.requires_grad and p.grad is None]
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_one_step_gives_every_trainable_parameter_of_a_segmentation_network_a_gradient(architecture):
+@pytest.mark.parametrize("name", NETWORKS)
+def test_one_step_gives_every_trainable_parameter_of_a_segmentation_network_a_gradient(name):
+    architecture, extra = NETWORKS[name]
     network = segmentation_network(architecture, 1, 3, 32, encoder=TINY_ENCODER.get(architecture),
-                                   options=TINY_OPTIONS.get(architecture))  # fmt: skip
+                                   options={**TINY_OPTIONS.get(architecture, {}), **extra})  # fmt: skip
     network = freeze_unused_parameters(network)
     images, labels = torch.rand(2, 1, 32, 32, 32), torch.randint(0, 3, (2, 1, 32, 32, 32))
     DiceCELoss(to_onehot_y=True, softmax=True)(network(images), labels).backward()
@@ -103,16 +108,20 @@ COMMON = dict(device="cpu", num_workers=0, max_epochs=1, batch_size=1, num_sampl
               progress_bar=False, resume=False, warmup_epochs=1)  # fmt: skip
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_two_ddp_steps_of_mae_finetune(architecture, dataset, tmp_path, single_process_group):
+@pytest.mark.parametrize("name", NETWORKS)
+def test_two_ddp_steps_of_mae_finetune(name, dataset, tmp_path, single_process_group):
+    architecture, extra = NETWORKS[name]
     tiny = {f"encoder#{k}": v for k, v in TINY_ENCODER.get(architecture, {}).items()}
-    tiny.update({f"{architecture}#{k}": v for k, v in TINY_OPTIONS.get(architecture, {}).items()})
+    tiny.update({f"{architecture}#{k}": v for k, v in {**TINY_OPTIONS.get(architecture, {}), **extra}.items()})
     overrides = {**COMMON, "dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_classes": 3,
                  "architecture": architecture, "roi_size": [32, 32, 32], "freeze_encoder_epochs": 0, **tiny}  # fmt: skip
     parser, before, after = _run_ddp_bundle("mae_finetune", overrides)
     assert parser.get_parsed_content("train#trainer").state.iteration == 2
     trainable = {n for n, p in parser.get_parsed_content("pretrained_network").named_parameters() if p.requires_grad}
+    assert all(any(n.startswith(f"{m}.") for n in trainable) for m in ("skip_stem", "skip_fuse")) == bool(extra)
     assert trainable and all(not torch.equal(before[n], after[n]) for n in trainable if n.endswith("weight"))
+    rebuilt = build_network(tmp_path / "out" / "models" / "model.pt")  # as evaluate.json / inference.json do
+    assert {k: getattr(rebuilt, "init_args", {}).get(k) for k in extra} == extra
 
 
 @pytest.mark.parametrize("variant", MAE_VARIANTS)

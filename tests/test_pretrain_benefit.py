@@ -207,7 +207,65 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
 
 def test_step_times_of_every_architecture_at_the_preset_sizes():
     times = pb.step_times("quick", steps=1, device=pb.torch.device("cpu"))
-    assert set(times) == {"unetr", "vitseg", "unet", "dynunet", "segresnet"} and all(t > 0 for t in times.values())
+    names = {"unetr", "vitseg", "vitseg_conv_skips", "unet", "dynunet", "segresnet"}
+    assert set(times) == names and all(t > 0 for t in times.values())
+    counts = pb.parameter_counts("quick")
+    hybrid = pb.build_network(pb.step_time_configs("quick")["vitseg_conv_skips"])
+    skips = sum(p.numel() for n, p in hybrid.named_parameters() if n.startswith(("skip_stem.", "skip_fuse.")))
+    assert set(counts) == names and skips > 0 and counts["vitseg_conv_skips"] == counts["vitseg"] + skips
+
+
+def test_conv_skips_setting_builds_the_hybrid_under_its_own_cache_key_and_report_name(tmp_path):
+    cpu = pb.torch.device("cpu")
+    plain = pb.build_config(pb.parse_args(["--architecture", "vitseg"]))
+    hybrid = pb.build_config(pb.parse_args(["--architecture", "vitseg", "--conv-skips"]))
+    assert (plain.conv_skips, hybrid.conv_skips) == (False, True)
+    # off: the keys of the fine-tunes cached before the setting existed (the committed UNet runs among them)
+    for cfg in (plain, pb.preset_config("cpu", "unet")):
+        for arm in pb.ARMS:
+            drop = ("labeled_sizes", "seeds", "conv_skips", *(pb._PRETRAINED_ONLY if arm == "scratch" else ()))
+            settings = pb._without_unset_later_settings(
+                {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
+            )
+            text = json.dumps({**settings, "device": "cpu", "amp": False, "arm": arm}, sort_keys=True)
+            assert pb._runs_key(cfg, cpu, False, arm) == pb.hashlib.sha1(text.encode()).hexdigest()[:10]
+    work = REPO / "benchmarks" / "results" / "pretrain_benefit_work"
+    unet = pb.preset_config("cpu", "unet")
+    assert all((work / f"runs_{pb._runs_key(unet, cpu, False, arm)}.jsonl").is_file() for arm in pb.ARMS)
+    # on: both arms are other networks (new keys), the MAE is the same
+    for arm in pb.ARMS:
+        assert pb._runs_key(hybrid, cpu, False, arm) != pb._runs_key(plain, cpu, False, arm)
+    assert hybrid.pretrain_key() == plain.pretrain_key()
+    assert pb.report_name(plain) == "pretrain_benefit_vitseg"
+    assert pb.report_name(hybrid) == "pretrain_benefit_vitseg_conv_skips"
+    assert pb.report_name(dataclasses.replace(hybrid, style="realistic"), quick=True) == (
+        "pretrain_benefit_quick_vitseg_conv_skips_realistic"
+    )
+    quick = pb.build_config(pb.parse_args(["--quick", "--architecture", "vitseg", "--conv-skips"]))
+    network = pb.build_network(quick)
+    assert isinstance(network, pb.ViTSeg) and network.conv_skips
+    assert not pb.build_network(dataclasses.replace(quick, conv_skips=False)).conv_skips
+    with pytest.raises(ValueError, match="conv_skips needs architecture 'vitseg', got 'unetr'"):
+        pb.build_config(pb.parse_args(["--conv-skips"]))
+    # reports: the settings name it, and a combined table keeps it apart from the plain ViTSeg
+    rows = pb.summarise(_runs(), hybrid)
+    pretrain = {"steps": 1, "seconds": 60.0, "first_epoch_loss": 1.0, "last_epoch_loss": 0.5}
+    markdown = pb.format_markdown(
+        rows,
+        hybrid,
+        {"command": "c", "device": "cpu", "torch": "t", "monai": "m", "threads": 1, "total_minutes": 1.0},
+        pretrain,
+    )
+    assert markdown.startswith("## MAE pretraining benefit for ViTSeg+skips (")
+    assert "ViTSeg with convolutional skips (conv_skips" in markdown
+    paths = []
+    for cfg in (plain, hybrid):
+        path = tmp_path / f"{pb.report_name(cfg)}.json"
+        runs = [{**run, "steps": 800, "seconds": 100.0} for run in _runs()]
+        path.write_text(json.dumps({"config": dataclasses.asdict(cfg), "summary": rows, "runs": runs}))
+        paths.append(path)
+    combined = pb.combine(paths, tmp_path / "out").read_text()
+    assert "| labeled volumes | ViTSeg scratch |" in combined and "| ViTSeg+skips scratch |" in combined
 
 
 def _report(arm_dice: dict[str, list[float]], n: int = 2) -> dict:

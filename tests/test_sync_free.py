@@ -58,6 +58,7 @@ VITSEG_VARIANTS = {
     "default": {},
     "rope_swiglu_layerscale": dict(drop_path_rate=0.1, **PRIMUS_BLOCKS),
     "primus_exact": dict(**PRIMUS_BLOCKS, **PRIMUS_EXACT),
+    "conv_skips": dict(conv_skips=True),
 }
 
 #: ops that copy a device value to the host (a GPU -> CPU synchronisation)

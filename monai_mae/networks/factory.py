@@ -97,7 +97,7 @@ def segmentation_network(
         encoder: encoder settings (``hidden_size``, ``num_layers``, ``patch_size``, ...); for a CNN, the
             constructor options recorded in its pretrained file (:func:`~monai_mae.model_file.encoder_settings`).
         options: architecture-specific arguments as a mapping (ViTSeg: ``drop_path_rate``,
-            ``decoder_channels``; UNETR: ``feature_size``, ``norm_name``, ``res_block``, ``dropout_rate``; a CNN:
+            ``decoder_channels``, ``conv_skips``; UNETR: ``feature_size``, ``norm_name``, ``res_block``, ``dropout_rate``; a CNN:
             its MONAI class's arguments, see :func:`~monai_mae.networks.cnn.cnn_network`), so a config can hold
             one dict per architecture; None values are left out.
         spacing: voxel size in mm, from which ``"dynunet"`` plans its stages (the others ignore it).

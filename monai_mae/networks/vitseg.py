@@ -6,6 +6,12 @@ MAE checkpoint loads with :func:`~monai_mae.networks.transfer.load_mae_encoder`.
 token grid is turned back into an image and upsampled by one transposed convolution per factor of 2 of the
 patch size (each followed by a norm and an activation) to full-resolution logits. This is the shape of Primus
 (Wald et al., arXiv 2503.01835), which reaches nnU-Net's level with 8^3 patches.
+
+With ``conv_skips=True`` the network is a hybrid in the manner of UNETR (Hatamizadeh et al., arXiv 2103.10504): a
+small convolutional stem on the input image gives features at full and at half resolution, which are concatenated
+into the last two upsampling stages (each followed by one 3^d convolution that fuses them), so the decoder sees
+image detail finer than a patch. The stem and the fusing convolutions belong to the decoder: the encoder's
+parameters and names are the same with and without them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from monai.networks.blocks import Convolution
 from monai.networks.layers import Conv, get_act_layer, get_norm_layer
 
 from monai_mae.networks.encoder import ViTEncoder, records_init_args
@@ -74,6 +81,15 @@ class ViTSeg(ViTEncoder):
             Defaults to False.
         abs_pos_embed: keyword-only. With ``pos_embed_type="rope"``, a learnable absolute table added to the
             tokens as well. Defaults to False.
+        conv_skips: keyword-only. Add convolutional skip connections (UNETR-like hybrid): ``skip_stem.0``, a 3^d
+            convolution + norm + activation on the input image at full resolution with ``decoder_channels[-1]``
+            channels, and ``skip_stem.1``, a strided 3^d convolution of those features to the resolution of the
+            last stage's input (half resolution for 8^3 patches) with ``decoder_channels[-2]`` channels. Each is
+            concatenated to the output of the decoder stage of its resolution and fused back to that stage's
+            channels by a 3^d convolution + norm + activation (``skip_fuse.*``). Stem and fusion count as decoder
+            (:func:`~monai_mae.engines.finetune.encoder_parameters` leaves them out). Needs a patch of at least 2
+            on some axis; with one upsampling stage only the full-resolution skip is built. Defaults to False (no
+            new parameters: state dicts and model files of the plain ViTSeg load unchanged).
 
     ``vitseg_preset("primus_m", ...)`` (:mod:`~monai_mae.networks.presets`) has Primus-M's encoder, all these
     options on.
@@ -92,6 +108,12 @@ class ViTSeg(ViTEncoder):
         >>> net = ViTSeg(1, 3, (64, 64), patch_size=16, spatial_dims=2, **tiny)
         >>> net(torch.randn(2, 1, 64, 64)).shape
         torch.Size([2, 3, 64, 64])
+        >>> # hybrid: convolutional features at full and half resolution join the last two decoder stages
+        >>> net = ViTSeg(1, 5, 32, **tiny, conv_skips=True)
+        >>> net(torch.randn(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 5, 32, 32, 32])
+        >>> sorted({name.split(".")[0] for name, _ in net.named_parameters()})
+        ['blocks', 'decoder', 'head', 'norm', 'patch_embedding', 'skip_fuse', 'skip_stem']
 
     Full size, e.g. a Primus-S-like encoder on 96^3 crops (1728 tokens)::
 
@@ -128,6 +150,7 @@ class ViTSeg(ViTEncoder):
         attn_norm: bool = False,
         mlp_norm: bool = False,
         abs_pos_embed: bool = False,
+        conv_skips: bool = False,
     ) -> None:
         for name, value in (("out_channels", out_channels), ("num_layers", num_layers)):
             if value < 1:
@@ -180,17 +203,64 @@ class ViTSeg(ViTEncoder):
         self.decoder = nn.Sequential(*stages)
         self.head = Conv[Conv.CONV, spatial_dims](channels, out_channels, kernel_size=1)
         self._init_weights()  # the encoder's, after the decoder: the order in which a seed draws the weights
+        self.conv_skips = bool(conv_skips)
+        #: decoder stage index -> index into ``skip_stem`` / ``skip_fuse`` (empty without ``conv_skips``)
+        self.skip_stages: dict[int, int] = {}
+        if self.conv_skips:  # drawn last: a seed gives the hybrid the plain network's encoder, decoder and head
+            self._build_conv_skips(decoder_channels, norm_name, act_name)
+
+    def _build_conv_skips(self, decoder_channels: Sequence[int], norm_name: str | tuple, act_name: str | tuple) -> None:
+        """The stem (``skip_stem``: full, then half resolution) and the fusing convolutions (``skip_fuse``).
+
+        Raises:
+            ValueError: when the patch size leaves no upsampling stage to join.
+        """
+        if not self.strides:
+            raise ValueError(
+                f"conv_skips needs at least one x2 upsampling stage, i.e. a patch side >= 2, got patch size "
+                f"{self.patch_size}."
+            )
+        dims = self.spatial_dims
+        last = len(self.strides) - 1
+        joins = [(last, 1)] + ([(last - 1, self.strides[last])] if last >= 1 else [])  # (stage, stem stride)
+        stem: list[nn.Module] = []
+        fuse: list[nn.Module] = []
+        channels = self.in_channels
+        for k, (stage, stride) in enumerate(joins):
+            width = decoder_channels[stage]
+            stem.append(Convolution(dims, channels, width, strides=stride, kernel_size=3, norm=norm_name, act=act_name))
+            fuse.append(Convolution(dims, 2 * width, width, kernel_size=3, norm=norm_name, act=act_name))
+            self.skip_stages[stage] = k
+            channels = width
+        self.skip_stem = nn.Sequential(*stem)  # run in order: each stem stage feeds the next
+        self.skip_fuse = nn.ModuleList(fuse)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Encoder output ``(B, N, hidden_size)`` after the final norm, and the patch grid."""
         grid = self.check_input(x)
         return self.encode_patches(patchify(x, self.patch_size), grid), grid
 
+    def skip_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stem's features of ``x`` ``(B, C_in, *S)``: ``[(B, decoder_channels[-1], *S),
+        (B, decoder_channels[-2], *S / strides[-1])]`` (the second only with two or more stages); ``[]``
+        without ``conv_skips``."""
+        features = []
+        for block in self.skip_stem if self.conv_skips else ():
+            x = block(x)
+            features.append(x)
+        return features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *S)`` -> logits ``(B, out_channels, *S)``."""
         tokens, grid = self.forward_features(x)
         feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], self.hidden_size, *grid)  # (B, D, *grid)
-        return self.head(self.decoder(feature_map))
+        skips = self.skip_features(x)
+        for i, stage in enumerate(self.decoder):
+            feature_map = stage(feature_map)  # (B, decoder_channels[i], *grid * prod(strides[: i + 1]))
+            k = self.skip_stages.get(i)
+            if k is not None:
+                feature_map = self.skip_fuse[k](torch.cat([feature_map, skips[k]], dim=1))  # same shape
+        return self.head(feature_map)
 
     @property
     def num_tokens(self) -> int:
