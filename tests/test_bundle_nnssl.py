@@ -1,7 +1,10 @@
-"""``mae_finetune`` from an nnssl ``checkpoint_final.pth`` alone: network and preprocessing come from the file."""
+"""``mae_finetune`` from an nnssl ``checkpoint_final.pth`` alone: network and preprocessing come from the file, and
+its inference segments in the input's space."""
 
 from __future__ import annotations
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from bundle_utils import run_bundle, write_overrides
@@ -67,3 +70,16 @@ def test_finetune_from_an_nnssl_checkpoint(tmp_path, monkeypatch):
     )
     assert {k: model.network[k] for k in expected} == expected
     assert model.data_preset["modality"] == "mri" and model.data_preset["pixdim"] == [1.5, 1.5, 2.0]
+    # inference from the fine-tuned run alone: the network and the preset come from its model file
+    run_bundle(
+        "mae_finetune",
+        "inference.json",
+        write_overrides(tmp_path / "infer.json", num_workers=0, sw_batch_size=2),
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    source = nib.load(tmp_path / "data" / "imagesTr" / "phantom_001.nii.gz")
+    seg = nib.load(tmp_path / "out" / "segmentations" / "phantom_001_seg.nii.gz")
+    assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
