@@ -1,0 +1,52 @@
+"""benchmarks/defaults_evidence.py: the arms it runs, how it reads the bundles' logs, and its report."""
+
+from __future__ import annotations
+
+import sys
+
+from bundle_utils import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import defaults_evidence as de  # noqa: E402
+
+LOG = """\
+2026-12-07 05:31:02,000 - INFO - Epoch: 1/2, Iter: 5/6 -- train_loss: 2.5000
+2026-12-07 05:31:03,000 - INFO - Epoch: 1/2, Iter: 6/6 -- train_loss: 2.2500
+2026-12-07 05:31:09,000 - INFO - Epoch[1] Metrics -- val_dice_class_1: 0.5000 val_dice_class_2: nan val_mean_dice: 0.2500
+2026-12-07 05:31:12,000 - INFO - Epoch: 2/2, Iter: 6/6 -- train_loss: 1.7500
+2026-12-07 05:31:19,000 - INFO - Epoch[2] Metrics -- val_dice_class_1: 0.7000 val_dice_class_2: 0.3000 val_mean_dice: 0.5000
+2026-12-07 05:31:19,500 - INFO - Epoch[2] Metrics -- val_loss: 0.1000
+"""
+
+
+def test_arms_cover_both_pretrainings_weights_and_scratch_per_setting():
+    runs = de.arms(["phantoms", "realistic"])
+    assert len(runs) == 12 and len({de.key(r) for r in runs}) == 12
+    phantoms = [r for r in runs if r["setting"] == "phantoms"]
+    assert {(r["pretraining"], r["visible_loss_weight"], r["architecture"]) for r in phantoms} == {
+        ("none", None, "unet"), ("mim_unet", 0.0, "unet"), ("mim_unet", 1.0, "unet"),
+        ("none", None, "vitseg"), ("mae_vit", 0.0, "vitseg"), ("mae_vit", 1.0, "vitseg"),
+    }  # fmt: skip
+
+
+def test_curves_read_validation_dice_and_last_training_loss_per_epoch():
+    validations, train = de.curves(LOG, steps_per_epoch=6)
+    assert [v["step"] for v in validations] == [6, 12] and [v["val_mean_dice"] for v in validations] == [0.25, 0.5]
+    assert (
+        validations[0]["val_dice_class_1"] == 0.5
+        and validations[0]["val_dice_class_2"] != validations[0]["val_dice_class_2"]
+    )  # nan kept as nan
+    assert train == [{"step": 6, "train_loss": 2.25}, {"step": 12, "train_loss": 1.75}]
+
+
+def test_report_lists_every_run_with_its_curve():
+    rows = [
+        {"setting": "phantoms", "pretraining": "mim_unet", "visible_loss_weight": 0.0, "architecture": "unet",
+         "masked_mse_ratio": 0.4656, "validations": [{"step": 60, "val_mean_dice": 0.267}], "best_dice": 0.736,
+         "pretrain_minutes": 1.5, "finetune_minutes": 2.75},
+        {"setting": "phantoms", "pretraining": "none", "visible_loss_weight": None, "architecture": "unet",
+         "validations": [], "best_dice": None, "finetune_minutes": 3.6},
+    ]  # fmt: skip
+    text = de.report(rows, "python benchmarks/defaults_evidence.py")
+    assert "| phantoms | mim_unet | 0 | 0.466 | unet | 0.267 (60) | 0.736 | 4.2 |" in text
+    assert "| phantoms | none | - | - | unet |  | - | 3.6 |" in text
