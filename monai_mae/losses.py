@@ -22,8 +22,8 @@ __all__ = [
 #: ``vitseg`` 1.0: its light decoder reads only the encoder's last layer, which the visible-patch term makes keep
 #: each patch's own detail (on the anatomical phantoms pretraining paid for ViTSeg only with it, see
 #: docs/pretraining_study.md). 0.0 (the MAE paper's loss) for the rest: UNETR reads blocks 3/6/9 and the image
-#: as well, a CNN reads its own full-resolution features; on real CT and on the realistic phantoms the visible
-#: term made the masked-patch reconstruction worse (docs/defaults.md).
+#: as well, a CNN reads its own full-resolution features; on both phantom settings the visible term made the
+#: masked-image UNet's masked-patch reconstruction worse and its fine-tuning no better (docs/defaults.md).
 VISIBLE_WEIGHT_FOR: dict[str, float] = {"vitseg": 1.0, "unetr": 0.0, "unet": 0.0, "dynunet": 0.0, "segresnet": 0.0}
 
 
