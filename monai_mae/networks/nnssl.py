@@ -74,7 +74,6 @@ TOKEN_ORDERS: dict[str, tuple[int, int, int]] = {"whd": (0, 1, 2), "hwd": (1, 0,
 #: normalisation schemes of nnssl's plans -> monai-mae modality (``mri``: z-score over the foreground)
 NORMALIZATIONS = {"ZScoreNormalization": "mri"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_WRAPPERS = ("module.", "_orig_mod.")
 
 
 def is_nnssl_checkpoint(obj: Any) -> bool:
@@ -195,13 +194,10 @@ def token_order_of(obj: Mapping[str, Any]) -> str | None:
 
 
 def _strip(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPERS:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
+    """``key`` without DDP / compile wrapper prefixes (checkpoint_adapters imports this module: import at call)."""
+    from monai_mae.networks.checkpoint_adapters import strip_prefixes
+
+    return strip_prefixes(key)
 
 
 # ------------------------------------------------------------------ index maps (all exact permutations)
