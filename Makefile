@@ -49,7 +49,7 @@ docs: $(DOCS_STAMP)
 wheel-smoke:
 	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 
-# The demos (2 CPU cores: about 5 minutes together). `make demo` writes anatomical phantoms to DEMO_DATA if it
+# The demos (2 CPU cores: about 6 minutes together). `make demo` writes anatomical phantoms to DEMO_DATA if it
 # holds no datalist, pretrains a UNet by masked-image modelling (75% of the 8^3 patches of each crop hidden; the
 # pretraining study's best pretrained arm), reconstructs the validation volumes, and prints one line: the masked-patch
 # error next to that of filling each masked patch with the mean. Pictures: $(DEMO_OUT)/reconstructions/latest.png.
