@@ -1,5 +1,5 @@
 """Small helpers shared across monai-mae, one per job: process rank, model unwrapping, finding a
-network's ViT encoder, the weight-decay rule, reading JSON, checking a positive number, durable
+network's ViT encoder, state-dict keys without wrapper prefixes, the weight-decay rule, reading JSON, checking a positive number, durable
 file writes, telling whether ``torch.compile`` is tracing.
 
 Import-light on purpose (the standard library and torch only, nothing from ``monai_mae``), so any
@@ -31,6 +31,7 @@ __all__ = [
     "is_vit",
     "no_weight_decay",
     "read_json",
+    "strip_prefixes",
     "unwrap",
 ]
 
@@ -57,6 +58,21 @@ def unwrap(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+#: State-dict key prefixes added by ``DistributedDataParallel`` and ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(key: str) -> str:
+    """``key`` without leading ``module.`` / ``_orig_mod.`` wrappers, in any order and number."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
 
 
 def is_vit(module: Any) -> bool:

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from monai_mae.networks.nnssl import is_nnssl_checkpoint, nnssl_model_file
+from monai_mae.utils import WRAPPER_PREFIXES, strip_prefixes
 
 __all__ = [
     "ADAPTERS",
@@ -59,22 +60,10 @@ __all__ = [
 DESCRIPTION_KEY = "monai_mae"  # a model file's description
 WEIGHTS_KEY = "network"  # a model file's (and the bundles' checkpoints') weights
 NEST_KEYS = ("network", "model", "state_dict", "net")  # where bundles / Ignite / Lightning nest weights
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 ENCODER_PREFIXES = ("patch_embedding.", "blocks.", "norm.")
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 Unpacked = tuple[Mapping[str, Any], Mapping[str, Any] | None]
-
-
-def strip_prefixes(key: str) -> str:
-    """Remove leading ``module.`` / ``_orig_mod.`` wrappers, in any order and number."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
 
 
 def is_encoder_key(key: str) -> bool:

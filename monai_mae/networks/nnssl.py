@@ -46,6 +46,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from monai_mae.utils import strip_prefixes
+
 __all__ = [
     "NNSSL_PLAN_KEY",
     "NNSSL_WEIGHTS_KEY",
@@ -188,16 +190,9 @@ def token_order_of(obj: Mapping[str, Any]) -> str | None:
     if "Eva" in trainer:
         return "hwd"
     weights = obj.get(NNSSL_WEIGHTS_KEY)
-    if isinstance(weights, Mapping) and any(_strip(str(k)).startswith("decoder.blocks.") for k in weights):
+    if isinstance(weights, Mapping) and any(strip_prefixes(str(k)).startswith("decoder.blocks.") for k in weights):
         return "hwd"
     return None
-
-
-def _strip(key: str) -> str:
-    """``key`` without DDP / compile wrapper prefixes (checkpoint_adapters imports this module: import at call)."""
-    from monai_mae.networks.checkpoint_adapters import strip_prefixes
-
-    return strip_prefixes(key)
 
 
 # ------------------------------------------------------------------ index maps (all exact permutations)
@@ -351,7 +346,7 @@ def nnssl_model_file(
             f"{source} holds {kind} ({architecture!r}); monai-mae reads nnssl checkpoints of ViT encoders "
             f"({supported}: Primus and EvaMAE pretraining) only."
         )
-    weights = {_strip(str(k)): v for k, v in obj[NNSSL_WEIGHTS_KEY].items() if isinstance(v, torch.Tensor)}
+    weights = {strip_prefixes(str(k)): v for k, v in obj[NNSSL_WEIGHTS_KEY].items() if isinstance(v, torch.Tensor)}
     encoder, stem = str(plan.get("key_to_encoder", "eva")), str(plan.get("key_to_stem", "down_projection"))
     theirs = {k[len(encoder) + 1 :]: v for k, v in weights.items() if k.startswith(encoder + ".")}
     kernel, kernel_bias = weights.get(f"{stem}.proj.weight"), weights.get(f"{stem}.proj.bias")
