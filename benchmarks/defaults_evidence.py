@@ -69,8 +69,14 @@ def make_data(setting: str, folder: Path) -> Path:
     return folder
 
 
-def bundle(name: str, configs: list[str], overrides: dict[str, Any], args: list[str], log: Path) -> str:
-    """Run one bundle config list with an overrides file; return its log (raises on failure)."""
+def bundle(
+    name: str, configs: list[str], overrides: dict[str, Any], args: list[str], log: Path, minutes: float | None = None
+) -> str:
+    """Run one bundle config list with an overrides file; return its log (raises on failure).
+
+    With ``minutes``, a run still going after that long is stopped and the log it wrote so far is returned, with a
+    last line ``STOPPED after <minutes> minutes``.
+    """
     override_file = log.with_suffix(".overrides.json")
     override_file.write_text(json.dumps(overrides, indent=1))
     root = REPO / "bundles" / name
@@ -83,7 +89,20 @@ def bundle(name: str, configs: list[str], overrides: dict[str, Any], args: list[
         *args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=None if minutes is None else minutes * 60,
+        )
+    except subprocess.TimeoutExpired as stopped:
+        text = "".join(o.decode() if isinstance(o, bytes) else (o or "") for o in (stopped.stdout, stopped.stderr))
+        text += f"\nSTOPPED after {minutes:g} minutes\n"
+        log.write_text(text)
+        return text
     log.write_text(result.stdout + result.stderr)
     if result.returncode:
         raise RuntimeError(f"{name} {configs} failed (log: {log}):\n{(result.stdout + result.stderr)[-3000:]}")

@@ -50,3 +50,42 @@ def test_report_lists_every_run_with_its_curve():
     text = de.report(rows, "python benchmarks/defaults_evidence.py")
     assert "| phantoms | mim_unet | 0 | 0.466 | unet | 0.267 (60) | 0.736 | 4.2 |" in text
     assert "| phantoms | none | - | - | unet |  | - | 3.6 |" in text
+
+
+def test_bundle_keeps_the_log_of_a_run_stopped_by_its_cap(tmp_path, monkeypatch):
+    def stopped(command, **kwargs):
+        assert kwargs["timeout"] == 90.0
+        raise de.subprocess.TimeoutExpired(command, kwargs["timeout"], output=LOG.encode(), stderr=None)
+
+    monkeypatch.setattr(de.subprocess, "run", stopped)
+    text = de.bundle("mae_finetune", ["train.json"], {"max_epochs": 2}, [], tmp_path / "arm.log", minutes=1.5)
+    assert text.startswith(LOG) and text.rstrip().endswith("STOPPED after 1.5 minutes")
+    assert (tmp_path / "arm.log").read_text() == text
+    assert de.curves(text, steps_per_epoch=6)[0][-1]["val_mean_dice"] == 0.5
+
+
+def test_learning_curve_arms_override_the_demo_recipe_per_setting():
+    import learning_curves as lc
+
+    realistic = lc.overrides_for("vitseg_lr3e-4", "realistic", 1008)
+    assert realistic["architecture"] == "vitseg" and realistic["max_epochs"] == 168 and realistic["val_interval"] == 42
+    assert realistic["lr"] == 3e-4 and realistic["warmup_epochs"] == 10 and realistic["num_classes"] == 6
+    assert "pixdim=[3.5, 3.5, 3.5]" in realistic["data_preset"] and realistic["synthetic_if_missing"] is False
+    phantoms = lc.overrides_for("unet", "phantoms", 252)
+    assert phantoms["max_epochs"] == 42 and phantoms["val_interval"] == 10
+    assert "lr" not in phantoms and "num_classes" not in phantoms and "data_preset" not in phantoms
+
+
+def test_learning_curve_report_pairs_each_validation_with_the_loss_before_it():
+    import learning_curves as lc
+
+    validations, train = de.curves(LOG, steps_per_epoch=6)
+    row = {"setting": "realistic", "arm": "unetr", "architecture": "unetr", "planned_steps": 1008, "stopped": True,
+           "minutes": 30.04, "best_dice": 0.5, "validations": validations, "train_loss": train, "lr": 1e-3,
+           "warmup_epochs": 2}  # fmt: skip
+    assert lc.loss_at(train, 6) == 2.25 and lc.loss_at(train, 11) == 2.25 and lc.loss_at(train, 5) is None
+    text = lc.report([row], "python benchmarks/learning_curves.py")
+    assert (
+        "| realistic | unetr | 0.001 (2) | 6: 0.250 / 2.250, 12: 0.500 / 1.750 (stopped at step 12 of 1008) | 0.500 | 30.0 |"
+        in text
+    )

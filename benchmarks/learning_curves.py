@@ -1,0 +1,140 @@
+"""Learning curves of every fine-tuning architecture from scratch: training loss and validation Dice against steps.
+
+Each arm is ``make demo-finetune ARCH=<architecture>`` run longer: ``mae_finetune``'s ``train.json`` with
+``configs/demo_finetune_cpu.json`` (64^3 crops, one volume x 2 crops per step, lr 1e-3 after 12 warm-up steps; a
+ViT encoder of width 192, 12 blocks, 4 heads), on one of :mod:`defaults_evidence`'s settings (6 training and
+2 validation phantoms), for ``--steps`` optimizer steps with the validation Dice every ``--steps // 4`` steps
+(252 / 504 / 756 / 1008 by default) and the training loss of every epoch.
+
+One more arm asks whether ViTSeg is slow to learn because of the demo's learning rate: ViTSeg at the bundle's own
+``lr`` 3e-4 with 10 warm-up epochs (``vitseg_lr3e-4``).
+
+``--minutes`` caps each arm: an arm still running then is stopped and keeps the validations it reached (its row
+says ``stopped``). Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not
+repeated (``--fresh`` repeats them). Two ``--arms`` lists can run side by side with ``OMP_NUM_THREADS=1``.
+
+``python benchmarks/learning_curves.py [--setting realistic] [--arms unet vitseg ...] [--steps 1008]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+import defaults_evidence as de  # noqa: E402
+from bench_common import RESULTS  # noqa: E402
+
+STEPS_PER_EPOCH = 6  # 6 training volumes, one per step
+#: Arm name -> (architecture, overrides on top of the demo's).
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "unet": ("unet", {}),
+    "segresnet": ("segresnet", {}),
+    "dynunet": ("dynunet", {}),
+    "vitseg": ("vitseg", {}),
+    "unetr": ("unetr", {}),
+    "vitseg_lr3e-4": ("vitseg", {"lr": 3e-4, "warmup_epochs": 10}),
+}
+
+
+def overrides_for(arm: str, setting: str, steps: int) -> dict[str, Any]:
+    """The bundle overrides of one arm (on top of ``configs/demo_finetune_cpu.json``)."""
+    architecture, extra = ARMS[arm]
+    epochs = max(4, steps // STEPS_PER_EPOCH)
+    overrides: dict[str, Any] = {
+        "architecture": architecture, "max_epochs": epochs, "val_interval": max(1, epochs // 4), "resume": False,
+        "synthetic_if_missing": False, **extra,
+    }  # fmt: skip
+    if setting == "realistic":
+        overrides["num_classes"] = 6  # background and 5 organs
+        overrides["data_preset"] = f"$dict(monai_mae.data.load_data_preset('ct'), pixdim={de.REALISTIC_PIXDIM})"
+    return overrides
+
+
+def run_arm(arm: str, setting: str, data: Path, out: Path, steps: int, minutes: float | None) -> dict[str, Any]:
+    """Fine-tune one arm from scratch; its curves, best Dice, minutes and whether the cap stopped it."""
+    overrides = overrides_for(arm, setting, steps)
+    args = ["--dataset_dir", str(data), "--output_dir", str(out)]
+    start = time.perf_counter()
+    text = de.bundle(
+        "mae_finetune", ["train.json", "configs/demo_finetune_cpu.json"], overrides, args,
+        out.with_name(out.name + "_train.log"), minutes=minutes,
+    )  # fmt: skip
+    elapsed = (time.perf_counter() - start) / 60
+    validations, train = de.curves(text, STEPS_PER_EPOCH)
+    best = max(validations, key=lambda v: v["val_mean_dice"]) if validations else {}
+    return {
+        "setting": setting, "arm": arm, "architecture": ARMS[arm][0], "planned_steps": overrides["max_epochs"] * STEPS_PER_EPOCH,
+        "stopped": "STOPPED after" in text, "minutes": round(elapsed, 2), "best_dice": best.get("val_mean_dice"),
+        "validations": validations, "train_loss": train,
+        "lr": overrides.get("lr", 1e-3), "warmup_epochs": overrides.get("warmup_epochs", 2),
+    }  # fmt: skip
+
+
+def loss_at(train: list[dict[str, float]], step: int) -> float | None:
+    """The training loss of the last epoch that ended at or before ``step``."""
+    before = [t["train_loss"] for t in train if t["step"] <= step]
+    return before[-1] if before else None
+
+
+def report(results: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "# Learning curves from scratch: every fine-tuning architecture at the demo's sizes",
+        "",
+        f"`{command}` (one seed, CPU; `mae_finetune` with `configs/demo_finetune_cpu.json`). Each cell: validation",
+        "mean Dice / training loss of the last epoch before it.",
+        "",
+        "| setting | arm | lr (warm-up epochs) | validation steps: Dice / training loss | best Dice | minutes |",
+        "| --- | --- | --- | --- | ---: | ---: |",
+    ]
+    for r in results:
+        cells = ", ".join(
+            f"{v['step']}: {v['val_mean_dice']:.3f} / {loss_at(r['train_loss'], v['step']) or float('nan'):.3f}"
+            for v in r["validations"]
+        )
+        if r["stopped"]:
+            last = r["train_loss"][-1]["step"] if r["train_loss"] else 0
+            cells += f" (stopped at step {last} of {r['planned_steps']})"
+        best = "-" if r["best_dice"] is None else f"{r['best_dice']:.3f}"
+        lines.append(f"| {r['setting']} | {r['arm']} | {r['lr']:g} ({r['warmup_epochs']}) | {cells} | {best} | "
+                     f"{r['minutes']:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=de.SETTINGS, default="realistic")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=1008, help="optimizer steps (default 1008: 168 epochs of 6)")
+    parser.add_argument("--minutes", type=float, default=None, help="stop an arm after this many minutes")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "defaults_evidence")
+    parser.add_argument("--out", type=Path, default=RESULTS / "learning_curves.json")
+    parser.add_argument("--fresh", action="store_true", help="repeat arms already in --out")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/learning_curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    folder = args.work_dir / args.setting
+    data = de.make_data(args.setting, folder / "data")
+    for arm in args.arms:
+        done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+        if not args.fresh and any(r["setting"] == args.setting and r["arm"] == arm for r in done):
+            continue
+        row = run_arm(arm, args.setting, data, folder / f"curve_{arm}", args.steps, args.minutes)
+        print(f"{args.setting}/{arm}: best Dice {row['best_dice']}, {row['minutes']} min"
+              + (" (stopped)" if row["stopped"] else ""), flush=True)  # fmt: skip
+        # read again: another process may have added arms meanwhile
+        done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+        results = [r for r in done if (r["setting"], r["arm"]) != (args.setting, arm)] + [row]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": command, "runs": results}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(report(results, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
