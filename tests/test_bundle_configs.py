@@ -378,3 +378,15 @@ def test_train_json_chooses_no_data_source_inline(bundle):
     assert len(expressions) > 20  # the walk reaches nested expressions
     inline = [e for e in expressions if " if " in e and ("preprocessed_dir" in e or "gpu_augment" in e)]
     assert inline == []
+
+
+def test_finetune_datalists_check_num_classes_against_the_labels(dataset, tmp_path):
+    """Too few classes for the datalist's labels stops at the datalist, naming the setting, not inside the loss."""
+    parser = _parser("mae_finetune", ["train.json"], dataset_dir=str(dataset), output_dir=str(tmp_path / "out"),
+                     num_classes=2)  # fmt: skip
+    for key in ("train#datalist", "validate#datalist"):
+        with pytest.raises(RuntimeError) as raised:  # MONAI's parser wraps the error
+            parser.get_parsed_content(key)
+        assert isinstance(raised.value.__cause__, ValueError) and "set num_classes to 3" in str(raised.value.__cause__)
+    parser = _parser("mae_finetune", ["train.json"], dataset_dir=str(dataset), output_dir=str(tmp_path / "out"))
+    assert len(parser.get_parsed_content("validate#datalist")) == 1

@@ -11,7 +11,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from monai_mae.data.datalist import check_nifti, load_datalist, validate_datalist
+from monai_mae.data.datalist import (
+    check_nifti,
+    check_num_classes,
+    declared_classes,
+    load_checked_datalist,
+    load_datalist,
+    validate_datalist,
+)
 from monai_mae.data.synthetic import write_synthetic_dataset
 
 SHAPE = (16, 16, 12)
@@ -187,3 +194,29 @@ def test_validate_datalist(dataset):
         validate_datalist(items, keys=("mask",))
     with pytest.raises(FileNotFoundError, match=r"datalist entry 0 \['image'\]: file not found: .*vol\.nrrd"):
         validate_datalist([{"image": str(dataset / "vol.nrrd")}])
+
+
+def test_declared_classes_read_decathlon_and_nnunet_labels(dataset, tmp_path):
+    assert declared_classes(dataset) == {0: "background", 1: "organ_1", 2: "organ_2"}
+    nnunet = tmp_path / "Dataset001_Liver"
+    nnunet.mkdir()
+    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "tumour": [1, 2]}}))
+    assert declared_classes(nnunet) == {0: "background", 1: "tumour", 2: "tumour"}
+    assert declared_classes(tmp_path / "empty") == {}
+    bad = _write_datalist(dataset, {"labels": {"0": "background", "one": "liver"}, "training": []})
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: 'labels' entry 'one'")):
+        declared_classes(dataset)
+
+
+def test_num_classes_too_small_for_the_declared_labels_names_the_setting(dataset):
+    check_num_classes(dataset, 3)  # background + 2 organs
+    check_num_classes(dataset, 5)  # more channels than labels is allowed
+    with pytest.raises(
+        ValueError, match=r"num_classes=2 is too small for .*1 organ_1, 2 organ_2; set num_classes to 3"
+    ):
+        check_num_classes(dataset, 2)
+    with pytest.raises(ValueError, match="set num_classes to 3"):
+        load_checked_datalist(dataset, "training", require_label=True, num_classes=2)
+    assert len(load_checked_datalist(dataset, "training", require_label=True, num_classes=3)) == 2
+    # a preprocessed folder reads no datalist, so nothing is checked
+    assert load_checked_datalist(dataset, preprocessed_dir=str(dataset / "pre"), num_classes=2) == []

@@ -13,7 +13,9 @@ from monai_mae.data.crops import (
 )
 from monai_mae.data.datalist import (
     check_nifti,
+    check_num_classes,
     check_volume,
+    declared_classes,
     load_checked_datalist,
     load_datalist,
     validate_datalist,
@@ -46,9 +48,11 @@ __all__ = [
     "check_augment_options",
     "check_manifest",
     "check_nifti",
+    "check_num_classes",
     "check_volume",
     "crop_augmentation",
     "data_preset_names",
+    "declared_classes",
     "ensure_dataset",
     "from_storage_layout",
     "get_dataset",

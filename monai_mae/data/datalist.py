@@ -28,7 +28,15 @@ from nibabel.filebasedimages import ImageFileError
 from monai_mae.data.nnunet_raw import SPLITS_NAME, is_nnunet_raw, read_nnunet_raw
 from monai_mae.utils import read_json
 
-__all__ = ["check_nifti", "check_volume", "load_checked_datalist", "load_datalist", "validate_datalist"]
+__all__ = [
+    "check_nifti",
+    "check_num_classes",
+    "check_volume",
+    "declared_classes",
+    "load_checked_datalist",
+    "load_datalist",
+    "validate_datalist",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -577,6 +585,62 @@ def validate_datalist(
     raise error(f"{len(problems)} of {len(items)} datalist entries failed the checks ({hint}):\n  {shown}")
 
 
+def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "datalist.json") -> dict[int, str]:
+    """The label values and names a dataset's JSON declares: a Decathlon datalist's ``"labels"``
+    (``{"0": "background", "1": "liver"}``) or an nnU-Net raw ``dataset.json``'s (``{"background": 0, "liver": 1}``;
+    a region's list of values counts each value).
+
+    Returns:
+        ``{value: name}``, empty when the file declares no labels (or there is no such file).
+
+    Raises:
+        ValueError: for a ``"labels"`` entry that is not a whole number; the message names the file.
+    """
+    root = Path(dataset_dir)
+    path = root / datalist_name
+    if not path.is_file():
+        path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    raw = read_json(path)
+    labels = raw.get("labels") if isinstance(raw, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    declared: dict[int, str] = {}
+    for name, value in labels.items():
+        if path.name == "dataset.json":  # nnU-Net: name -> value (or a region's values)
+            values, label = (value if isinstance(value, list) else [value]), str(name)
+        else:  # Decathlon: value -> name
+            values, label = [name], str(value)
+        for v in values:
+            try:
+                declared[int(v)] = label
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: 'labels' entry {name!r}: {value!r} is not a whole-number label.") from None
+    return declared
+
+
+def check_num_classes(
+    dataset_dir: str | os.PathLike[str], num_classes: int, datalist_name: str = "datalist.json"
+) -> None:
+    """Check that ``num_classes`` (background included) covers every label the dataset's JSON declares.
+
+    A segmentation run with fewer output channels than label values fails deep inside the loss (an index out of
+    bounds); this names the setting instead.
+
+    Raises:
+        ValueError: when a declared label value is ``num_classes`` or more; the message lists the labels and the
+            ``num_classes`` that fits them.
+    """
+    declared = declared_classes(dataset_dir, datalist_name)
+    if declared and max(declared) >= num_classes:
+        listed = ", ".join(f"{v} {n}" for v, n in sorted(declared.items())[:_MAX_LISTED])
+        raise ValueError(
+            f"num_classes={num_classes} is too small for {Path(dataset_dir)}: its labels are {listed}; "
+            f"set num_classes to {max(declared) + 1} (e.g. --num_classes {max(declared) + 1})."
+        )
+
+
 def load_checked_datalist(
     dataset_dir: str | os.PathLike[str],
     key: str = "training",
@@ -584,6 +648,7 @@ def load_checked_datalist(
     require_label: bool = False,
     check: Mapping[str, Any] | None = None,
     preprocessed_dir: str | os.PathLike[str] | None = "",
+    num_classes: int | None = None,
 ) -> list[dict]:
     """The entries a bundle reads: :func:`load_datalist`, then :func:`validate_datalist` when ``check`` is given.
 
@@ -597,12 +662,14 @@ def load_checked_datalist(
         check: keyword-only. Arguments of :func:`validate_datalist` (``keys``, ``skip_bad_files``,
             ``in_channels``, ...); None: no file check. Defaults to None.
         preprocessed_dir: keyword-only. The bundle's ``preprocessed_dir`` setting. Defaults to ``""``.
+        num_classes: keyword-only. A segmentation run's classes: checked against the labels the JSON declares
+            (:func:`check_num_classes`). Defaults to None (no check).
 
     Returns:
         The entries (checked when ``check`` is given), or ``[]`` with ``preprocessed_dir``.
 
     Raises:
-        ValueError: see :func:`load_datalist` and :func:`validate_datalist`.
+        ValueError: see :func:`load_datalist`, :func:`validate_datalist` and :func:`check_num_classes`.
 
     Examples::
 
@@ -611,4 +678,6 @@ def load_checked_datalist(
     if preprocessed_dir and os.fspath(preprocessed_dir).strip():
         return []
     items = load_datalist(dataset_dir, key, require_label=require_label)
+    if num_classes is not None:
+        check_num_classes(dataset_dir, int(num_classes))
     return items if check is None else validate_datalist(items, **check)
