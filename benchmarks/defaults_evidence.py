@@ -216,6 +216,13 @@ def report(results: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: Path, command: str, results: list[dict[str, Any]], reporter: Any) -> None:
+    """``out`` (JSON: the command and every run) and the markdown ``reporter(results, command)`` next to it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "runs": results}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(reporter(results, command))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
@@ -244,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(finetune(run["setting"], run["architecture"], pretrained, data, folder / f"ft_{name}", args.steps))
         results.append(row)
         print(f"{key(run)}: ratio {row.get('masked_mse_ratio')}, best Dice {row['best_dice']}", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": command, "runs": results}, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(report(results, command))
+        write_results(args.out, command, results, report)
     return 0
 
 

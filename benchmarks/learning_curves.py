@@ -100,7 +100,7 @@ def report(results: list[dict[str, Any]], command: str) -> str:
         )
         if r["stopped"]:
             last = r["train_loss"][-1]["step"] if r["train_loss"] else 0
-            cells += f" (stopped at step {last} of {r['planned_steps']})"
+            cells = f"{cells} (stopped at step {last} of {r['planned_steps']})".strip()
         best = "-" if r["best_dice"] is None else f"{r['best_dice']:.3f}"
         lines.append(f"| {r['setting']} | {r['arm']} | {r['lr']:g} ({r['warmup_epochs']}) | {cells} | {best} | "
                      f"{r['minutes']:.1f} |")  # fmt: skip
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         # read again: another process may have added arms meanwhile
         done = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
         results = [r for r in done if (r["setting"], r["arm"]) != (args.setting, arm)] + [row]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": command, "runs": results}, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(report(results, command))
+        de.write_results(args.out, command, results, report)
     return 0
 
 
