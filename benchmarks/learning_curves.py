@@ -6,8 +6,9 @@ ViT encoder of width 192, 12 blocks, 4 heads), on one of :mod:`defaults_evidence
 2 validation phantoms), for ``--steps`` optimizer steps with the validation Dice every ``--steps // 4`` steps
 (252 / 504 / 756 / 1008 by default) and the training loss of every epoch.
 
-One more arm asks whether ViTSeg is slow to learn because of the demo's learning rate: ViTSeg at the bundle's own
-``lr`` 3e-4 with 10 warm-up epochs (``vitseg_lr3e-4``).
+Two more arms ask why ViTSeg learns slowly: is it the demo's learning rate (ViTSeg at the bundle's own ``lr``
+3e-4 with 10 warm-up epochs, ``vitseg_lr3e-4``), or the resolution its decoder sees (the hybrid whose
+convolutional stem on the image feeds the last two decoder stages, ``vitseg#conv_skips``, ``vitseg_conv_skips``)?
 
 ``--minutes`` caps each arm: an arm still running then is stopped and keeps the validations it reached (its row
 says ``stopped``). Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not
@@ -40,6 +41,7 @@ ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "vitseg": ("vitseg", {}),
     "unetr": ("unetr", {}),
     "vitseg_lr3e-4": ("vitseg", {"lr": 3e-4, "warmup_epochs": 10}),
+    "vitseg_conv_skips": ("vitseg", {"vitseg#conv_skips": True}),
 }
 
 
