@@ -12,7 +12,7 @@ convolutional stem on the image feeds the last two decoder stages, ``vitseg#conv
 
 ``--minutes`` caps each arm: an arm still running then is stopped and keeps the validations it reached (its row
 says ``stopped``). Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not
-repeated (``--fresh`` repeats them). Two ``--arms`` lists can run side by side with ``OMP_NUM_THREADS=1``.
+repeated (``--fresh`` repeats them). ``--plot benchmarks/figures/learning_curves.png`` draws them. Two ``--arms`` lists can run side by side with ``OMP_NUM_THREADS=1``.
 
 ``python benchmarks/learning_curves.py [--setting realistic] [--arms unet vitseg ...] [--steps 1008]``
 """
@@ -109,6 +109,31 @@ def report(results: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def draw(results: list[dict[str, Any]], path: Path) -> Path:
+    """Two panels against optimizer steps, one line per arm: validation mean Dice and the training loss."""
+    from monai_mae.engines.pictures import require_matplotlib
+
+    Figure, Canvas = require_matplotlib()
+    figure = Figure(figsize=(11, 4.6), dpi=100)
+    Canvas(figure)
+    dice, loss = figure.subplots(1, 2)
+    for r in results:
+        label = f"{r['arm']}" + (" (stopped)" if r["stopped"] else "")
+        line = dice.plot([v["step"] for v in r["validations"]], [v["val_mean_dice"] for v in r["validations"]],
+                         marker="o", linewidth=2, label=label)[0]  # fmt: skip
+        loss.plot([t["step"] for t in r["train_loss"]], [t["train_loss"] for t in r["train_loss"]],
+                  color=line.get_color(), linewidth=1.5, label=label)  # fmt: skip
+    dice.set(xlabel="optimizer steps", ylabel="validation mean Dice", ylim=(0, 1), title="Dice from scratch")
+    loss.set(xlabel="optimizer steps", ylabel="training loss (Dice + CE)", title="training loss")
+    for axes in (dice, loss):
+        axes.grid(alpha=0.3)
+    dice.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=de.SETTINGS, default="realistic")
@@ -118,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "defaults_evidence")
     parser.add_argument("--out", type=Path, default=RESULTS / "learning_curves.json")
     parser.add_argument("--fresh", action="store_true", help="repeat arms already in --out")
+    parser.add_argument("--plot", type=Path, default=None, help="only draw the curves of --out into this PNG")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        draw(json.loads(args.out.read_text())["runs"], args.plot)
+        return 0
     command = "python benchmarks/learning_curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
     folder = args.work_dir / args.setting
     data = de.make_data(args.setting, folder / "data")

@@ -89,3 +89,15 @@ def test_learning_curve_report_pairs_each_validation_with_the_loss_before_it():
         "| realistic | unetr | 0.001 (2) | 6: 0.250 / 2.250, 12: 0.500 / 1.750 (stopped at step 12 of 1008) | 0.500 | 30.0 |"
         in text
     )
+
+
+def test_learning_curve_plot_writes_a_png_of_every_arm(tmp_path):
+    import learning_curves as lc
+
+    validations, train = de.curves(LOG, steps_per_epoch=6)
+    rows = [{"arm": arm, "stopped": arm == "unetr", "validations": validations, "train_loss": train}
+            for arm in ("unet", "unetr")]  # fmt: skip
+    out = tmp_path / "out.json"
+    out.write_text(de.json.dumps({"command": "x", "runs": rows}))
+    assert lc.main(["--out", str(out), "--plot", str(tmp_path / "figures" / "curves.png")]) == 0
+    assert (tmp_path / "figures" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
