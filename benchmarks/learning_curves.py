@@ -11,7 +11,8 @@ Two more arms ask why ViTSeg learns slowly: is it the demo's learning rate (ViTS
 convolutional stem on the image feeds the last two decoder stages, ``vitseg#conv_skips``, ``vitseg_conv_skips``)?
 
 ``--minutes`` caps each arm: an arm still running then is stopped and keeps the validations it reached (its row
-says ``stopped``). Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not
+says ``stopped``); its newest epoch checkpoint is then scored by the bundle's own evaluator and added as one more
+validation (``"checkpoint": true``; ``--score-stopped`` does it for arms already in the results). Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not
 repeated (``--fresh`` repeats them). ``--plot benchmarks/figures/learning_curves.png`` draws them. Two ``--arms`` lists can run side by side with ``OMP_NUM_THREADS=1``.
 
 ``python benchmarks/learning_curves.py [--setting realistic] [--arms unet vitseg ...] [--steps 1008]``
@@ -70,13 +71,57 @@ def run_arm(arm: str, setting: str, data: Path, out: Path, steps: int, minutes: 
     )  # fmt: skip
     elapsed = (time.perf_counter() - start) / 60
     validations, train = de.curves(text, STEPS_PER_EPOCH)
+    stopped = "STOPPED after" in text
+    if stopped:  # the epochs trained after the last validation still count
+        scored = score_checkpoint(arm, setting, data, out, steps)
+        if scored is not None and (not validations or scored["step"] > validations[-1]["step"]):
+            validations.append(scored)
     best = max(validations, key=lambda v: v["val_mean_dice"]) if validations else {}
     return {
         "setting": setting, "arm": arm, "architecture": ARMS[arm][0], "planned_steps": overrides["max_epochs"] * STEPS_PER_EPOCH,
-        "stopped": "STOPPED after" in text, "minutes": round(elapsed, 2), "best_dice": best.get("val_mean_dice"),
+        "stopped": stopped, "minutes": round(elapsed, 2), "best_dice": best.get("val_mean_dice"),
         "validations": validations, "train_loss": train,
         "lr": overrides.get("lr", 1e-3), "warmup_epochs": overrides.get("warmup_epochs", 2),
     }  # fmt: skip
+
+
+def last_checkpoint(out: Path) -> tuple[Path, int] | None:
+    """The newest ``checkpoint_epoch=N.pt`` of a run's output folder and its epoch, or None."""
+    found = [(int(p.stem.split("=")[1]), p) for p in (out / "checkpoints").glob("checkpoint_epoch=*.pt")]
+    return (max(found)[1], max(found)[0]) if found else None
+
+
+def score_checkpoint(arm: str, setting: str, data: Path, out: Path, steps: int) -> dict[str, Any] | None:
+    """The validation metrics of a stopped arm's newest epoch checkpoint, through the bundle's own evaluator.
+
+    Returns ``{"step": ..., "checkpoint": True, "val_mean_dice": ..., "val_dice_<organ>": ...}``, or None when the
+    run wrote no checkpoint.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    found = last_checkpoint(out)
+    if found is None:
+        return None
+    path, epoch = found
+    override_file = out.with_name(out.name + "_score.overrides.json")
+    override_file.write_text(json.dumps(overrides_for(arm, setting, steps), indent=1))
+    parser = ConfigParser()
+    root = REPO / "bundles" / "mae_finetune"
+    parser.read_config([str(root / "configs" / "train.json"), str(REPO / "configs" / "demo_finetune_cpu.json"),
+                        str(override_file)])  # fmt: skip
+    parser.update(
+        {"bundle_root": str(root), "dataset_dir": str(data), "output_dir": str(out.with_name(out.name + "_score"))}
+    )
+    parser.get_parsed_content("network").load_state_dict(
+        torch.load(path, map_location="cpu", weights_only=True)["network"]
+    )
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    metrics = {
+        k: float(v) for k, v in evaluator.state.metrics.items() if k.startswith("val_") and "class_dice" not in k
+    }
+    return {"step": epoch * STEPS_PER_EPOCH, "checkpoint": True, **metrics}
 
 
 def loss_at(train: list[dict[str, float]], step: int) -> float | None:
@@ -90,14 +135,16 @@ def report(results: list[dict[str, Any]], command: str) -> str:
         "# Learning curves from scratch: every fine-tuning architecture at the demo's sizes",
         "",
         f"`{command}` (one seed, CPU; `mae_finetune` with `configs/demo_finetune_cpu.json`). Each cell: validation",
-        "mean Dice / training loss of the last epoch before it.",
+        "mean Dice / training loss of the last epoch before it; `*`: the newest checkpoint of a stopped arm, scored",
+        "by the bundle's evaluator.",
         "",
         "| setting | arm | lr (warm-up epochs) | validation steps: Dice / training loss | best Dice | minutes |",
         "| --- | --- | --- | --- | ---: | ---: |",
     ]
     for r in results:
         cells = ", ".join(
-            f"{v['step']}: {v['val_mean_dice']:.3f} / {loss_at(r['train_loss'], v['step']) or float('nan'):.3f}"
+            f"{v['step']}{'*' if v.get('checkpoint') else ''}: {v['val_mean_dice']:.3f} / "
+            f"{loss_at(r['train_loss'], v['step']) or float('nan'):.3f}"
             for v in r["validations"]
         )
         if r["stopped"]:
@@ -144,9 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "learning_curves.json")
     parser.add_argument("--fresh", action="store_true", help="repeat arms already in --out")
     parser.add_argument("--plot", type=Path, default=None, help="only draw the curves of --out into this PNG")
+    parser.add_argument("--score-stopped", action="store_true",
+                        help="only score the newest checkpoint of stopped arms in --out that lack it")  # fmt: skip
     args = parser.parse_args(argv)
     if args.plot is not None:
         draw(json.loads(args.out.read_text())["runs"], args.plot)
+        return 0
+    if args.score_stopped:
+        saved = json.loads(args.out.read_text())
+        for row in saved["runs"]:
+            if not row["stopped"] or any(v.get("checkpoint") for v in row["validations"]):
+                continue
+            folder = args.work_dir / row["setting"]
+            scored = score_checkpoint(row["arm"], row["setting"], folder / "data", folder / f"curve_{row['arm']}",
+                                      row["planned_steps"])  # fmt: skip
+            if scored is not None and (not row["validations"] or scored["step"] > row["validations"][-1]["step"]):
+                row["validations"].append(scored)
+                row["best_dice"] = max(v["val_mean_dice"] for v in row["validations"])
+                print(f"{row['setting']}/{row['arm']}: {scored['val_mean_dice']:.3f} at step {scored['step']}")
+        de.write_results(args.out, saved["command"], saved["runs"], report)
         return 0
     command = "python benchmarks/learning_curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
     folder = args.work_dir / args.setting

@@ -101,3 +101,31 @@ def test_learning_curve_plot_writes_a_png_of_every_arm(tmp_path):
     out.write_text(de.json.dumps({"command": "x", "runs": rows}))
     assert lc.main(["--out", str(out), "--plot", str(tmp_path / "figures" / "curves.png")]) == 0
     assert (tmp_path / "figures" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stopped_arm_is_scored_from_its_newest_checkpoint(tmp_path):
+    import learning_curves as lc
+    import torch
+    from monai.bundle import ConfigParser
+
+    data = tmp_path / "data"
+    de.write_synthetic_dataset(data, num=2, num_validation=1, shape=(32, 32, 24), num_organs=2)
+    out = tmp_path / "curve_unet"
+    assert lc.last_checkpoint(out) is None and lc.score_checkpoint("unet", "phantoms", data, out, 12) is None
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / "mae_finetune" / "configs" / "train.json"),
+                        str(REPO / "configs" / "demo_finetune_cpu.json")])  # fmt: skip
+    parser.update({"bundle_root": str(REPO / "bundles" / "mae_finetune"), "dataset_dir": str(data),
+                   "output_dir": str(tmp_path / "unused"), "architecture": "unet"})  # fmt: skip
+    (out / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    weights = parser.get_parsed_content("network_def").state_dict()
+    torch.save(
+        {"network": {k: torch.zeros_like(v) for k, v in weights.items()}}, out / "checkpoints" / "checkpoint_epoch=1.pt"
+    )
+    torch.save({"network": weights}, out / "checkpoints" / "checkpoint_epoch=2.pt")
+    assert lc.last_checkpoint(out) == (out / "checkpoints" / "checkpoint_epoch=2.pt", 2)
+    scored = lc.score_checkpoint("unet", "phantoms", data, out, 12)
+    assert scored["step"] == 12 and scored["checkpoint"] is True
+    assert set(scored) >= {"val_mean_dice", "val_dice_class_1", "val_dice_class_2"}
+    assert 0.0 <= scored["val_mean_dice"] <= 1.0
