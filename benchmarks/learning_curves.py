@@ -12,8 +12,11 @@ convolutional stem on the image feeds the last two decoder stages, ``vitseg#conv
 
 ``--minutes`` caps each arm: an arm still running then is stopped and keeps the validations it reached (its row
 says ``stopped``); its newest epoch checkpoint is then scored by the bundle's own evaluator and added as one more
-validation (``"checkpoint": true``; ``--score-stopped`` does it for arms already in the results). Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not
-repeated (``--fresh`` repeats them). ``--plot benchmarks/figures/learning_curves.png`` draws them. Two ``--arms`` lists can run side by side with ``OMP_NUM_THREADS=1``.
+validation (``"checkpoint": true``; ``--score-stopped`` does it for arms already in the results).
+
+Results: ``benchmarks/results/learning_curves.{json,md}``; arms already there are not repeated (``--fresh`` repeats
+them). ``--plot benchmarks/figures/learning_curves.png`` draws them. Two ``--arms`` lists can run side by side with
+``OMP_NUM_THREADS=1``.
 
 ``python benchmarks/learning_curves.py [--setting realistic] [--arms unet vitseg ...] [--steps 1008]``
 """
