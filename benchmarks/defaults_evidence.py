@@ -69,6 +69,14 @@ def make_data(setting: str, folder: Path) -> Path:
     return folder
 
 
+def config_paths(name: str, configs: list[str], overrides: dict[str, Any], override_file: Path) -> list[str]:
+    """The config files of a run in layering order: ``configs`` (a bare name is one of the bundle's, a path is
+    relative to the repository), then ``overrides``, written to ``override_file``."""
+    override_file.write_text(json.dumps(overrides, indent=1))
+    root = REPO / "bundles" / name
+    return [str(root / "configs" / c) if "/" not in c else str(REPO / c) for c in configs] + [str(override_file)]
+
+
 def bundle(
     name: str, configs: list[str], overrides: dict[str, Any], args: list[str], log: Path, minutes: float | None = None
 ) -> str:
@@ -78,11 +86,8 @@ def bundle(
     last line ``STOPPED after <minutes> minutes``.
     """
     override_file = log.with_suffix(".overrides.json")
-    override_file.write_text(json.dumps(overrides, indent=1))
     root = REPO / "bundles" / name
-    config_files = [str(root / "configs" / c) if "/" not in c else str(REPO / c) for c in configs] + [
-        str(override_file)
-    ]
+    config_files = config_paths(name, configs, overrides, override_file)
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(config_files), "--bundle_root", str(root),
         "--meta_file", str(root / "configs" / "metadata.json"), "--logging_file", str(root / "configs" / "logging.conf"),

@@ -37,6 +37,7 @@ import defaults_evidence as de  # noqa: E402
 from bench_common import RESULTS  # noqa: E402
 
 STEPS_PER_EPOCH = 6  # 6 training volumes, one per step
+CONFIGS = ["train.json", "configs/demo_finetune_cpu.json"]  # mae_finetune's, then the demo's overrides
 #: Arm name -> (architecture, overrides on top of the demo's).
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "unet": ("unet", {}),
@@ -69,16 +70,13 @@ def run_arm(arm: str, setting: str, data: Path, out: Path, steps: int, minutes: 
     args = ["--dataset_dir", str(data), "--output_dir", str(out)]
     start = time.perf_counter()
     text = de.bundle(
-        "mae_finetune", ["train.json", "configs/demo_finetune_cpu.json"], overrides, args,
-        out.with_name(out.name + "_train.log"), minutes=minutes,
+        "mae_finetune", CONFIGS, overrides, args, out.with_name(out.name + "_train.log"), minutes=minutes
     )  # fmt: skip
     elapsed = (time.perf_counter() - start) / 60
     validations, train = de.curves(text, STEPS_PER_EPOCH)
     stopped = "STOPPED after" in text
     if stopped:  # the epochs trained after the last validation still count
-        scored = score_checkpoint(arm, setting, data, out, steps)
-        if scored is not None and (not validations or scored["step"] > validations[-1]["step"]):
-            validations.append(scored)
+        add_if_later(validations, score_checkpoint(arm, setting, data, out, steps))
     best = max(validations, key=lambda v: v["val_mean_dice"]) if validations else {}
     return {
         "setting": setting, "arm": arm, "architecture": ARMS[arm][0], "planned_steps": overrides["max_epochs"] * STEPS_PER_EPOCH,
@@ -92,6 +90,14 @@ def last_checkpoint(out: Path) -> tuple[Path, int] | None:
     """The newest ``checkpoint_epoch=N.pt`` of a run's output folder and its epoch, or None."""
     found = [(int(p.stem.split("=")[1]), p) for p in (out / "checkpoints").glob("checkpoint_epoch=*.pt")]
     return (max(found)[1], max(found)[0]) if found else None
+
+
+def add_if_later(validations: list[dict[str, Any]], scored: dict[str, Any] | None) -> bool:
+    """Append a checkpoint's ``scored`` metrics when they come after the last validation; whether they did."""
+    if scored is None or (validations and scored["step"] <= validations[-1]["step"]):
+        return False
+    validations.append(scored)
+    return True
 
 
 def score_checkpoint(arm: str, setting: str, data: Path, out: Path, steps: int) -> dict[str, Any] | None:
@@ -108,14 +114,10 @@ def score_checkpoint(arm: str, setting: str, data: Path, out: Path, steps: int) 
         return None
     path, epoch = found
     override_file = out.with_name(out.name + "_score.overrides.json")
-    override_file.write_text(json.dumps(overrides_for(arm, setting, steps), indent=1))
     parser = ConfigParser()
-    root = REPO / "bundles" / "mae_finetune"
-    parser.read_config([str(root / "configs" / "train.json"), str(REPO / "configs" / "demo_finetune_cpu.json"),
-                        str(override_file)])  # fmt: skip
-    parser.update(
-        {"bundle_root": str(root), "dataset_dir": str(data), "output_dir": str(out.with_name(out.name + "_score"))}
-    )
+    parser.read_config(de.config_paths("mae_finetune", CONFIGS, overrides_for(arm, setting, steps), override_file))
+    parser.update({"bundle_root": str(REPO / "bundles" / "mae_finetune"), "dataset_dir": str(data),
+                   "output_dir": str(out.with_name(out.name + "_score"))})  # fmt: skip
     parser.get_parsed_content("network").load_state_dict(
         torch.load(path, map_location="cpu", weights_only=True)["network"]
     )
@@ -208,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.work_dir / row["setting"]
             scored = score_checkpoint(row["arm"], row["setting"], folder / "data", folder / f"curve_{row['arm']}",
                                       row["planned_steps"])  # fmt: skip
-            if scored is not None and (not row["validations"] or scored["step"] > row["validations"][-1]["step"]):
-                row["validations"].append(scored)
+            if add_if_later(row["validations"], scored):
                 row["best_dice"] = max(v["val_mean_dice"] for v in row["validations"])
                 print(f"{row['setting']}/{row['arm']}: {scored['val_mean_dice']:.3f} at step {scored['step']}")
         de.write_results(args.out, saved["command"], saved["runs"], report)

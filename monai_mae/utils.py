@@ -1,6 +1,6 @@
 """Small helpers shared across monai-mae, one per job: process rank, model unwrapping, finding a
-network's ViT encoder, state-dict keys without wrapper prefixes, the weight-decay rule, reading JSON, checking a positive number, durable
-file writes, telling whether ``torch.compile`` is tracing.
+network's ViT encoder, state-dict keys without wrapper prefixes, the weight-decay rule, reading JSON,
+checking a positive number, durable file writes, telling whether ``torch.compile`` is tracing.
 
 Import-light on purpose (the standard library and torch only, nothing from ``monai_mae``), so any
 module can use it without an import cycle.

@@ -129,3 +129,15 @@ def test_a_stopped_arm_is_scored_from_its_newest_checkpoint(tmp_path):
     assert scored["step"] == 12 and scored["checkpoint"] is True
     assert set(scored) >= {"val_mean_dice", "val_dice_class_1", "val_dice_class_2"}
     assert 0.0 <= scored["val_mean_dice"] <= 1.0
+
+
+def test_a_checkpoint_score_is_added_only_after_the_last_validation():
+    import learning_curves as lc
+
+    validations = [{"step": 252, "val_mean_dice": 0.5}]
+    assert lc.add_if_later(validations, None) is False
+    assert lc.add_if_later(validations, {"step": 252, "checkpoint": True, "val_mean_dice": 0.6}) is False
+    assert lc.add_if_later(validations, {"step": 330, "checkpoint": True, "val_mean_dice": 0.6}) is True
+    assert [v["step"] for v in validations] == [252, 330]
+    empty: list = []
+    assert lc.add_if_later(empty, {"step": 246, "checkpoint": True, "val_mean_dice": 0.59}) and len(empty) == 1
