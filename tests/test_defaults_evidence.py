@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from bundle_utils import REPO
 
@@ -74,6 +75,45 @@ def test_learning_curve_arms_override_the_demo_recipe_per_setting():
     phantoms = lc.overrides_for("unet", "phantoms", 252)
     assert phantoms["max_epochs"] == 42 and phantoms["val_interval"] == 10
     assert "lr" not in phantoms and "num_classes" not in phantoms and "data_preset" not in phantoms
+    assert phantoms["seed"] == 0 and "pretrained_ckpt" not in phantoms
+
+
+def test_pretrained_arms_take_the_model_file_and_its_preset(tmp_path):
+    import learning_curves as lc
+
+    model = tmp_path / "models" / "model.pt"
+    slow = lc.overrides_for("unet_mim_lr0.3", "realistic", 1008, seed=3, pretrained=model)
+    assert slow["pretrained_ckpt"] == str(model) and slow["encoder_lr_scale"] == 0.3 and slow["seed"] == 3
+    assert "data_preset" not in slow and slow["num_classes"] == 6  # the preset comes from the pretrained file
+    assert lc.ARMS["unet_mim"][2] == lc.ARMS["unet_mim_lr0.3"][2] == "demo" and lc.ARMS["unet"][2] is None
+    assert lc.run_folder(tmp_path, "unet", 0) == tmp_path / "curve_unet"
+    assert lc.run_folder(tmp_path, "unet", 2) == tmp_path / "curve_unet_s2"
+    assert lc.run_key({"setting": "realistic", "arm": "unet"}) == ("realistic", 0, "unet")  # rows without a seed
+
+
+def test_a_pretraining_runs_once_and_is_reused(tmp_path, monkeypatch):
+    import learning_curves as lc
+
+    calls = []
+
+    def fake_bundle(name, configs, overrides, args, log, minutes=None):
+        calls.append((name, configs, overrides))
+        out = Path(args[args.index("--output_dir") + 1])
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        (out / "models" / "model.pt").write_bytes(b"weights")
+        (out / "reconstruction_error.json").write_text('{"masked_mse_ratio": 0.36}')
+        return ""
+
+    monkeypatch.setattr(lc.de, "bundle", fake_bundle)
+    first = lc.pretrain("long", "realistic", tmp_path / "data", tmp_path / "curve_pre_long")
+    assert first["masked_mse_ratio"] == 0.36 and first["pretrain_minutes"] is not None
+    assert first["pretrained_ckpt"] == str(tmp_path / "curve_pre_long" / "models" / "model.pt")
+    (name, configs, overrides), infer = calls[0], calls[1]
+    assert name == "mae_pretrain" and configs == ["train.json", "mim_cnn.json", "configs/demo_pretrain_cpu.json"]
+    assert overrides["max_epochs"] == 120 and "pixdim=[3.5, 3.5, 3.5]" in overrides["data_preset"]
+    assert infer[1] == ["inference.json"]
+    again = lc.pretrain("long", "realistic", tmp_path / "data", tmp_path / "curve_pre_long")
+    assert len(calls) == 2 and again["pretrain_minutes"] is None and again["masked_mse_ratio"] == 0.36
 
 
 def test_learning_curve_report_pairs_each_validation_with_the_loss_before_it():
@@ -86,8 +126,13 @@ def test_learning_curve_report_pairs_each_validation_with_the_loss_before_it():
     assert lc.loss_at(train, 6) == 2.25 and lc.loss_at(train, 11) == 2.25 and lc.loss_at(train, 5) is None
     text = lc.report([row], "python benchmarks/learning_curves.py")
     assert (
-        "| realistic | unetr | 0.001 (2) | 6: 0.250 / 2.250, 12: 0.500 / 1.750 (stopped at step 12 of 1008) | 0.500 | 30.0 |"
-        in text
+        "| realistic | unetr | 0 | none | 0.001 (2) | 6: 0.250 / 2.250, 12: 0.500 / 1.750 (stopped at step 12 of 1008) "
+        "| 0.500 | 30.0 |" in text
+    )
+    pretrained = dict(row, arm="unet_mim_lr0.3", seed=1, pretraining="demo", masked_mse_ratio=0.3612,
+                      encoder_lr_scale=0.3, stopped=False)  # fmt: skip
+    assert "| realistic | unet_mim_lr0.3 | 1 | demo (0.361) | 0.001, x0.3 pretrained (2) | 6: 0.250 / 2.250, 12: " in (
+        lc.report([pretrained], "x")
     )
 
 

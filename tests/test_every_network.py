@@ -108,7 +108,9 @@ COMMON = dict(device="cpu", num_workers=0, max_epochs=1, batch_size=1, num_sampl
               progress_bar=False, resume=False, warmup_epochs=1)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("dynunet", "segresnet") else n for n in NETWORKS]
+)  # the two costliest CNNs only in `make test`
 def test_two_ddp_steps_of_mae_finetune(name, dataset, tmp_path, single_process_group):
     architecture, extra = NETWORKS[name]
     tiny = {f"encoder#{k}": v for k, v in TINY_ENCODER.get(architecture, {}).items()}

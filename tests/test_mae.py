@@ -258,6 +258,7 @@ def test_activation_checkpointing_same_gradients():
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # hundreds of optimizer steps
 @pytest.mark.parametrize("nd", [2, 3])
 def test_overfits_one_volume(nd):
     torch.manual_seed(0)

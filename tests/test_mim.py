@@ -143,6 +143,11 @@ def test_pretrained_weights_go_into_the_segmentation_network(architecture, tmp_p
     head = [k for k in target if k not in same]
     assert head and len(same) > 2 * len(head)  # every layer but the output head
     assert all(source["network." + k].shape != target[k].shape for k in head)
+    groups = layerwise_lr_groups(net, 1e-3, 0.05, layer_decay=1.0, encoder_lr_scale=0.3)  # pretrained layers slower
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, param in net.named_parameters():
+        assert lr_of[id(param)] == pytest.approx(3e-4 if name in same else 1e-3), name
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     rebuilt = build_network(tmp_path / "mim.pt")  # the model file describes the masked-image model too
     assert isinstance(rebuilt, MaskedImageModel) and rebuilt.init_args == mim.init_args
 
@@ -199,6 +204,8 @@ def test_cnn_optimizer_groups_and_freezing():
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     with pytest.raises(ValueError, match="layer_decay=0.75 and encoder_lr_scale=1.0 need a ViT encoder"):
         layerwise_lr_groups(net, 1e-3, 0.05, layer_decay=0.75)
+    with pytest.raises(ValueError, match="encoder_lr_scale=0.3 lowers the rate of pretrained weights, but no masked"):
+        layerwise_lr_groups(net, 1e-3, 0.05, layer_decay=1.0, encoder_lr_scale=0.3)  # from scratch: nothing loaded
     with pytest.raises(ValueError, match="freeze_encoder_epochs=2 needs a ViT encoder"):
         FreezeEncoder(net, 2)
     FreezeEncoder(net, 0).attach(Engine(lambda e, b: None))  # no freezing: nothing to find

@@ -205,6 +205,7 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
         )
 
 
+@pytest.mark.slow  # times a training step of six full-size networks
 def test_step_times_of_every_architecture_at_the_preset_sizes():
     times = pb.step_times("quick", steps=1, device=pb.torch.device("cpu"))
     names = {"unetr", "vitseg", "vitseg_conv_skips", "unet", "dynunet", "segresnet"}

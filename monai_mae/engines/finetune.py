@@ -87,6 +87,11 @@ def layerwise_lr_groups(
     ``encoder_lr_scale``: a lower peak rate for pretrained weights than for the new decoder, as in
     nnssl's fine-tuning recipe.
 
+    A CNN (no ViT) gets one rate for all its layers, except that with ``encoder_lr_scale < 1`` the
+    tensors loaded from a masked-image model (``pretrained_names``, recorded by
+    :func:`~monai_mae.networks.mim.load_mim_weights`) run at ``lr * encoder_lr_scale`` and the
+    rest (the new output head) at ``lr``; ``layer_decay`` must then be 1.0.
+
     1-D parameters (biases, norms) and ``cls_token`` / position tables get no weight decay.
     Parameters with ``requires_grad=False`` (e.g. a fixed sin-cos table) are left out; build the
     optimizer *before* freezing anything (:class:`FreezeEncoder` freezes when training starts).
@@ -111,8 +116,9 @@ def layerwise_lr_groups(
         the decayed group of a layer before its undecayed one; empty groups omitted.
 
     Raises:
-        ValueError: for ``lr <= 0``, ``weight_decay < 0``, ``layer_decay`` outside (0, 1], or a
-            network without a ViT encoder.
+        ValueError: for ``lr <= 0``, ``weight_decay < 0``, ``layer_decay`` outside (0, 1],
+            ``layer_decay < 1`` for a network without a ViT encoder, or ``encoder_lr_scale < 1`` for
+            a CNN into which no masked-image model was loaded.
 
     Examples::
 
@@ -168,20 +174,29 @@ def layerwise_lr_groups(
 def _flat_groups(
     network: nn.Module, lr: float, weight_decay: float, layer_decay: float, encoder_lr_scale: float
 ) -> list[dict[str, Any]]:
-    """One learning rate for a network without a ViT (a CNN): weight matrices decayed, 1-D parameters not."""
-    if layer_decay != 1.0 or encoder_lr_scale != 1.0:
+    """One learning rate for a CNN, times ``encoder_lr_scale`` on its pretrained tensors; 1-D parameters not decayed."""
+    if layer_decay != 1.0:
         raise ValueError(
             f"layer_decay={layer_decay} and encoder_lr_scale={encoder_lr_scale} need a ViT encoder; "
-            f"{type(network).__name__} has none: use 1.0 for both."
+            f"{type(network).__name__} has none: use layer_decay 1.0."
         )
-    groups = [
-        {"params": [], "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0, "layer_id": 0},
-        {"params": [], "lr": lr, "weight_decay": 0.0, "lr_scale": 1.0, "layer_id": 0},
-    ]
+    pretrained = getattr(network, "pretrained_names", frozenset()) if encoder_lr_scale != 1.0 else frozenset()
+    if encoder_lr_scale != 1.0 and not pretrained:
+        raise ValueError(
+            f"encoder_lr_scale={encoder_lr_scale} lowers the rate of pretrained weights, but no masked-image model "
+            f"was loaded into this {type(network).__name__} (pretrained_ckpt is empty?): use encoder_lr_scale 1.0."
+        )
+    groups: dict[tuple[bool, bool], dict[str, Any]] = {}
     for name, param in network.named_parameters():
-        if param.requires_grad:
-            groups[int(no_weight_decay(name, param))]["params"].append(param)
-    return [group for group in groups if group["params"]]
+        if not param.requires_grad:
+            continue
+        key = (name in pretrained, not no_weight_decay(name, param))
+        if key not in groups:
+            scale = encoder_lr_scale if key[0] else 1.0
+            groups[key] = {"params": [], "lr": lr * scale, "weight_decay": weight_decay if key[1] else 0.0,
+                           "lr_scale": scale, "layer_id": 0}  # fmt: skip
+        groups[key]["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 class FreezeEncoder:

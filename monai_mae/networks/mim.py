@@ -168,7 +168,9 @@ def load_mim_weights(
     """Load a :class:`MaskedImageModel`'s network weights into a segmentation network of the same architecture.
 
     Every tensor whose name (after the ``network.`` prefix) and shape match is copied; the output head, which
-    has ``in_channels`` outputs in pretraining and the number of classes here, stays as built.
+    has ``in_channels`` outputs in pretraining and the number of classes here, stays as built. The names loaded
+    are kept on the network as ``pretrained_names`` (a frozenset), so that
+    :func:`~monai_mae.engines.finetune.layerwise_lr_groups` can give them a lower learning rate.
 
     Args:
         network: the segmentation network (built with :func:`~monai_mae.networks.cnn.cnn_network` and the
@@ -204,6 +206,7 @@ def load_mim_weights(
             f"(first missing: {missing[:3]}); was it pretrained with another architecture or other options?"
         )
     unwrap(network).load_state_dict({**target, **fits})
+    unwrap(network).pretrained_names = frozenset(fits)  # for a lower learning rate on them (encoder_lr_scale)
     logger.debug(
         f"load_mim_weights: {len(fits)} of {len(target)} tensors loaded from {source}; left as built: {missing}."
     )
