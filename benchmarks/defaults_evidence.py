@@ -5,7 +5,7 @@ overrides, 64^3 crops, 2 CPU threads), on one of two data settings:
 
 * ``phantoms``: the anatomical phantoms of ``make demo`` (96 x 96 x 64 voxels, 1.5 x 1.5 x 2 mm, 4 organs);
 * ``realistic``: the abdominal-CT-like phantoms (:mod:`monai_mae.data.realistic`: body, table and air, 5 organs
-  that are a small share of the volume, CT texture and noise, partial-volume edges, 3.4 x 3.4 x 7 mm slices of a
+  that are a small share of the volume, CT texture and noise, partial-volume edges, 4.1 x 4.1 x 5.8 mm voxels of a
   life-sized patient), resampled by the bundles to 3.5 mm.
 
 Arms, each on both settings (one seed):
