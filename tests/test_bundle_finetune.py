@@ -83,7 +83,7 @@ def test_finetune_loads_mae_encoder_and_keeps_it_frozen(finetuned):
     out, result, mae_state = finetuned
     assert "MAE encoder transfer: 173 tensors loaded" in result.stdout and "0 missing" in result.stdout
     assert "ViT encoder frozen" in result.stdout and "Epoch[1] Complete" in result.stdout
-    assert "val_mean_dice" in result.stdout and "val_dice_class_4" in result.stdout  # per-class Dice logged
+    assert "val_mean_dice" in result.stdout and "val_dice_organ_4" in result.stdout  # per-class Dice logged
     model = read_model(out / "models" / "model.pt")
     state = model.state_dict
     # self-describing: class, constructor arguments and the data preset used
@@ -119,7 +119,7 @@ def test_evaluate_writes_per_class_dice(finetuned, dataset):
     assert "Restored all variables from" in result.stdout and "model_best.pt" in result.stdout
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["checkpoint"].endswith("model_best.pt") and report["num_cases"] == 1
-    per_class = [report["metrics"][f"val_dice_class_{i}"] for i in range(1, NUM_CLASSES)]
+    per_class = [report["metrics"][f"val_dice_organ_{i}"] for i in range(1, NUM_CLASSES)]
     assert all(v is None or 0.0 <= v <= 1.0 for v in per_class)
     assert 0.0 <= report["metrics"]["val_mean_dice"] <= 1.0
     assert (out / "eval" / "val_mean_dice_raw.csv").exists()

@@ -14,6 +14,7 @@ import pytest
 from monai_mae.data.datalist import (
     check_nifti,
     check_num_classes,
+    class_names,
     declared_classes,
     load_checked_datalist,
     load_datalist,
@@ -220,3 +221,19 @@ def test_num_classes_too_small_for_the_declared_labels_names_the_setting(dataset
     assert len(load_checked_datalist(dataset, "training", require_label=True, num_classes=3)) == 2
     # a preprocessed folder reads no datalist, so nothing is checked
     assert load_checked_datalist(dataset, preprocessed_dir=str(dataset / "pre"), num_classes=2) == []
+
+
+def test_class_names_come_from_the_declared_labels(dataset, tmp_path):
+    assert class_names(dataset, 3) == ["organ_1", "organ_2"]
+    assert class_names(dataset, 5) == ["organ_1", "organ_2", "class_3", "class_4"]  # undeclared values
+    assert class_names(tmp_path / "missing", 3) == ["class_1", "class_2"]
+    labels = {"0": "background", "1": "left kidney", "2": "left-kidney", "3": "???", "4": "class_5"}
+    _write_datalist(dataset, {"labels": labels, "training": []})
+    # made fit for metric names; a clash or an empty name falls back to class_<value>, kept unique
+    assert class_names(dataset, 6) == ["left_kidney", "class_2", "class_3", "class_5", "class_5_5"]
+    nnunet = tmp_path / "Dataset002_Kidney"
+    nnunet.mkdir()
+    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "kidney": 1, "cyst": 2}}))
+    assert class_names(nnunet, 3) == ["kidney", "cyst"]
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        class_names(dataset, 1)

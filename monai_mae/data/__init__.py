@@ -14,6 +14,7 @@ from monai_mae.data.crops import (
 from monai_mae.data.datalist import (
     check_nifti,
     check_num_classes,
+    class_names,
     check_volume,
     declared_classes,
     load_checked_datalist,
@@ -49,6 +50,7 @@ __all__ = [
     "check_manifest",
     "check_nifti",
     "check_num_classes",
+    "class_names",
     "check_volume",
     "crop_augmentation",
     "data_preset_names",

@@ -14,6 +14,7 @@ import gzip
 import logging
 import math
 import os
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -618,6 +619,43 @@ def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "
             except (TypeError, ValueError):
                 raise ValueError(f"{path}: 'labels' entry {name!r}: {value!r} is not a whole-number label.") from None
     return declared
+
+
+def class_names(
+    dataset_dir: str | os.PathLike[str], num_classes: int, datalist_name: str = "datalist.json"
+) -> list[str]:
+    """Names of the foreground classes ``1 .. num_classes - 1`` for metrics and legends, from the dataset's JSON.
+
+    A name the JSON declares (:func:`declared_classes`: Decathlon ``"labels"`` or nnU-Net ``dataset.json``) is
+    used with every run of characters other than letters, digits and ``_`` turned into ``_`` (``"left kidney"``
+    gives ``left_kidney``, so it can be part of a metric name such as ``val_dice_left_kidney``); an undeclared
+    value, or a name that is empty after that or already taken, gives ``class_<value>``.
+
+    Args:
+        dataset_dir: dataset folder (a missing folder or JSON gives ``class_1`` ... for every class).
+        num_classes: output channels, background included (>= 2).
+        datalist_name: the datalist's file name. Defaults to ``"datalist.json"``.
+
+    Returns:
+        ``num_classes - 1`` unique names.
+
+    Raises:
+        ValueError: for ``num_classes < 2``, or a ``"labels"`` entry that is not a whole number.
+
+    Examples::
+
+        >>> class_names("no/such/folder", 3)
+        ['class_1', 'class_2']
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (background and one class), got {num_classes!r}.")
+    declared = declared_classes(dataset_dir, datalist_name) if Path(dataset_dir).is_dir() else {}
+    names: list[str] = []
+    for value in range(1, num_classes):
+        name = re.sub(r"[^0-9A-Za-z_]+", "_", declared.get(value, "")).strip("_")
+        name = name if name and name not in names else f"class_{value}"
+        names.append(name if name not in names else f"{name}_{value}")
+    return names
 
 
 def check_num_classes(
