@@ -390,3 +390,9 @@ def test_finetune_datalists_check_num_classes_against_the_labels(dataset, tmp_pa
         assert isinstance(raised.value.__cause__, ValueError) and "set num_classes to 3" in str(raised.value.__cause__)
     parser = _parser("mae_finetune", ["train.json"], dataset_dir=str(dataset), output_dir=str(tmp_path / "out"))
     assert len(parser.get_parsed_content("validate#datalist")) == 1
+    # by default the classes are the ones the datalist declares: background, organ_1, organ_2
+    assert parser.get_parsed_content("num_classes") == 3
+    assert parser.get_parsed_content("class_names") == ["organ_1", "organ_2"]
+    assert parser.get_parsed_content("network_def").out_channels == 3
+    elsewhere = _parser("mae_finetune", ["train.json"], dataset_dir=str(tmp_path / "none"), output_dir=str(tmp_path))
+    assert elsewhere.get_parsed_content("num_classes") == 5  # nothing declared: the phantoms' 4 organs + background

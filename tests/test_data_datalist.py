@@ -18,6 +18,7 @@ from monai_mae.data.datalist import (
     declared_classes,
     load_checked_datalist,
     load_datalist,
+    num_classes_for,
     validate_datalist,
 )
 from monai_mae.data.synthetic import write_synthetic_dataset
@@ -237,3 +238,14 @@ def test_class_names_come_from_the_declared_labels(dataset, tmp_path):
     assert class_names(nnunet, 3) == ["kidney", "cyst"]
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         class_names(dataset, 1)
+
+
+def test_num_classes_follow_the_declared_labels(dataset, tmp_path):
+    assert num_classes_for(dataset) == 3  # background + organ_1, organ_2
+    assert num_classes_for(tmp_path / "missing") == 5 and num_classes_for(tmp_path / "missing", default=2) == 2
+    _write_datalist(dataset, {"labels": {"0": "background", "1": "liver", "3": "tumour"}, "training": []})
+    assert num_classes_for(dataset) == 4  # the largest value counts, not the number of names
+    _write_datalist(dataset, {"labels": {"0": "background"}, "training": []})
+    assert num_classes_for(dataset) == 2
+    _write_datalist(dataset, {"training": []})  # no labels declared
+    assert num_classes_for(dataset, default=7) == 7

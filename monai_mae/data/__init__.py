@@ -19,6 +19,7 @@ from monai_mae.data.datalist import (
     declared_classes,
     load_checked_datalist,
     load_datalist,
+    num_classes_for,
     validate_datalist,
 )
 from monai_mae.data.nnunet_raw import is_nnunet_raw, nnunet_modality, read_nnunet_raw
@@ -69,6 +70,7 @@ __all__ = [
     "make_phantom",
     "make_realistic_phantom",
     "nnunet_modality",
+    "num_classes_for",
     "preprocess_dataset",
     "read_manifest",
     "read_nnunet_raw",

@@ -621,6 +621,33 @@ def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "
     return declared
 
 
+def num_classes_for(
+    dataset_dir: str | os.PathLike[str], default: int = 5, datalist_name: str = "datalist.json"
+) -> int:
+    """Output channels for a segmentation of the dataset: the largest label value its JSON declares plus one.
+
+    Args:
+        dataset_dir: dataset folder (Decathlon ``datalist.json`` or nnU-Net ``dataset.json``, see
+            :func:`declared_classes`).
+        default: the answer when the folder or its JSON is missing or declares no labels. Defaults to 5
+            (background and the 4 organs of the synthetic phantoms).
+        datalist_name: the datalist's file name. Defaults to ``"datalist.json"``.
+
+    Returns:
+        ``max(label values) + 1`` (at least 2), or ``default``.
+
+    Raises:
+        ValueError: for a ``"labels"`` entry that is not a whole number (the message names the file).
+
+    Examples::
+
+        >>> num_classes_for("no/such/folder")
+        5
+    """
+    declared = declared_classes(dataset_dir, datalist_name) if Path(dataset_dir).is_dir() else {}
+    return max(max(declared) + 1, 2) if declared else default
+
+
 def class_names(
     dataset_dir: str | os.PathLike[str], num_classes: int, datalist_name: str = "datalist.json"
 ) -> list[str]:
