@@ -621,9 +621,7 @@ def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "
     return declared
 
 
-def num_classes_for(
-    dataset_dir: str | os.PathLike[str], default: int = 5, datalist_name: str = "datalist.json"
-) -> int:
+def num_classes_for(dataset_dir: str | os.PathLike[str], default: int = 5, datalist_name: str = "datalist.json") -> int:
     """Output channels for a segmentation of the dataset: the largest label value its JSON declares plus one.
 
     Args:
