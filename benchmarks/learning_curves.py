@@ -229,13 +229,16 @@ def draw(results: list[dict[str, Any]], path: Path) -> Path:
     figure = Figure(figsize=(11, 4.6), dpi=100)
     Canvas(figure)
     dice, loss = figure.subplots(1, 2)
+    palette = [f"C{i}" for i in range(10)]
+    colors = {arm: palette[i % 10] for i, arm in enumerate(dict.fromkeys(r["arm"] for r in results))}
     for r in results:
         label = r["arm"] + (f" seed {r['seed']}" if r.get("seed") else "") + (" (stopped)" if r["stopped"] else "")
-        style = "--" if r.get("pretraining") else "-"  # pretrained arms dashed
-        line = dice.plot([v["step"] for v in r["validations"]], [v["val_mean_dice"] for v in r["validations"]],
-                         marker="o", linewidth=2, linestyle=style, label=label)[0]  # fmt: skip
+        style = dict(color=colors[r["arm"]], linestyle="--" if r.get("pretraining") else "-",  # pretrained dashed
+                     alpha=0.55 if r.get("seed") else 1.0)  # other seeds: the arm's colour, fainter  # fmt: skip
+        dice.plot([v["step"] for v in r["validations"]], [v["val_mean_dice"] for v in r["validations"]],
+                  marker="o", linewidth=2, label=label, **style)  # fmt: skip
         loss.plot([t["step"] for t in r["train_loss"]], [t["train_loss"] for t in r["train_loss"]],
-                  color=line.get_color(), linewidth=1.5, linestyle=style, label=label)  # fmt: skip
+                  linewidth=1.5, label=label, **style)  # fmt: skip
     dice.set(xlabel="optimizer steps", ylabel="validation mean Dice", ylim=(0, 1),
              title="validation Dice (dashed: pretrained)")  # fmt: skip
     loss.set(xlabel="optimizer steps", ylabel="training loss (Dice + CE)", title="training loss")
