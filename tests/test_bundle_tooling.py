@@ -162,7 +162,9 @@ EXPORT_NETWORKS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("network", sorted(EXPORT_NETWORKS))
+@pytest.mark.parametrize(
+    "network", [pytest.param(n, marks=pytest.mark.slow) if n == "unetr" else n for n in sorted(EXPORT_NETWORKS)]
+)  # UNETR's scripted export is the costliest: only in `make test`
 def test_ckpt_export_gives_the_eager_output(network, tmp_path):
     """``python -m monai.bundle ckpt_export --key_in_ckpt network``: the self-describing model file rebuilds the network."""
     bundle = REPO / "bundles" / "mae_finetune"

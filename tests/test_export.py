@@ -76,7 +76,9 @@ def _seg_run(tmp_path, architecture: str):
     return run, net
 
 
-@pytest.mark.parametrize("architecture", sorted(SEG))
+@pytest.mark.parametrize(
+    "architecture", [pytest.param(a, marks=pytest.mark.slow) if a == "unetr" else a for a in sorted(SEG)]
+)  # UNETR's scripted export is the costliest: only in `make test`
 def test_a_segmentation_run_exports_to_a_bundle_that_stands_on_its_own(
     architecture, tmp_path, restore_logging, monkeypatch
 ):

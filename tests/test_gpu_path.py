@@ -116,6 +116,7 @@ COMPILE_RUNS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # two bundle runs under torch.compile
 @pytest.mark.parametrize("bundle", sorted(COMPILE_RUNS))
 def test_compiled_bundle_trains_two_iterations_on_nifti_data(bundle, tmp_path):
     """``--compile True`` on NIfTI volumes: the loaders give MetaTensors, the network must get plain tensors.
