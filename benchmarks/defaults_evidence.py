@@ -51,6 +51,8 @@ VISIBLE_WEIGHTS = (0.0, 1.0)
 VIT = {"hidden_size": 192, "mlp_dim": 768, "num_layers": 4, "num_heads": 4}
 REALISTIC_SHAPE = (96, 96, 48)
 REALISTIC_PIXDIM = [3.5, 3.5, 3.5]
+#: The bundles' ``data_preset`` for the realistic phantoms: the CT preset resampled to ``REALISTIC_PIXDIM``.
+REALISTIC_PRESET = f"$dict(monai_mae.data.load_data_preset('ct'), pixdim={REALISTIC_PIXDIM})"
 EPOCH_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: ([0-9.eE+-]+)")
 METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
 
@@ -143,17 +145,25 @@ def pretrain(setting: str, kind: str, weight: float, data: Path, out: Path, epoc
         overrides.update({"network_def#decoder_hidden_size": 128, "network_def#decoder_mlp_dim": 512,
                           "network_def#decoder_num_layers": 2, "network_def#decoder_num_heads": 4})  # fmt: skip
     if setting == "realistic":
-        overrides["data_preset"] = f"$dict(monai_mae.data.load_data_preset('ct'), pixdim={REALISTIC_PIXDIM})"
-    start = time.perf_counter()
+        overrides["data_preset"] = REALISTIC_PRESET
+    minutes, error = pretrain_and_score(configs, overrides, data, out)
+    return {"pretrain_minutes": minutes, **{k: error[k] for k in ("masked_mse", "mean_fill_mse", "masked_mse_ratio")}}
+
+
+def pretrain_and_score(
+    configs: list[str], overrides: dict[str, Any], data: Path, out: Path
+) -> tuple[float, dict[str, Any]]:
+    """Run ``mae_pretrain`` with ``configs`` + ``overrides`` into ``out``, then its ``inference.json``.
+
+    Returns the pretraining's minutes (rounded to 0.01) and ``out/reconstruction_error.json`` as written by the
+    inference (masked-patch MSE next to the mean fill's).
+    """
     args = ["--dataset_dir", str(data), "--output_dir", str(out)]
+    start = time.perf_counter()
     bundle("mae_pretrain", configs, overrides, args, out.with_name(out.name + "_train.log"))
-    minutes = (time.perf_counter() - start) / 60
+    minutes = round((time.perf_counter() - start) / 60, 2)
     bundle("mae_pretrain", ["inference.json"], {"num_workers": 0}, args, out.with_name(out.name + "_infer.log"))
-    error = json.loads((out / "reconstruction_error.json").read_text())
-    return {
-        "pretrain_minutes": round(minutes, 2),
-        **{k: error[k] for k in ("masked_mse", "mean_fill_mse", "masked_mse_ratio")},
-    }
+    return minutes, json.loads((out / "reconstruction_error.json").read_text())
 
 
 def finetune(setting: str, architecture: str, pretrained: Path | None, data: Path, out: Path, steps: int) -> dict:
@@ -169,7 +179,7 @@ def finetune(setting: str, architecture: str, pretrained: Path | None, data: Pat
     if setting == "realistic":
         overrides["num_classes"] = 6  # background and 5 organs
         if pretrained is None:  # a pretrained file carries its preset
-            overrides["data_preset"] = f"$dict(monai_mae.data.load_data_preset('ct'), pixdim={REALISTIC_PIXDIM})"
+            overrides["data_preset"] = REALISTIC_PRESET
     args = ["--dataset_dir", str(data), "--output_dir", str(out)]
     if pretrained is not None:
         args += ["--pretrained_ckpt", str(pretrained)]

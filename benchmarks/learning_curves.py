@@ -76,7 +76,7 @@ def overrides_for(arm: str, setting: str, steps: int, seed: int = 0, pretrained:
     if setting == "realistic":
         overrides["num_classes"] = 6  # background and 5 organs
         if pretrained is None:
-            overrides["data_preset"] = f"$dict(monai_mae.data.load_data_preset('ct'), pixdim={de.REALISTIC_PIXDIM})"
+            overrides["data_preset"] = de.REALISTIC_PRESET
     return overrides
 
 
@@ -85,19 +85,15 @@ def pretrain(pretraining: str, setting: str, data: Path, out: Path) -> dict[str,
 
     Returns ``{"pretrained_ckpt", "masked_mse_ratio", "pretrain_minutes"}`` (minutes None for a reused run).
     """
-    model, error = out / "models" / "model.pt", out / "reconstruction_error.json"
-    minutes = None
-    if not (model.is_file() and error.is_file()):
+    model, error_file = out / "models" / "model.pt", out / "reconstruction_error.json"
+    if model.is_file() and error_file.is_file():
+        minutes, error = None, json.loads(error_file.read_text())
+    else:
         overrides: dict[str, Any] = {"synthetic_if_missing": False, "resume": False, **PRETRAININGS[pretraining]}
         if setting == "realistic":
-            overrides["data_preset"] = f"$dict(monai_mae.data.load_data_preset('ct'), pixdim={de.REALISTIC_PIXDIM})"
-        args = ["--dataset_dir", str(data), "--output_dir", str(out)]
-        start = time.perf_counter()
-        de.bundle("mae_pretrain", PRETRAIN_CONFIGS, overrides, args, out.with_name(out.name + "_train.log"))
-        minutes = round((time.perf_counter() - start) / 60, 2)
-        de.bundle("mae_pretrain", ["inference.json"], {"num_workers": 0}, args, out.with_name(out.name + "_infer.log"))
-    ratio = json.loads(error.read_text())["masked_mse_ratio"]
-    return {"pretrained_ckpt": str(model), "masked_mse_ratio": ratio, "pretrain_minutes": minutes}
+            overrides["data_preset"] = de.REALISTIC_PRESET
+        minutes, error = de.pretrain_and_score(PRETRAIN_CONFIGS, overrides, data, out)
+    return {"pretrained_ckpt": str(model), "masked_mse_ratio": error["masked_mse_ratio"], "pretrain_minutes": minutes}
 
 
 def run_arm(

@@ -642,7 +642,7 @@ def num_classes_for(dataset_dir: str | os.PathLike[str], default: int = 5, datal
         >>> num_classes_for("no/such/folder")
         5
     """
-    declared = declared_classes(dataset_dir, datalist_name) if Path(dataset_dir).is_dir() else {}
+    declared = declared_classes(dataset_dir, datalist_name)
     return max(max(declared) + 1, 2) if declared else default
 
 
@@ -674,7 +674,7 @@ def class_names(
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2 (background and one class), got {num_classes!r}.")
-    declared = declared_classes(dataset_dir, datalist_name) if Path(dataset_dir).is_dir() else {}
+    declared = declared_classes(dataset_dir, datalist_name)
     names: list[str] = []
     for value in range(1, num_classes):
         name = re.sub(r"[^0-9A-Za-z_]+", "_", declared.get(value, "")).strip("_")
