@@ -220,7 +220,7 @@ def test_num_classes_too_small_for_the_declared_labels_names_the_setting(dataset
     with pytest.raises(ValueError, match="set num_classes to 3"):
         load_checked_datalist(dataset, "training", require_label=True, num_classes=2)
     assert len(load_checked_datalist(dataset, "training", require_label=True, num_classes=3)) == 2
-    # a preprocessed folder reads no datalist, so nothing is checked
+    # a preprocessed folder reads no datalist; this one has no manifest either, so nothing is checked
     assert load_checked_datalist(dataset, preprocessed_dir=str(dataset / "pre"), num_classes=2) == []
 
 

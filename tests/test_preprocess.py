@@ -28,13 +28,17 @@ from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, SpatialPad
 from monai_mae.data import (
     PreprocessedCropDataset,
     check_manifest,
+    class_names,
     crops,
+    declared_classes,
     from_storage_layout,
     get_deterministic_transforms,
     get_pretrain_transforms,
     gpu_augment,
+    load_checked_datalist,
     load_data_preset,
     make_phantom,
+    num_classes_for,
     preprocess_dataset,
     read_manifest,
     write_synthetic_dataset,
@@ -409,6 +413,24 @@ def test_check_manifest_accepts_the_matching_preset(ct_out):
     checked = check_manifest(manifest, bundle_preset)
     assert checked == manifest and checked is not manifest
     assert len(PreprocessedCropDataset(ct_out, roi_size=8, preset=bundle_preset)) == 3
+
+
+def test_the_manifest_carries_the_datalist_labels(synthetic, ct_out, tmp_path):
+    manifest = read_manifest(ct_out)
+    assert manifest["labels"] == {"0": "background", "1": "organ_1", "2": "organ_2", "3": "organ_3"}
+    # a run that reads only the preprocessed folder gets the datalist's classes and names
+    assert declared_classes(ct_out) == declared_classes(synthetic)
+    assert num_classes_for(ct_out, default=9) == 4
+    assert class_names(ct_out, 4) == ["organ_1", "organ_2", "organ_3"]
+    with pytest.raises(
+        ValueError, match=r"num_classes=3 is too small for .*pre: its labels are .*set num_classes to 4"
+    ):
+        load_checked_datalist(synthetic, preprocessed_dir=str(ct_out), num_classes=3)
+    assert load_checked_datalist(synthetic, preprocessed_dir=str(ct_out), num_classes=4) == []
+    # images only: no labels recorded, so the defaults apply
+    preprocess_dataset(synthetic, tmp_path / "images_only", "ct", workers=1, labels=False)
+    assert read_manifest(tmp_path / "images_only")["labels"] == {}
+    assert num_classes_for(tmp_path / "images_only", default=9) == 9
 
 
 def test_read_manifest_errors(ct_out, tmp_path):

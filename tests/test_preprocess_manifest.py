@@ -19,6 +19,7 @@ from monai_mae.data import (
     PreprocessedCropDataset,
     PreprocessedVolumeDataset,
     check_manifest,
+    class_names,
     preprocess_dataset,
     read_manifest,
 )
@@ -56,8 +57,11 @@ def test_a_folder_of_the_first_format_reads_as_before(preprocessed):
             assert crop[key].dtype == torch.float32 and np.array_equal(crop[key].numpy(), expected)
     whole = PreprocessedVolumeDataset(FORMAT1, with_label=True, preset="ct")[0]
     assert tuple(whole["image"].shape) == tuple(manifest["volumes"][1]["shape"]) == (1, 16, 16, 12)
-    # a finished run of this code leaves a manifest of the same structure
-    assert _key_paths(read_manifest(preprocessed)) == _key_paths(json.loads((FORMAT1 / "manifest.json").read_text()))
+    # a finished run of this code leaves a manifest of the same structure, plus the datalist's labels (0.3.0)
+    now = {path for path in _key_paths(read_manifest(preprocessed)) if not path.startswith("/labels")}
+    assert now == _key_paths(json.loads((FORMAT1 / "manifest.json").read_text()))
+    assert read_manifest(preprocessed)["labels"] == {"0": "background", "1": "organ_1", "2": "organ_2"}
+    assert class_names(FORMAT1, 3) == ["class_1", "class_2"]  # an older folder has no labels: numbered classes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -104,9 +104,12 @@ def test_finetune_trains_with_labels_and_validates_whole_volumes_gpu_augment(pre
     assert item["image"].shape == item["label"].shape == (1, *val_ds.volumes[0]["shape"][1:])
     assert str(item["image"].meta["filename_or_obj"]).endswith("phantom_002.nii.gz")
     metrics = parser.get_parsed_content("validate#evaluator").state.metrics
-    # no datalist read (dataset_dir absent), so the classes keep their numbers
-    assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and "val_dice_class_2" in metrics["val_class_dice"]
+    # no datalist read (dataset_dir absent): the classes are named by the labels the manifest copied from it
+    assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and "val_dice_organ_2" in metrics["val_class_dice"]
     assert (out / "models" / "model.pt").is_file() and not absent.exists()
+    defaults = _parser("mae_finetune", preprocessed_dir=str(preprocessed), dataset_dir=str(absent))
+    assert defaults.get_parsed_content("num_classes") == 3  # background + the 2 organs, without --num_classes
+    assert defaults.get_parsed_content("class_names") == ["organ_1", "organ_2"]
 
 
 @pytest.mark.parametrize("spatial_dims", [3, 2])

@@ -586,23 +586,8 @@ def validate_datalist(
     raise error(f"{len(problems)} of {len(items)} datalist entries failed the checks ({hint}):\n  {shown}")
 
 
-def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "datalist.json") -> dict[int, str]:
-    """The label values and names a dataset's JSON declares: a Decathlon datalist's ``"labels"``
-    (``{"0": "background", "1": "liver"}``) or an nnU-Net raw ``dataset.json``'s (``{"background": 0, "liver": 1}``;
-    a region's list of values counts each value).
-
-    Returns:
-        ``{value: name}``, empty when the file declares no labels (or there is no such file).
-
-    Raises:
-        ValueError: for a ``"labels"`` entry that is not a whole number; the message names the file.
-    """
-    root = Path(dataset_dir)
-    path = root / datalist_name
-    if not path.is_file():
-        path = root / "dataset.json"
-    if not path.is_file():
-        return {}
+def _declared_in(path: Path) -> dict[int, str]:
+    """The ``{value: name}`` pairs of the ``"labels"`` of the JSON file ``path``."""
     raw = read_json(path)
     labels = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(labels, dict):
@@ -611,7 +596,7 @@ def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "
     for name, value in labels.items():
         if path.name == "dataset.json":  # nnU-Net: name -> value (or a region's values)
             values, label = (value if isinstance(value, list) else [value]), str(name)
-        else:  # Decathlon: value -> name
+        else:  # Decathlon datalist or preprocessed manifest: value -> name
             values, label = [name], str(value)
         for v in values:
             try:
@@ -619,6 +604,29 @@ def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "
             except (TypeError, ValueError):
                 raise ValueError(f"{path}: 'labels' entry {name!r}: {value!r} is not a whole-number label.") from None
     return declared
+
+
+def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "datalist.json") -> dict[int, str]:
+    """The label values and names a dataset's JSON declares: a Decathlon datalist's ``"labels"``
+    (``{"0": "background", "1": "liver"}``) or an nnU-Net raw ``dataset.json``'s (``{"background": 0, "liver": 1}``;
+    a region's list of values counts each value).
+
+    A folder written by :func:`~monai_mae.data.preprocess_dataset` (no datalist, a ``manifest.json``) is read too:
+    its manifest carries the source datalist's ``"labels"``, so a run that reads only the preprocessed folder
+    keeps the class names.
+
+    Returns:
+        ``{value: name}``, empty when the file declares no labels (or there is no such file).
+
+    Raises:
+        ValueError: for a ``"labels"`` entry that is not a whole number; the message names the file.
+    """
+    root = Path(dataset_dir)
+    for name in (datalist_name, "dataset.json", "manifest.json"):
+        path = root / name
+        if path.is_file():
+            return _declared_in(path)
+    return {}
 
 
 def num_classes_for(dataset_dir: str | os.PathLike[str], default: int = 5, datalist_name: str = "datalist.json") -> int:
@@ -716,7 +724,8 @@ def load_checked_datalist(
     """The entries a bundle reads: :func:`load_datalist`, then :func:`validate_datalist` when ``check`` is given.
 
     A run that reads a preprocessed folder (``preprocessed_dir`` set) reads no datalist: the result is an
-    empty list and ``dataset_dir`` is not touched.
+    empty list and ``dataset_dir`` is not touched (``num_classes`` is checked against the labels the folder's
+    manifest carries).
 
     Args:
         dataset_dir: dataset folder holding ``datalist.json``.
@@ -739,6 +748,8 @@ def load_checked_datalist(
         items = load_checked_datalist("./data/synthetic", "validation", check={"keys": ["image"]})
     """
     if preprocessed_dir and os.fspath(preprocessed_dir).strip():
+        if num_classes is not None:
+            check_num_classes(preprocessed_dir, int(num_classes))
         return []
     items = load_datalist(dataset_dir, key, require_label=require_label)
     if num_classes is not None:

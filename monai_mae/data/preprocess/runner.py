@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 from monai.utils import look_up_option
 
-from monai_mae.data.datalist import load_datalist
+from monai_mae.data.datalist import declared_classes, load_datalist
 from monai_mae.data.nnunet_raw import is_nnunet_raw, read_nnunet_raw
 from monai_mae.data.preprocess.checks import check_disk_space, check_job, files_of, format_size
 from monai_mae.data.preprocess.manifest import (
@@ -167,7 +167,9 @@ def preprocess_dataset(
 
     Returns:
         The final manifest: ``format``, ``format_version``, ``package_version``, ``complete``,
-        ``created``, ``updated``, ``dataset_dir``, ``preset`` (``name``, ``source``, ``settings`` from
+        ``created``, ``updated``, ``dataset_dir``, ``labels`` (the label values and names the source declares,
+        :func:`~monai_mae.data.declared_classes`, in the Decathlon form ``{"1": "liver"}``; empty with
+        ``labels=False``), ``preset`` (``name``, ``source``, ``settings`` from
         :func:`~monai_mae.data.preprocess.preprocess_settings`, the raw ``preset``), ``storage``
         (layout, order, dtypes, margin), ``splits`` (names per split), ``volumes`` (one entry per
         finished volume: ``name``, ``split``, ``source``, ``files``, ``bytes``, ``shape``, ``dtype``,
@@ -236,6 +238,7 @@ def preprocess_dataset(
             "created": previous.get("created", now()) if previous else now(),
             "updated": None,
             "dataset_dir": str(dataset_dir.absolute()),
+            "labels": {str(v): name for v, name in sorted(declared_classes(dataset_dir).items())} if labels else {},
             "preset": {"name": preset_name, "source": preset_source, "settings": settings, "preset": raw_preset},
             "storage": storage,
             "splits": {
