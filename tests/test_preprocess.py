@@ -431,6 +431,14 @@ def test_the_manifest_carries_the_datalist_labels(synthetic, ct_out, tmp_path):
     preprocess_dataset(synthetic, tmp_path / "images_only", "ct", workers=1, labels=False)
     assert read_manifest(tmp_path / "images_only")["labels"] == {}
     assert num_classes_for(tmp_path / "images_only", default=9) == 9
+    # labels that are not whole numbers stop the run before anything is written, naming the file
+    bad = tmp_path / "bad_labels"
+    shutil.copytree(synthetic, bad)
+    datalist = json.loads((bad / "datalist.json").read_text())
+    (bad / "datalist.json").write_text(json.dumps({**datalist, "labels": {"0": "background", "x": "liver"}}))
+    with pytest.raises(ValueError, match=r"bad_labels/datalist\.json: 'labels' entry 'x'"):
+        preprocess_dataset(bad, tmp_path / "bad_out", "ct", workers=1)
+    assert not (tmp_path / "bad_out").exists()
 
 
 def test_read_manifest_errors(ct_out, tmp_path):

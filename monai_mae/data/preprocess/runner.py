@@ -216,6 +216,7 @@ def preprocess_dataset(
     storage = storage_settings(image_dtype, margin, in_channels)
     common = {"settings": settings, "margin": margin, "image_dtype": image_dtype, "in_channels": in_channels}
     jobs = plan_jobs(dataset_dir, out, labels, common)
+    declared = {str(v): name for v, name in sorted(declared_classes(dataset_dir).items())} if labels else {}
 
     previous = _previous_manifest(out, settings, storage)
     done = _finished_volumes(previous, jobs, out)
@@ -238,7 +239,7 @@ def preprocess_dataset(
             "created": previous.get("created", now()) if previous else now(),
             "updated": None,
             "dataset_dir": str(dataset_dir.absolute()),
-            "labels": {str(v): name for v, name in sorted(declared_classes(dataset_dir).items())} if labels else {},
+            "labels": declared,
             "preset": {"name": preset_name, "source": preset_source, "settings": settings, "preset": raw_preset},
             "storage": storage,
             "splits": {
