@@ -431,6 +431,10 @@ def test_the_manifest_carries_the_datalist_labels(synthetic, ct_out, tmp_path):
     preprocess_dataset(synthetic, tmp_path / "images_only", "ct", workers=1, labels=False)
     assert read_manifest(tmp_path / "images_only")["labels"] == {}
     assert num_classes_for(tmp_path / "images_only", default=9) == 9
+    # another tool's manifest.json is not read
+    (tmp_path / "other_tool").mkdir()
+    (tmp_path / "other_tool" / "manifest.json").write_text(json.dumps({"labels": {"liver": 1}}))
+    assert declared_classes(tmp_path / "other_tool") == {}
     # labels that are not whole numbers stop the run before anything is written, naming the file
     bad = tmp_path / "bad_labels"
     shutil.copytree(synthetic, bad)

@@ -588,10 +588,12 @@ def validate_datalist(
 
 def _declared_in(path: Path) -> dict[int, str]:
     """The ``{value: name}`` pairs of the ``"labels"`` of the JSON file ``path``."""
+    from monai_mae.data.preprocess.manifest import FORMAT  # here: the preprocess package imports this module
+
     raw = read_json(path)
     labels = raw.get("labels") if isinstance(raw, dict) else None
-    if not isinstance(labels, dict):
-        return {}
+    if not isinstance(labels, dict) or (path.name == "manifest.json" and raw.get("format") != FORMAT):
+        return {}  # no labels, or another tool's manifest.json
     declared: dict[int, str] = {}
     for name, value in labels.items():
         if path.name == "dataset.json":  # nnU-Net: name -> value (or a region's values)
