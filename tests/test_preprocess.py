@@ -43,8 +43,10 @@ from monai_mae.data import (
     read_manifest,
     write_synthetic_dataset,
 )
+from monai_mae.data import datalist as datalist_module
 from monai_mae.data import preprocess as pre
 from monai_mae.data.preprocess import checks
+from monai_mae.data.preprocess import manifest as manifest_module
 from monai_mae.engines import MAEPrepareBatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -432,6 +434,7 @@ def test_the_manifest_carries_the_datalist_labels(synthetic, ct_out, tmp_path):
     assert read_manifest(tmp_path / "images_only")["labels"] == {}
     assert num_classes_for(tmp_path / "images_only", default=9) == 9
     # another tool's manifest.json is not read
+    assert datalist_module.MANIFEST_FORMAT == manifest_module.FORMAT == manifest["format"]
     (tmp_path / "other_tool").mkdir()
     (tmp_path / "other_tool" / "manifest.json").write_text(json.dumps({"labels": {"liver": 1}}))
     assert declared_classes(tmp_path / "other_tool") == {}

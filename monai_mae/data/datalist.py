@@ -586,13 +586,16 @@ def validate_datalist(
     raise error(f"{len(problems)} of {len(items)} datalist entries failed the checks ({hint}):\n  {shown}")
 
 
+#: The ``"format"`` of a preprocessing manifest (``monai_mae.data.preprocess.manifest.FORMAT``; kept here because the
+#: preprocess package imports this module).
+MANIFEST_FORMAT = "monai_mae.preprocessed"
+
+
 def _declared_in(path: Path) -> dict[int, str]:
     """The ``{value: name}`` pairs of the ``"labels"`` of the JSON file ``path``."""
-    from monai_mae.data.preprocess.manifest import FORMAT  # here: the preprocess package imports this module
-
     raw = read_json(path)
     labels = raw.get("labels") if isinstance(raw, dict) else None
-    if not isinstance(labels, dict) or (path.name == "manifest.json" and raw.get("format") != FORMAT):
+    if not isinstance(labels, dict) or (path.name == "manifest.json" and raw.get("format") != MANIFEST_FORMAT):
         return {}  # no labels, or another tool's manifest.json
     declared: dict[int, str] = {}
     for name, value in labels.items():
