@@ -586,8 +586,9 @@ def validate_datalist(
     raise error(f"{len(problems)} of {len(items)} datalist entries failed the checks ({hint}):\n  {shown}")
 
 
-#: The ``"format"`` of a preprocessing manifest (``monai_mae.data.preprocess.manifest.FORMAT``; kept here because the
-#: preprocess package imports this module).
+#: File name and ``"format"`` entry of a preprocessing manifest (``monai_mae.data.preprocess.manifest`` takes them
+#: from here: the preprocess package imports this module, so this one cannot import it).
+MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "monai_mae.preprocessed"
 
 
@@ -595,7 +596,7 @@ def _declared_in(path: Path) -> dict[int, str]:
     """The ``{value: name}`` pairs of the ``"labels"`` of the JSON file ``path``."""
     raw = read_json(path)
     labels = raw.get("labels") if isinstance(raw, dict) else None
-    if not isinstance(labels, dict) or (path.name == "manifest.json" and raw.get("format") != MANIFEST_FORMAT):
+    if not isinstance(labels, dict) or (path.name == MANIFEST_NAME and raw.get("format") != MANIFEST_FORMAT):
         return {}  # no labels, or another tool's manifest.json
     declared: dict[int, str] = {}
     for name, value in labels.items():
@@ -627,7 +628,7 @@ def declared_classes(dataset_dir: str | os.PathLike[str], datalist_name: str = "
         ValueError: for a ``"labels"`` entry that is not a whole number; the message names the file.
     """
     root = Path(dataset_dir)
-    for name in (datalist_name, "dataset.json", "manifest.json"):
+    for name in (datalist_name, "dataset.json", MANIFEST_NAME):
         path = root / name
         if path.is_file():
             return _declared_in(path)

@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+# the manifest's file name and its "format" entry are defined beside declared_classes, which reads its labels
+from monai_mae.data.datalist import MANIFEST_FORMAT as FORMAT
+from monai_mae.data.datalist import MANIFEST_NAME
 from monai_mae.data.preprocess.settings import preprocess_settings
 from monai_mae.utils import atomic_write, read_json
 from monai_mae.version import __version__
@@ -48,12 +51,8 @@ logger = logging.getLogger(__name__)
 
 #: Version of the folder layout and manifest written by :func:`~monai_mae.data.preprocess.preprocess_dataset`.
 FORMAT_VERSION = 1
-#: File name of the manifest inside the output folder.
-MANIFEST_NAME = "manifest.json"
 #: File name of the journal of a run in progress (JSON lines), beside the manifest.
 JOURNAL_NAME = "manifest.journal"
-#: The manifest's ``"format"`` entry.
-FORMAT = "monai_mae.preprocessed"
 _COMPARED = ("modality", "pixdim", "orientation", "intensity")  # what a training run must agree on
 _MAX_LISTED = 10  # names listed in one message
 
