@@ -29,7 +29,7 @@ lint: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# test-quick runs QUICK_WORKERS pytest-xdist workers of one thread each (2 cores: about 70 s).
+# test-quick runs QUICK_WORKERS pytest-xdist workers of one thread each (2 cores: about 80 s).
 QUICK_WORKERS ?= 2
 test-quick: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests
