@@ -745,6 +745,12 @@ def network_label(config: BenefitConfig | dict[str, Any]) -> str:
     return CONV_SKIPS_NAME if architecture == "vitseg" and values.get("conv_skips") else ARCH_NAMES[architecture]
 
 
+def phantoms_label(config: BenefitConfig | dict[str, Any]) -> str:
+    """``"realistic phantoms"`` or ``"phantoms"``: which data a report's Dice was measured on (chart titles)."""
+    values = asdict(config) if isinstance(config, BenefitConfig) else config
+    return "realistic phantoms" if values.get("style") == "realistic" else "phantoms"
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -1056,7 +1062,7 @@ def combine(paths: Sequence[Path], out_dir: Path, figures_dir: Path | None = Non
     title = " vs ".join(f"{label} ({n} seed{'s' if n != 1 else ''})" for label, n in counts.items())
     figures_dir = out_dir if figures_dir is None else figures_dir
     draw_chart({label: report["summary"] for label, report in reports.items()}, figures_dir / "pretrain_benefit_combined.png",
-               f"Dice on held-out phantoms, {title}")  # fmt: skip
+               f"Dice on held-out {' and '.join(sorted({phantoms_label(r['config']) for r in reports.values()}))}, {title}")  # fmt: skip
     print(markdown, flush=True)
     return out_dir / "pretrain_benefit_combined.md"
 
@@ -1327,7 +1333,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     draw_chart({network_label(cfg): rows}, _figures_dir(args) / f"{name}.png",
-               f"{network_label(cfg)} Dice on held-out phantoms ({len(cfg.seeds)} seed(s))")  # fmt: skip
+               f"{network_label(cfg)} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md and .json, {_figures_dir(args) / name}.png")
     return report

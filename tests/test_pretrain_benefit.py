@@ -68,6 +68,14 @@ def test_chart_is_a_png_with_every_architecture_and_arm(tmp_path):
     assert expected <= colours  # scratch and pretrained lines of both architectures
 
 
+def test_chart_titles_name_the_phantoms_the_dice_was_measured_on():
+    realistic = pb.preset_config("cpu", "unet", "realistic")
+    assert pb.phantoms_label(realistic) == "realistic phantoms"
+    assert pb.phantoms_label(dataclasses.asdict(realistic)) == "realistic phantoms"  # a report's "config"
+    assert pb.phantoms_label(pb.preset_config("cpu", "unet")) == "phantoms"
+    assert pb.phantoms_label({"architecture": "unetr"}) == "phantoms"  # reports written before the setting existed
+
+
 def test_combined_table_reads_the_reports_of_both_architectures(tmp_path):
     cfg = pb.PRESETS["cpu"]
     runs = [{**run, "steps": 300, "seconds": 200.0} for run in _runs()]
