@@ -108,7 +108,7 @@ from monai_mae.engines import (
 )
 from monai_mae.engines.finetune import FreezeEncoder, layerwise_lr_groups, load_pretrained
 from monai_mae.networks.cnn import CNN_ARCHITECTURES, cnn_network
-from monai_mae.networks.mim import MaskedImageModel
+from monai_mae.networks.mim import MASK_FILLS, MaskedImageModel
 from monai_mae.networks.vitseg import ViTSeg
 
 __all__ = [
@@ -139,7 +139,7 @@ logger = logging.getLogger("pretrain_benefit")
 # settings that only the MAE depends on (the rest of its key, data and ViT shape, is shared with UNETR)
 _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
              "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
-             "pretrain_warmup_epochs", "visible_loss_weight")  # fmt: skip
+             "pretrain_warmup_epochs", "visible_loss_weight", "mask_fill")  # fmt: skip
 
 
 # ViT settings that a convolutional network (and its masked-image pretraining) ignores
@@ -167,6 +167,7 @@ _ADDED_LATER = (
     "style",
     "curve_steps",
     "conv_skips",
+    "mask_fill",
 )
 STYLES = ("simple", "realistic")
 
@@ -175,6 +176,7 @@ _OFF = {
     "style": "simple",
     "curve_steps": (),
     "conv_skips": False,
+    "mask_fill": "zero",
 }  # the value of a later setting that means "as before it existed" (default: 0)
 
 
@@ -224,6 +226,8 @@ class BenefitConfig:
             arm only; scratch uses 0).
         conv_skips: ViTSeg with convolutional skip connections (``ViTSeg(conv_skips=True)``, both arms); the MAE
             is the same as without.
+        mask_fill: what replaces the masked voxels in the masked-image model of a CNN (``MaskedImageModel``'s
+            ``mask_fill``): ``"zero"`` (the windowed image's minimum, the value of air) or ``"learned"``.
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -278,6 +282,7 @@ class BenefitConfig:
     sw_batch_size: int = 2
     curve_steps: tuple[int, ...] = ()
     conv_skips: bool = False
+    mask_fill: str = "zero"
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
@@ -297,6 +302,12 @@ class BenefitConfig:
             raise ValueError(f"encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}.")
         if self.conv_skips and self.architecture != "vitseg":
             raise ValueError(f"conv_skips needs architecture 'vitseg', got {self.architecture!r}.")
+        if self.mask_fill not in MASK_FILLS:
+            raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}.")
+        if self.mask_fill != "zero" and self.architecture not in CNNS:
+            raise ValueError(
+                f"mask_fill {self.mask_fill!r} needs a CNN architecture {CNNS}, got {self.architecture!r}."
+            )
         if max(self.labeled_sizes) > self.num_labeled_pool:
             raise ValueError(
                 f"labeled_sizes {self.labeled_sizes} ask for more volumes than num_labeled_pool={self.num_labeled_pool}."
@@ -602,7 +613,7 @@ def build_pretrain_network(cfg: BenefitConfig) -> torch.nn.Module:
     """The self-supervised network: the MAE of the ViT encoder, or a masked-image model of the CNN itself."""
     if cfg.architecture in CNNS:
         return MaskedImageModel(cfg.architecture, 1, cfg.roi, patch_size=cfg.patch, masking_ratio=cfg.masking_ratio,
-                                spacing=cfg.phantom_spacing)  # fmt: skip
+                                mask_fill=cfg.mask_fill, spacing=cfg.phantom_spacing)  # fmt: skip
     return MAEViT(
         1,
         cfg.roi,
@@ -813,7 +824,8 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         f"{cfg.style} style, {cfg.layout} layout, {cfg.num_organs} organs; "
         f"{cfg.roi}^3 crops; "
         + (
-            f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.patch}^3 patches"
+            f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.patch}^3 patches, "
+            f"{cfg.mask_fill} fill"
             if cnn
             else f"ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
             f"patch {cfg.patch}; {ARCH_NAMES[cfg.architecture]}"
@@ -1139,6 +1151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="ViTSeg arms with convolutional skip connections (ViTSeg conv_skips; needs --architecture vitseg)",
     )
+    parser.add_argument("--mask-fill", choices=MASK_FILLS, default=None,
+                        help="what replaces the masked voxels of a CNN's masked-image model: zero (the value of air) or learned")  # fmt: skip
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
                         help="rescale the transferred encoder's residual stream: 'auto' (to a fresh UNETR's size) or a factor (1 = off)")  # fmt: skip
     return parser.parse_args(argv)
@@ -1180,9 +1194,11 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
 
 
 def report_name(cfg: BenefitConfig, quick: bool = False) -> str:
-    """The reports' file name without suffix: ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_realistic]``."""
+    """The reports' file name without suffix:
+    ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_<mask_fill>_fill][_realistic]``."""
     name = ("pretrain_benefit_quick" if quick else "pretrain_benefit") + f"_{cfg.architecture}"
     name += "_conv_skips" if cfg.conv_skips else ""
+    name += f"_{cfg.mask_fill}_fill" if cfg.mask_fill != "zero" else ""
     return name + ("_realistic" if cfg.style == "realistic" else "")
 
 

@@ -186,7 +186,7 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
         if k not in ("visible_loss_weight", "intensity_shift", "intensity_scale")
     }
     names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads", "patch", "num_layers",
-             *[n for n in pb._MAE_ONLY if n != "visible_loss_weight"])  # fmt: skip
+             *[n for n in pb._MAE_ONLY if n not in ("visible_loss_weight", "mask_fill")])  # fmt: skip
     old_key = pb.hashlib.sha1(pb.json.dumps({n: without[n] for n in names}, sort_keys=True).encode()).hexdigest()[:10]
     assert plain.pretrain_key() == old_key != vitseg.pretrain_key()
     # the visible-patch weight is an MAE setting (scratch keeps its runs); the jitter is both arms'
@@ -316,3 +316,27 @@ def test_learning_curve_setting_leaves_earlier_cache_keys_alone():
     assert cfg.pretrain_key() == curved.pretrain_key() == "6538cdd3e3"  # the MAE of the committed ViTSeg report
     args = pb.parse_args(["--architecture", "unet", "--curve-steps", "250", "500", "1000"])
     assert pb.build_config(args).curve_steps == (250, 500, 1000)
+
+
+def test_learned_mask_fill_gets_its_own_pretraining_and_report_and_reuses_the_scratch_runs():
+    cfg = pb.preset_config("cpu", "unet", "realistic")
+    learned = pb.build_config(
+        pb.parse_args(["--architecture", "unet", "--setting", "realistic", "--mask-fill", "learned"])
+    )
+    cpu = pb.torch.device("cpu")
+    assert learned.mask_fill == "learned" and cfg.mask_fill == "zero"
+    # the committed realistic UNet report's masked-image model and runs keep their keys
+    assert cfg.pretrain_key() == "3b058e5e3a"
+    assert (pb._runs_key(cfg, cpu, False, "scratch"), pb._runs_key(cfg, cpu, False)) == ("a9f1ce64fb", "f54e0acf76")
+    assert learned.pretrain_key() != cfg.pretrain_key()
+    assert pb._runs_key(learned, cpu, False) != pb._runs_key(cfg, cpu, False)
+    assert pb._runs_key(learned, cpu, False, "scratch") == pb._runs_key(cfg, cpu, False, "scratch")
+    assert pb.report_name(learned) == "pretrain_benefit_unet_learned_fill_realistic"
+    assert pb.report_name(cfg) == "pretrain_benefit_unet_realistic"
+    model = pb.build_pretrain_network(learned)
+    assert model.mask_token is not None and tuple(model.mask_token.shape) == (1, 1, 1, 1, 1)
+    assert pb.build_pretrain_network(cfg).mask_token is None
+    with pytest.raises(ValueError, match="mask_fill 'learned' needs a CNN"):
+        pb.dataclasses.replace(pb.preset_config("cpu", "vitseg"), mask_fill="learned").check()
+    with pytest.raises(ValueError, match="mask_fill must be one of"):
+        pb.dataclasses.replace(cfg, mask_fill="noise").check()
