@@ -907,6 +907,7 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
                 label=f"{label}, {_arm_label(label, arm)}",
             )  # fmt: skip
     axes.set_xticks(range(len(sizes)), [str(n) for n in sizes])
+    axes.set_xlim(-0.5, len(sizes) - 0.5)  # one labeled size: the arms side by side in the middle, not at the edges
     axes.set_xlabel("labeled training volumes")
     axes.set_ylabel("mean Dice on held-out phantoms")
     axes.set_title(title)
@@ -1348,8 +1349,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.md").write_text(markdown)
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+    mask_fill_words = f" ({cfg.mask_fill} mask fill)" if cfg.mask_fill != "zero" else ""
     draw_chart({network_label(cfg): rows}, _figures_dir(args) / f"{name}.png",
-               f"{network_label(cfg)} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip
+               f"{network_label(cfg)}{mask_fill_words} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md and .json, {_figures_dir(args) / name}.png")
     return report

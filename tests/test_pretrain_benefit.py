@@ -68,6 +68,18 @@ def test_chart_is_a_png_with_every_architecture_and_arm(tmp_path):
     assert expected <= colours  # scratch and pretrained lines of both architectures
 
 
+def test_chart_of_one_labeled_size_keeps_both_arms_near_the_middle(tmp_path):
+    rows = [row for row in pb.summarise(_runs(), pb.PRESETS["cpu"]) if row["n_labeled"] == 2]
+    image = Image.open(pb.draw_chart({"UNet": rows}, tmp_path / "one.png", "title")).convert("RGB")
+    pixels = image.load()
+    for arm in pb.ARMS:
+        colour = pb.ARM_STYLE[(arm, 0)]
+        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+        columns = [x for x in range(image.width) for y in range(image.height) if pixels[x, y] == rgb]
+        # the error bar and markers dominate (the legend's short line sample does not move the median)
+        assert 0.4 * image.width < statistics.median(columns) < 0.6 * image.width, (arm, statistics.median(columns))
+
+
 def test_chart_titles_name_the_phantoms_the_dice_was_measured_on():
     realistic = pb.preset_config("cpu", "unet", "realistic")
     assert pb.phantoms_label(realistic) == "realistic phantoms"
