@@ -562,9 +562,12 @@ def pretrain_mae(
     """Train an MAE on ``unlabeled`` (or, with ``reuse``, take one trained with the same settings); return its file and log."""
     path = work_dir / f"mae_{cfg.pretrain_key()}" / "model.pt"
     info_path = path.with_name("pretrain.json")
+    kind = "masked-image model" if cfg.architecture in CNNS else "MAE"  # for the log lines
     if reuse and path.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
-        logger.info(f"reusing the pretrained MAE {path} ({info['steps']} steps, {info['seconds']:.0f} s when trained)")
+        logger.info(
+            f"reusing the pretrained {kind} {path} ({info['steps']} steps, {info['seconds']:.0f} s when trained)"
+        )
         return path, {**info, "reused": True}
     set_determinism(seed=0)
     mae = build_pretrain_network(cfg).to(device)
@@ -590,11 +593,11 @@ def pretrain_mae(
     def log_epoch(engine: Any) -> None:
         epoch_losses.append(statistics.fmean(losses[-len(loader) :]))
         if engine.state.epoch % max(1, cfg.pretrain_epochs // 12) == 0 or engine.state.epoch == cfg.pretrain_epochs:
-            logger.info(f"  MAE epoch {engine.state.epoch}/{cfg.pretrain_epochs}: loss {epoch_losses[-1]:.5f} "
+            logger.info(f"  {kind} epoch {engine.state.epoch}/{cfg.pretrain_epochs}: loss {epoch_losses[-1]:.5f} "
                         f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, log_epoch)
-    logger.info(f"pretraining the MAE: {len(unlabeled)} unlabeled phantoms, {cfg.pretrain_epochs} epochs x {len(loader)} steps "
+    logger.info(f"pretraining the {kind}: {len(unlabeled)} unlabeled phantoms, {cfg.pretrain_epochs} epochs x {len(loader)} steps "
                 f"(batch {cfg.pretrain_batch} volumes x {cfg.pretrain_samples} crops of {cfg.roi}^3)")  # fmt: skip
     start = time.perf_counter()
     trainer.run()
@@ -604,7 +607,7 @@ def pretrain_mae(
             "epoch_losses": epoch_losses, "settings_key": cfg.pretrain_key()}  # fmt: skip
     info_path.write_text(json.dumps(info, indent=1))
     logger.info(
-        f"MAE pretrained in {seconds / 60:.1f} min: loss {epoch_losses[0]:.5f} -> {epoch_losses[-1]:.5f}; saved {path}"
+        f"{kind} pretrained in {seconds / 60:.1f} min: loss {epoch_losses[0]:.5f} -> {epoch_losses[-1]:.5f}; saved {path}"
     )
     return path, {**info, "reused": False}
 
