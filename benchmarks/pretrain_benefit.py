@@ -227,7 +227,8 @@ class BenefitConfig:
         conv_skips: ViTSeg with convolutional skip connections (``ViTSeg(conv_skips=True)``, both arms); the MAE
             is the same as without.
         mask_fill: what replaces the masked voxels in the masked-image model of a CNN (``MaskedImageModel``'s
-            ``mask_fill``): ``"zero"`` (the windowed image's minimum, the value of air) or ``"learned"``.
+            ``mask_fill``): ``"zero"`` (the windowed image's minimum, the value of air), ``"mean"`` (each
+            image's mean over its visible voxels) or ``"learned"``.
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -1156,7 +1157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ViTSeg arms with convolutional skip connections (ViTSeg conv_skips; needs --architecture vitseg)",
     )
     parser.add_argument("--mask-fill", choices=MASK_FILLS, default=None,
-                        help="what replaces the masked voxels of a CNN's masked-image model: zero (the value of air) or learned")  # fmt: skip
+                        help="what replaces the masked voxels of a CNN's masked-image model: zero (the value of air), mean (each image's visible mean) or learned")  # fmt: skip
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
                         help="rescale the transferred encoder's residual stream: 'auto' (to a fresh UNETR's size) or a factor (1 = off)")  # fmt: skip
     return parser.parse_args(argv)

@@ -110,6 +110,24 @@ def test_learned_fill_is_trained():
     assert "mask_token" in mim.state_dict() and "zero_fill" not in mim.state_dict()
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_mean_fill_is_each_images_visible_mean(spatial_dims):
+    torch.manual_seed(0)
+    mim = _mim(spatial_dims=spatial_dims, mask_fill="mean")
+    seen = {}
+    mim.network.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    x = torch.rand(2, 1, *([16] * spatial_dims))
+    x[1] += 3.0  # a second image of another level gets its own fill
+    _, mask = mim(x, generator=torch.Generator().manual_seed(2))
+    masked = mim.mask_voxels(mask, x.shape[2:]).bool()
+    for b in range(2):
+        visible_mean = x[b][~masked[b]].mean()
+        assert torch.allclose(seen["x"][b][masked[b]], visible_mean.expand(int(masked[b].sum())))
+        assert torch.equal(seen["x"][b][~masked[b]], x[b][~masked[b]])
+    assert 3.0 < float(seen["x"][1][masked[1]][0]) < 4.0 and float(seen["x"][0][masked[0]][0]) < 1.0
+    assert mim.mask_token is None and mim.init_args["mask_fill"] == "mean"
+
+
 @pytest.mark.parametrize(
     "kwargs, shape, message",
     [

@@ -348,6 +348,11 @@ def test_learned_mask_fill_gets_its_own_pretraining_and_report_and_reuses_the_sc
     model = pb.build_pretrain_network(learned)
     assert model.mask_token is not None and tuple(model.mask_token.shape) == (1, 1, 1, 1, 1)
     assert pb.build_pretrain_network(cfg).mask_token is None
+    mean = pb.dataclasses.replace(cfg, mask_fill="mean")
+    assert len({mean.pretrain_key(), learned.pretrain_key(), cfg.pretrain_key()}) == 3
+    assert pb._runs_key(mean, cpu, False, "scratch") == pb._runs_key(cfg, cpu, False, "scratch")
+    assert pb.report_name(mean) == "pretrain_benefit_unet_mean_fill_realistic"
+    assert pb.build_pretrain_network(mean).mask_fill == "mean"
     with pytest.raises(ValueError, match="mask_fill 'learned' needs a CNN"):
         pb.dataclasses.replace(pb.preset_config("cpu", "vitseg"), mask_fill="learned").check()
     with pytest.raises(ValueError, match="mask_fill must be one of"):

@@ -2,8 +2,8 @@
 
 The recipe of nnssl's CNN pretraining (and SimMIM's): the input is cut into a grid of patches, a random
 subset is masked with the same ``torch.multinomial`` draw the MAE uses
-(:func:`~monai_mae.networks.masking.random_masking`), the masked voxels are replaced (by zero or by a
-learned value per channel), and the whole encoder-decoder network, built with ``in_channels`` outputs,
+(:func:`~monai_mae.networks.masking.random_masking`), the masked voxels are replaced (by zero, by each image's
+mean over its visible voxels, or by a learned value per channel), and the whole encoder-decoder network, built with ``in_channels`` outputs,
 reconstructs the image. The output is returned in the MAE's patch layout with the MAE's mask, so
 :class:`~monai_mae.losses.MaskedReconstructionLoss`, ``MAEPrepareBatch`` and the ``mae_pretrain`` bundle train
 it unchanged. Fine-tuning starts the same network with its weights (every layer but the output head):
@@ -30,8 +30,10 @@ __all__ = ["MaskedImageModel", "MASK_FILLS", "load_mim_weights", "WEIGHTS_PREFIX
 
 logger = logging.getLogger(__name__)
 
-#: How masked voxels are replaced: ``"zero"`` (the windowed image's minimum) or ``"learned"`` (one value per channel).
-MASK_FILLS = ("zero", "learned")
+#: How masked voxels are replaced: ``"zero"`` (the windowed image's minimum, in CT the value of air), ``"mean"``
+#: (each image's mean over its visible voxels, per channel: what zero is after nnU-Net's z-score normalisation)
+#: or ``"learned"`` (one trained value per channel).
+MASK_FILLS = ("zero", "mean", "learned")
 #: The wrapped network's parameters are stored under this prefix (``network.``).
 WEIGHTS_PREFIX = "network."
 
@@ -49,7 +51,7 @@ class MaskedImageModel(nn.Module):
         masking_ratio: fraction of patches masked, in ``[0, 1)``. Defaults to 0.75.
         spatial_dims: 2 or 3. Defaults to 3.
         spacing: voxel size in mm for the ``dynunet`` plan (None: isotropic).
-        mask_fill: ``"zero"`` or ``"learned"`` (see :data:`MASK_FILLS`). Defaults to ``"zero"``.
+        mask_fill: ``"zero"``, ``"mean"`` or ``"learned"`` (see :data:`MASK_FILLS`). Defaults to ``"zero"``.
         options: the network's constructor arguments (see :func:`~monai_mae.networks.cnn.cnn_network`).
 
     Raises:
@@ -91,6 +93,7 @@ class MaskedImageModel(nn.Module):
         self.in_channels = in_channels
         self.spatial_dims = spatial_dims
         self.masking_ratio = float(masking_ratio)
+        self.mask_fill = mask_fill
         self.network = cnn_network(architecture, in_channels, in_channels, spatial_dims, img, spacing, options)
         fill = torch.zeros(1, in_channels, *([1] * spatial_dims))
         self.mask_token = nn.Parameter(fill) if mask_fill == "learned" else None
@@ -154,8 +157,13 @@ class MaskedImageModel(nn.Module):
         num_visible(slots.shape[1], ratio)  # a bad ratio is reported as masking_ratio
         mask = random_masking(slots, ratio, weights=mask_weights, generator=generator).mask.to(x.dtype)  # (B, N)
         voxels = self.mask_voxels(mask, spatial)  # (B, 1, *S)
-        fill = self.zero_fill if self.mask_token is None else self.mask_token
-        masked_input = x * (1 - voxels) + fill.to(x.dtype) * voxels
+        keep = 1 - voxels
+        if self.mask_fill == "mean":  # per image and channel, from the visible voxels only; no host sync
+            dims = tuple(range(2, x.ndim))
+            fill = (x * keep).sum(dims, keepdim=True) / keep.sum(dims, keepdim=True).clamp_min(1)
+        else:
+            fill = (self.zero_fill if self.mask_token is None else self.mask_token).to(x.dtype)
+        masked_input = x * keep + fill * voxels
         return patchify(self.network(masked_input), self.patch_size), mask
 
 
