@@ -46,7 +46,6 @@ from monai_mae.data import (
 from monai_mae.data import datalist as datalist_module
 from monai_mae.data import preprocess as pre
 from monai_mae.data.preprocess import checks
-from monai_mae.data.preprocess import manifest as manifest_module
 from monai_mae.engines import MAEPrepareBatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,7 +433,7 @@ def test_the_manifest_carries_the_datalist_labels(synthetic, ct_out, tmp_path):
     assert read_manifest(tmp_path / "images_only")["labels"] == {}
     assert num_classes_for(tmp_path / "images_only", default=9) == 9
     # another tool's manifest.json is not read
-    assert datalist_module.MANIFEST_FORMAT == manifest_module.FORMAT == manifest["format"]
+    assert manifest["format"] == datalist_module.MANIFEST_FORMAT == "monai_mae.preprocessed"
     (tmp_path / "other_tool").mkdir()
     (tmp_path / "other_tool" / "manifest.json").write_text(json.dumps({"labels": {"liver": 1}}))
     assert declared_classes(tmp_path / "other_tool") == {}
