@@ -139,7 +139,7 @@ logger = logging.getLogger("pretrain_benefit")
 # settings that only the MAE depends on (the rest of its key, data and ViT shape, is shared with UNETR)
 _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
              "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
-             "pretrain_warmup_epochs", "visible_loss_weight", "mask_fill")  # fmt: skip
+             "pretrain_warmup_epochs", "visible_loss_weight", "mask_fill", "mask_patch")  # fmt: skip
 
 
 # ViT settings that a convolutional network (and its masked-image pretraining) ignores
@@ -168,6 +168,7 @@ _ADDED_LATER = (
     "curve_steps",
     "conv_skips",
     "mask_fill",
+    "mask_patch",
 )
 STYLES = ("simple", "realistic")
 
@@ -229,6 +230,7 @@ class BenefitConfig:
         mask_fill: what replaces the masked voxels in the masked-image model of a CNN (``MaskedImageModel``'s
             ``mask_fill``): ``"zero"`` (the windowed image's minimum, the value of air), ``"mean"`` (each
             image's mean over its visible voxels) or ``"learned"``.
+        mask_patch: side of the masked cubes of a CNN's masked-image model (0: ``patch``); the scratch arm ignores it.
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -284,6 +286,12 @@ class BenefitConfig:
     curve_steps: tuple[int, ...] = ()
     conv_skips: bool = False
     mask_fill: str = "zero"
+    mask_patch: int = 0
+
+    @property
+    def masking_patch(self) -> int:
+        """The side of the masked cubes: ``mask_patch``, or ``patch`` when it is 0."""
+        return self.mask_patch or self.patch
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent setting."""
@@ -308,6 +316,11 @@ class BenefitConfig:
         if self.mask_fill != "zero" and self.architecture not in CNNS:
             raise ValueError(
                 f"mask_fill {self.mask_fill!r} needs a CNN architecture {CNNS}, got {self.architecture!r}."
+            )
+        if self.mask_patch and (self.architecture not in CNNS or self.mask_patch < 0 or self.roi % self.mask_patch):
+            raise ValueError(
+                f"mask_patch needs a CNN architecture {CNNS} and must divide roi={self.roi}, got "
+                f"{self.mask_patch} for {self.architecture!r}."
             )
         if max(self.labeled_sizes) > self.num_labeled_pool:
             raise ValueError(
@@ -579,7 +592,7 @@ def pretrain_mae(
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=cfg.pretrain_warmup_epochs * len(loader), t_total=steps)
     trainer = SupervisedTrainer(
         device=device, max_epochs=cfg.pretrain_epochs, train_data_loader=loader, network=mae, optimizer=optimizer,
-        loss_function=MaskedReconstructionLoss(cfg.patch, norm_pix_loss=cfg.norm_pix_loss, visible_weight=cfg.visible_loss_weight),
+        loss_function=MaskedReconstructionLoss(cfg.masking_patch, norm_pix_loss=cfg.norm_pix_loss, visible_weight=cfg.visible_loss_weight),
         prepare_batch=MAEPrepareBatch(),
         inferer=SimpleInferer(), amp=amp, amp_kwargs={"dtype": torch.bfloat16}, decollate=False,
         train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), NonFiniteLossGuard(),
@@ -616,7 +629,7 @@ def pretrain_mae(
 def build_pretrain_network(cfg: BenefitConfig) -> torch.nn.Module:
     """The self-supervised network: the MAE of the ViT encoder, or a masked-image model of the CNN itself."""
     if cfg.architecture in CNNS:
-        return MaskedImageModel(cfg.architecture, 1, cfg.roi, patch_size=cfg.patch, masking_ratio=cfg.masking_ratio,
+        return MaskedImageModel(cfg.architecture, 1, cfg.roi, patch_size=cfg.masking_patch, masking_ratio=cfg.masking_ratio,
                                 mask_fill=cfg.mask_fill, spacing=cfg.phantom_spacing)  # fmt: skip
     return MAEViT(
         1,
@@ -828,7 +841,7 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         f"{cfg.style} style, {cfg.layout} layout, {cfg.num_organs} organs; "
         f"{cfg.roi}^3 crops; "
         + (
-            f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.patch}^3 patches, "
+            f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.masking_patch}^3 patches, "
             f"{cfg.mask_fill} fill"
             if cnn
             else f"ViT width {cfg.hidden_size}, MLP {cfg.mlp_dim}, {cfg.num_heads} heads, {cfg.num_layers} layers, "
@@ -1134,7 +1147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ints = ("num_organs", "num_unlabeled", "num_labeled_pool", "num_test", "roi", "patch", "hidden_size", "mlp_dim", "num_heads",
             "num_layers", "feature_size",
             "pretrain_epochs", "pretrain_batch", "pretrain_samples", "finetune_steps", "finetune_batch",
-            "finetune_samples", "freeze_encoder_epochs", "sw_batch_size")  # fmt: skip
+            "finetune_samples", "freeze_encoder_epochs", "sw_batch_size", "mask_patch")  # fmt: skip
     for name in ints:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     for name in (
@@ -1200,10 +1213,11 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
 
 def report_name(cfg: BenefitConfig, quick: bool = False) -> str:
     """The reports' file name without suffix:
-    ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_<mask_fill>_fill][_realistic]``."""
+    ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_<mask_fill>_fill][_mask<mask_patch>][_realistic]``."""
     name = ("pretrain_benefit_quick" if quick else "pretrain_benefit") + f"_{cfg.architecture}"
     name += "_conv_skips" if cfg.conv_skips else ""
     name += f"_{cfg.mask_fill}_fill" if cfg.mask_fill != "zero" else ""
+    name += f"_mask{cfg.mask_patch}" if cfg.mask_patch else ""
     return name + ("_realistic" if cfg.style == "realistic" else "")
 
 
@@ -1353,9 +1367,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.md").write_text(markdown)
     report = {"config": asdict(cfg), "environment": env, "pretrain": pretrain, "summary": rows, "runs": runs}
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
-    mask_fill_words = f" ({cfg.mask_fill} mask fill)" if cfg.mask_fill != "zero" else ""
+    masking = [f"{cfg.mask_fill} mask fill"] if cfg.mask_fill != "zero" else []
+    masking += [f"{cfg.mask_patch}^3 masks"] if cfg.mask_patch else []
+    masking_words = f" ({', '.join(masking)})" if masking else ""
     draw_chart({network_label(cfg): rows}, _figures_dir(args) / f"{name}.png",
-               f"{network_label(cfg)}{mask_fill_words} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip
+               f"{network_label(cfg)}{masking_words} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md and .json, {_figures_dir(args) / name}.png")
     return report

@@ -198,7 +198,7 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
         if k not in ("visible_loss_weight", "intensity_shift", "intensity_scale")
     }
     names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads", "patch", "num_layers",
-             *[n for n in pb._MAE_ONLY if n not in ("visible_loss_weight", "mask_fill")])  # fmt: skip
+             *[n for n in pb._MAE_ONLY if n not in ("visible_loss_weight", "mask_fill", "mask_patch")])  # fmt: skip
     old_key = pb.hashlib.sha1(pb.json.dumps({n: without[n] for n in names}, sort_keys=True).encode()).hexdigest()[:10]
     assert plain.pretrain_key() == old_key != vitseg.pretrain_key()
     # the visible-patch weight is an MAE setting (scratch keeps its runs); the jitter is both arms'
@@ -353,6 +353,17 @@ def test_learned_mask_fill_gets_its_own_pretraining_and_report_and_reuses_the_sc
     assert pb._runs_key(mean, cpu, False, "scratch") == pb._runs_key(cfg, cpu, False, "scratch")
     assert pb.report_name(mean) == "pretrain_benefit_unet_mean_fill_realistic"
     assert pb.build_pretrain_network(mean).mask_fill == "mean"
+    # masks of 16^3 cubes: a new masked-image model, the same scratch runs, the MAE's loss on the same cubes
+    cubes = pb.build_config(pb.parse_args(["--architecture", "unet", "--setting", "realistic", "--mask-patch", "16"]))
+    assert (cubes.mask_patch, cubes.masking_patch, cfg.masking_patch) == (16, 16, 8)
+    assert cubes.pretrain_key() not in (cfg.pretrain_key(), mean.pretrain_key())
+    assert pb._runs_key(cubes, cpu, False, "scratch") == pb._runs_key(cfg, cpu, False, "scratch")
+    assert pb._runs_key(cubes, cpu, False) != pb._runs_key(cfg, cpu, False)
+    assert pb.report_name(cubes) == "pretrain_benefit_unet_mask16_realistic"
+    assert pb.build_pretrain_network(cubes).patch_size == (16, 16, 16)
+    for bad in ({"mask_patch": 20}, {"mask_patch": 16, "architecture": "vitseg"}):
+        with pytest.raises(ValueError, match="mask_patch needs a CNN architecture"):
+            pb.dataclasses.replace(cfg, **bad).check()
     with pytest.raises(ValueError, match="mask_fill 'learned' needs a CNN"):
         pb.dataclasses.replace(pb.preset_config("cpu", "vitseg"), mask_fill="learned").check()
     with pytest.raises(ValueError, match="mask_fill must be one of"):

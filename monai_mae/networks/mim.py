@@ -31,7 +31,7 @@ __all__ = ["MaskedImageModel", "MASK_FILLS", "load_mim_weights", "WEIGHTS_PREFIX
 logger = logging.getLogger(__name__)
 
 #: How masked voxels are replaced: ``"zero"`` (the windowed image's minimum, in CT the value of air), ``"mean"``
-#: (each image's mean over its visible voxels, per channel: what zero is after nnU-Net's z-score normalisation)
+#: (each image's mean over its visible voxels, per channel: near what nnssl's zero is after z-score normalisation)
 #: or ``"learned"`` (one trained value per channel).
 MASK_FILLS = ("zero", "mean", "learned")
 #: The wrapped network's parameters are stored under this prefix (``network.``).
