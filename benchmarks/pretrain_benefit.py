@@ -1147,7 +1147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ints = ("num_organs", "num_unlabeled", "num_labeled_pool", "num_test", "roi", "patch", "hidden_size", "mlp_dim", "num_heads",
             "num_layers", "feature_size",
             "pretrain_epochs", "pretrain_batch", "pretrain_samples", "finetune_steps", "finetune_batch",
-            "finetune_samples", "freeze_encoder_epochs", "sw_batch_size", "mask_patch")  # fmt: skip
+            "finetune_samples", "freeze_encoder_epochs", "sw_batch_size", "mask_patch", "pretrain_warmup_epochs")  # fmt: skip
     for name in ints:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     for name in (

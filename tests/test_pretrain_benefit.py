@@ -330,7 +330,7 @@ def test_learning_curve_setting_leaves_earlier_cache_keys_alone():
     assert pb.build_config(args).curve_steps == (250, 500, 1000)
 
 
-def test_learned_mask_fill_gets_its_own_pretraining_and_report_and_reuses_the_scratch_runs():
+def test_masked_image_model_variants_get_their_own_pretraining_and_report_and_reuse_the_scratch_runs():
     cfg = pb.preset_config("cpu", "unet", "realistic")
     learned = pb.build_config(
         pb.parse_args(["--architecture", "unet", "--setting", "realistic", "--mask-fill", "learned"])
@@ -361,6 +361,10 @@ def test_learned_mask_fill_gets_its_own_pretraining_and_report_and_reuses_the_sc
     assert pb._runs_key(cubes, cpu, False) != pb._runs_key(cfg, cpu, False)
     assert pb.report_name(cubes) == "pretrain_benefit_unet_mask16_realistic"
     assert pb.build_pretrain_network(cubes).patch_size == (16, 16, 16)
+    fewer = pb.build_config(pb.parse_args(["--architecture", "unet", "--num-unlabeled", "8", "--pretrain-epochs", "360",
+                                           "--pretrain-warmup-epochs", "36"]))  # fmt: skip
+    assert (fewer.num_unlabeled, fewer.pretrain_epochs, fewer.pretrain_warmup_epochs) == (8, 360, 36)
+    assert fewer.pretrain_key() != pb.preset_config("cpu", "unet").pretrain_key()
     for bad in ({"mask_patch": 20}, {"mask_patch": 16, "architecture": "vitseg"}):
         with pytest.raises(ValueError, match="mask_patch needs a CNN architecture"):
             pb.dataclasses.replace(cfg, **bad).check()
