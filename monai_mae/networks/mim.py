@@ -4,9 +4,9 @@ The recipe of nnssl's CNN pretraining (and SimMIM's): the input is cut into a gr
 subset is masked with the same ``torch.multinomial`` draw the MAE uses
 (:func:`~monai_mae.networks.masking.random_masking`), the masked voxels are replaced (by zero, by each image's
 mean over its visible voxels, or by a learned value per channel), and the whole encoder-decoder network, built
-with ``in_channels`` outputs, reconstructs the image. The output is returned in the MAE's patch layout with the MAE's mask, so
-:class:`~monai_mae.losses.MaskedReconstructionLoss`, ``MAEPrepareBatch`` and the ``mae_pretrain`` bundle train
-it unchanged. Fine-tuning starts the same network with its weights (every layer but the output head):
+with ``in_channels`` outputs, reconstructs the image. The output is returned in the MAE's patch layout with the
+MAE's mask, so :class:`~monai_mae.losses.MaskedReconstructionLoss`, ``MAEPrepareBatch`` and the ``mae_pretrain``
+bundle train it unchanged. Fine-tuning starts the same network with its weights (every layer but the output head):
 :func:`load_mim_weights`.
 """
 
