@@ -96,7 +96,7 @@ from monai.utils import set_determinism
 
 from monai_mae import MAEViT, MaskedReconstructionLoss
 from monai_mae.data import ensure_dataset, get_dataset, get_pretrain_transforms, load_datalist
-from monai_mae.data.realistic import REALISTIC_ORGANS, realistic_spacing
+from monai_mae.data.realistic import REALISTIC_ORGANS, check_realistic_options, realistic_spacing
 from monai_mae.data.synthetic import LAYOUTS, ORGAN_TYPES
 from monai_mae.engines import (
     GradientClipping,
@@ -169,6 +169,7 @@ _ADDED_LATER = (
     "conv_skips",
     "mask_fill",
     "mask_patch",
+    "target_scanner",
 )
 STYLES = ("simple", "realistic")
 
@@ -178,6 +179,7 @@ _OFF = {
     "curve_steps": (),
     "conv_skips": False,
     "mask_fill": "zero",
+    "target_scanner": (),
 }  # the value of a later setting that means "as before it existed" (default: 0)
 
 
@@ -231,6 +233,10 @@ class BenefitConfig:
             ``mask_fill``): ``"zero"`` (the windowed image's minimum, the value of air), ``"mean"`` (each
             image's mean over its visible voxels) or ``"learned"``.
         mask_patch: side of the masked cubes of a CNN's masked-image model (0: ``patch``); the scratch arm ignores it.
+        target_scanner: ``(contrast, noise_hu, bias_hu)`` of a second scanner (realistic style only;
+            :func:`monai_mae.data.realistic.make_realistic_phantom`'s knobs): the unlabeled pool and the held-out test
+            phantoms are drawn with them, the labeled pool with the defaults, as when a user labels scans from one
+            scanner and pretrains on, and segments, the unlabeled scans of another. Empty: one scanner for all.
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -287,6 +293,7 @@ class BenefitConfig:
     conv_skips: bool = False
     mask_fill: str = "zero"
     mask_patch: int = 0
+    target_scanner: tuple[float, ...] = ()
 
     @property
     def masking_patch(self) -> int:
@@ -322,6 +329,13 @@ class BenefitConfig:
                 f"mask_patch needs a CNN architecture {CNNS} and must divide roi={self.roi}, got "
                 f"{self.mask_patch} for {self.architecture!r}."
             )
+        if self.target_scanner:
+            if self.style != "realistic" or len(self.target_scanner) != 3:
+                raise ValueError(
+                    "target_scanner needs the realistic style and 3 values (contrast, noise_hu, bias_hu), got "
+                    f"{self.target_scanner!r} with style {self.style!r}."
+                )
+            check_realistic_options(self.num_organs, *self.target_scanner)
         if max(self.labeled_sizes) > self.num_labeled_pool:
             raise ValueError(
                 f"labeled_sizes {self.labeled_sizes} ask for more volumes than num_labeled_pool={self.num_labeled_pool}."
@@ -359,7 +373,7 @@ class BenefitConfig:
     def pretrain_key(self) -> str:
         """A short hash of the settings that determine the pretrained MAE (to reuse it safely)."""
         names = ("phantom_shape", "phantom_spacing", "layout", "style", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads",
-                 "patch", "num_layers", *_MAE_ONLY)  # fmt: skip
+                 "patch", "num_layers", "target_scanner", *_MAE_ONLY)  # fmt: skip
         if self.architecture in CNNS:  # a masked-image model of the network itself; the ViT sizes do not matter
             names = ("architecture", *(n for n in names if n not in _VIT_ONLY))
         text = json.dumps(_without_unset_later_settings({n: getattr(self, n) for n in names}), sort_keys=True)
@@ -505,7 +519,9 @@ def preset_config(preset: str, architecture: str, setting: str = "phantoms") -> 
 def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
     """Generate (once) and load the unlabeled pool, the labeled pool and the held-out test set.
 
-    The three sets come from different seeds, so no phantom is in two of them.
+    The three sets come from different seeds, so no phantom is in two of them. With ``cfg.target_scanner`` the
+    unlabeled pool and the test set are drawn with that scanner's knobs; the test phantoms have the same anatomy and
+    labels as without (the knobs do not change the anatomy).
 
     Returns:
         ``(unlabeled, labeled_pool, test)`` datalist entries (absolute paths; ``unlabeled`` without labels).
@@ -514,8 +530,12 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
     tag += f"_{cfg.layout}{cfg.num_organs}" + ("_realistic" if cfg.style == "realistic" else "")
     geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing, layout=cfg.layout, num_organs=cfg.num_organs,
                     **({"style": "realistic"} if cfg.style == "realistic" else {}))  # fmt: skip
-    unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}"
-    labeled_dir = work_dir / f"data_{tag}" / f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
+    scanner = dict(zip(("contrast", "noise_hu", "bias_hu"), cfg.target_scanner))
+    scanner_tag = "".join(f"_{k}{v:g}" for k, v in scanner.items())
+    unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}{scanner_tag}"
+    labeled_name = f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
+    labeled_dir = work_dir / f"data_{tag}" / labeled_name
+    test_dir = work_dir / f"data_{tag}" / f"{labeled_name}{scanner_tag}"
     ensure_dataset(
         unlabeled_dir,
         num=cfg.num_unlabeled,
@@ -524,20 +544,23 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
         with_labels=False,
         synthetic_if_missing=True,
         **geometry,
+        **scanner,
     )
-    ensure_dataset(
-        labeled_dir,
-        num=cfg.num_labeled_pool + cfg.num_test,
-        num_validation=cfg.num_test,
-        seed=2000,
-        synthetic_if_missing=True,
-        **geometry,
-    )
+    for folder, knobs in ((labeled_dir, {}), (test_dir, scanner)):  # the same folder twice without a target scanner
+        ensure_dataset(
+            folder,
+            num=cfg.num_labeled_pool + cfg.num_test,
+            num_validation=cfg.num_test,
+            seed=2000,
+            synthetic_if_missing=True,
+            **geometry,
+            **knobs,
+        )
     unlabeled = load_datalist(unlabeled_dir, "training")
     return (
         unlabeled,
         load_datalist(labeled_dir, "training", require_label=True),
-        load_datalist(labeled_dir, "validation", require_label=True),
+        load_datalist(test_dir, "validation", require_label=True),
     )
 
 
@@ -779,6 +802,12 @@ def phantoms_label(config: BenefitConfig | dict[str, Any]) -> str:
     return "realistic phantoms" if values.get("style") == "realistic" else "phantoms"
 
 
+def scanner_words(cfg: BenefitConfig) -> str:
+    """How the unlabeled and test phantoms were drawn, for titles: ``"unlabeled and test: contrast 0.7, ..."``."""
+    contrast, noise, bias = cfg.target_scanner
+    return f"unlabeled and test: contrast {contrast:g}, noise {noise:g} HU, bias {bias:g} HU"
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -839,7 +868,8 @@ def format_markdown(rows: list[dict], cfg: BenefitConfig, env: dict, pretrain: d
         "Settings: "
         f"phantoms {'x'.join(map(str, cfg.phantom_shape))} at {'x'.join(f'{s:g}' for s in cfg.phantom_spacing)} mm, "
         f"{cfg.style} style, {cfg.layout} layout, {cfg.num_organs} organs; "
-        f"{cfg.roi}^3 crops; "
+        + (f"labeled pool with the default scanner knobs, {scanner_words(cfg)}; " if cfg.target_scanner else "")
+        + f"{cfg.roi}^3 crops; "
         + (
             f"{ARCH_NAMES[cfg.architecture]} (monai_mae.networks.cnn defaults), masks of {cfg.masking_patch}^3 patches, "
             f"{cfg.mask_fill} fill"
@@ -1171,6 +1201,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--mask-fill", choices=MASK_FILLS, default=None,
                         help="what replaces the masked voxels of a CNN's masked-image model: zero (the value of air), mean (each image's visible mean) or learned")  # fmt: skip
+    parser.add_argument("--target-scanner", type=float, nargs=3, default=None, metavar=("CONTRAST", "NOISE_HU", "BIAS_HU"),
+                        help="realistic setting: draw the unlabeled pool and the test phantoms with these scanner knobs, the labeled pool with the defaults")  # fmt: skip
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
                         help="rescale the transferred encoder's residual stream: 'auto' (to a fresh UNETR's size) or a factor (1 = off)")  # fmt: skip
     return parser.parse_args(argv)
@@ -1213,12 +1245,14 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
 
 def report_name(cfg: BenefitConfig, quick: bool = False) -> str:
     """The reports' file name without suffix:
-    ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_<mask_fill>_fill][_mask<mask_patch>][_realistic]``."""
+    ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_<mask_fill>_fill][_mask<mask_patch>][_realistic]``
+    ``[_scanner<contrast>-<noise_hu>-<bias_hu>]``."""
     name = ("pretrain_benefit_quick" if quick else "pretrain_benefit") + f"_{cfg.architecture}"
     name += "_conv_skips" if cfg.conv_skips else ""
     name += f"_{cfg.mask_fill}_fill" if cfg.mask_fill != "zero" else ""
     name += f"_mask{cfg.mask_patch}" if cfg.mask_patch else ""
-    return name + ("_realistic" if cfg.style == "realistic" else "")
+    name += "_realistic" if cfg.style == "realistic" else ""
+    return name + ("_scanner" + "-".join(f"{v:g}" for v in cfg.target_scanner) if cfg.target_scanner else "")
 
 
 def _figures_dir(args: argparse.Namespace) -> Path:
@@ -1259,7 +1293,7 @@ def build_config(args: argparse.Namespace) -> BenefitConfig:
     changes = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None
     }
-    for name in ("labeled_sizes", "seeds", "curve_steps"):
+    for name in ("labeled_sizes", "seeds", "curve_steps", "target_scanner"):
         if name in changes:
             changes[name] = tuple(changes[name])
     cfg = dataclasses.replace(cfg, **changes)
@@ -1369,6 +1403,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (args.out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     masking = [f"{cfg.mask_fill} mask fill"] if cfg.mask_fill != "zero" else []
     masking += [f"{cfg.mask_patch}^3 masks"] if cfg.mask_patch else []
+    masking += [scanner_words(cfg)] if cfg.target_scanner else []
     masking_words = f" ({', '.join(masking)})" if masking else ""
     draw_chart({network_label(cfg): rows}, _figures_dir(args) / f"{name}.png",
                f"{network_label(cfg)}{masking_words} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip

@@ -10,6 +10,8 @@ import json
 import statistics
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 from bundle_utils import REPO
 from PIL import Image
@@ -372,3 +374,30 @@ def test_masked_image_model_variants_get_their_own_pretraining_and_report_and_re
         pb.dataclasses.replace(pb.preset_config("cpu", "vitseg"), mask_fill="learned").check()
     with pytest.raises(ValueError, match="mask_fill must be one of"):
         pb.dataclasses.replace(cfg, mask_fill="noise").check()
+
+
+def test_a_target_scanner_draws_the_unlabeled_and_test_phantoms_with_its_knobs(tmp_path):
+    cfg = pb.build_config(pb.parse_args(["--quick", "--architecture", "unet", "--setting", "realistic"]))
+    shifted = pb.build_config(pb.parse_args(["--quick", "--architecture", "unet", "--setting", "realistic",
+                                             "--target-scanner", "0.7", "35", "20"]))  # fmt: skip
+    assert shifted.target_scanner == (0.7, 35.0, 20.0) and cfg.target_scanner == ()
+    cpu = pb.torch.device("cpu")
+    # another pool and test set: a new pretraining and new runs of both arms; without it the keys are as before
+    assert shifted.pretrain_key() != cfg.pretrain_key()
+    assert pb._runs_key(shifted, cpu, False, "scratch") != pb._runs_key(cfg, cpu, False, "scratch")
+    assert "target_scanner" not in pb._without_unset_later_settings(pb.asdict(cfg))
+    assert pb.report_name(shifted) == "pretrain_benefit_unet_realistic_scanner0.7-35-20"
+    unlabeled, pool, test = pb.prepare_data(shifted, tmp_path)
+    _, same_pool, plain_test = pb.prepare_data(cfg, tmp_path)
+    assert [e["image"] for e in pool] == [e["image"] for e in same_pool]  # the labeled pool is the default scanner's
+    assert "noise_hu35" in unlabeled[0]["image"] and "noise_hu35" in test[0]["image"]
+    assert "noise_hu35" not in pool[0]["image"] and "noise_hu35" not in plain_test[0]["image"]
+    image, label = (nib.load(test[0][k]) for k in ("image", "label"))
+    plain_image, plain_label = (nib.load(plain_test[0][k]) for k in ("image", "label"))
+    assert np.array_equal(label.get_fdata(), plain_label.get_fdata())  # same anatomy and labels
+    diff = image.get_fdata() - plain_image.get_fdata()
+    assert np.abs(diff).mean() > 5.0  # another contrast, noise and bias: different intensities
+    for bad, words in (({"style": "simple"}, "needs the realistic style"), ({"target_scanner": (1.0, 15.0)}, "3 values"),
+                       ({"target_scanner": (3.0, 15.0, 8.0)}, "contrast")):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            pb.dataclasses.replace(shifted, **bad).check()
