@@ -25,9 +25,13 @@ lint: install
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 
-# Everything (what CI runs); test-quick skips the tests marked slow (bundle runs, torchrun, kill -9, CLIs).
+# Everything (what CI runs), on TEST_WORKERS pytest-xdist workers that take the next test as they finish one
+# (worksteal: the long bundle runs do not pile up on one worker). In-process tests get one OpenMP thread per worker;
+# the bundle runs they start set their own 2 threads, and idle OpenMP threads sleep instead of spinning (PASSIVE),
+# so two of them at once share 2 cores. test-quick skips the tests marked slow (bundle runs, torchrun, kill -9, CLIs).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # test-quick runs QUICK_WORKERS pytest-xdist workers of one thread each (2 cores: about 80 s).
 QUICK_WORKERS ?= 2

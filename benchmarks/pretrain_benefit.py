@@ -139,7 +139,7 @@ logger = logging.getLogger("pretrain_benefit")
 # settings that only the MAE depends on (the rest of its key, data and ViT shape, is shared with UNETR)
 _MAE_ONLY = ("num_unlabeled", "mae_cls_token", "decoder_hidden_size", "decoder_mlp_dim", "decoder_num_layers", "decoder_num_heads",
              "masking_ratio", "norm_pix_loss", "pretrain_epochs", "pretrain_batch", "pretrain_samples", "pretrain_lr",
-             "pretrain_warmup_epochs", "visible_loss_weight", "mask_fill", "mask_patch")  # fmt: skip
+             "pretrain_warmup_epochs", "visible_loss_weight", "mask_fill", "mask_patch", "pretrain_on_target")  # fmt: skip
 
 
 # ViT settings that a convolutional network (and its masked-image pretraining) ignores
@@ -170,6 +170,7 @@ _ADDED_LATER = (
     "mask_fill",
     "mask_patch",
     "target_scanner",
+    "pretrain_on_target",
 )
 STYLES = ("simple", "realistic")
 
@@ -180,6 +181,7 @@ _OFF = {
     "conv_skips": False,
     "mask_fill": "zero",
     "target_scanner": (),
+    "pretrain_on_target": True,
 }  # the value of a later setting that means "as before it existed" (default: 0)
 
 
@@ -237,6 +239,8 @@ class BenefitConfig:
             :func:`monai_mae.data.realistic.make_realistic_phantom`'s knobs): the unlabeled pool and the held-out test
             phantoms are drawn with them, the labeled pool with the defaults, as when a user labels scans from one
             scanner and pretrains on, and segments, the unlabeled scans of another. Empty: one scanner for all.
+        pretrain_on_target: with ``target_scanner``, draw the unlabeled pool with it (True) or with the labeled
+            pool's default knobs (False: the control, the masked-image model of the one-scanner benchmark).
         residual_scale: ``load_pretrained``'s rescaling of the transferred encoder's residual stream
             (``"auto"``: to a fresh UNETR's size; 1.0: weights as pretrained); pretrained arm only.
         labeled_sizes, seeds: the grid of fine-tunes.
@@ -294,6 +298,7 @@ class BenefitConfig:
     mask_fill: str = "zero"
     mask_patch: int = 0
     target_scanner: tuple[float, ...] = ()
+    pretrain_on_target: bool = True
 
     @property
     def masking_patch(self) -> int:
@@ -336,6 +341,8 @@ class BenefitConfig:
                     f"{self.target_scanner!r} with style {self.style!r}."
                 )
             check_realistic_options(self.num_organs, *self.target_scanner)
+        elif not self.pretrain_on_target:
+            raise ValueError("pretrain_on_target=False needs a target_scanner: there is only one scanner.")
         if max(self.labeled_sizes) > self.num_labeled_pool:
             raise ValueError(
                 f"labeled_sizes {self.labeled_sizes} ask for more volumes than num_labeled_pool={self.num_labeled_pool}."
@@ -376,6 +383,8 @@ class BenefitConfig:
                  "patch", "num_layers", "target_scanner", *_MAE_ONLY)  # fmt: skip
         if self.architecture in CNNS:  # a masked-image model of the network itself; the ViT sizes do not matter
             names = ("architecture", *(n for n in names if n not in _VIT_ONLY))
+        if not self.pretrain_on_target:  # the unlabeled pool is the one-scanner benchmark's: so is the model
+            names = tuple(n for n in names if n not in ("target_scanner", "pretrain_on_target"))
         text = json.dumps(_without_unset_later_settings({n: getattr(self, n) for n in names}), sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -520,8 +529,8 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
     """Generate (once) and load the unlabeled pool, the labeled pool and the held-out test set.
 
     The three sets come from different seeds, so no phantom is in two of them. With ``cfg.target_scanner`` the
-    unlabeled pool and the test set are drawn with that scanner's knobs; the test phantoms have the same anatomy and
-    labels as without (the knobs do not change the anatomy).
+    test set (and, with ``cfg.pretrain_on_target``, the unlabeled pool) is drawn with that scanner's knobs; the test
+    phantoms have the same anatomy and labels as without (the knobs do not change the anatomy).
 
     Returns:
         ``(unlabeled, labeled_pool, test)`` datalist entries (absolute paths; ``unlabeled`` without labels).
@@ -532,7 +541,8 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
                     **({"style": "realistic"} if cfg.style == "realistic" else {}))  # fmt: skip
     scanner = dict(zip(("contrast", "noise_hu", "bias_hu"), cfg.target_scanner))
     scanner_tag = "".join(f"_{k}{v:g}" for k, v in scanner.items())
-    unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}{scanner_tag}"
+    unlabeled_knobs, unlabeled_tag = (scanner, scanner_tag) if cfg.pretrain_on_target else ({}, "")
+    unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}{unlabeled_tag}"
     labeled_name = f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
     labeled_dir = work_dir / f"data_{tag}" / labeled_name
     test_dir = work_dir / f"data_{tag}" / f"{labeled_name}{scanner_tag}"
@@ -544,7 +554,7 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
         with_labels=False,
         synthetic_if_missing=True,
         **geometry,
-        **scanner,
+        **unlabeled_knobs,
     )
     for folder, knobs in ((labeled_dir, {}), (test_dir, scanner)):  # the same folder twice without a target scanner
         ensure_dataset(
@@ -805,7 +815,8 @@ def phantoms_label(config: BenefitConfig | dict[str, Any]) -> str:
 def scanner_words(cfg: BenefitConfig) -> str:
     """How the unlabeled and test phantoms were drawn, for titles: ``"unlabeled and test: contrast 0.7, ..."``."""
     contrast, noise, bias = cfg.target_scanner
-    return f"unlabeled and test: contrast {contrast:g}, noise {noise:g} HU, bias {bias:g} HU"
+    sets = "unlabeled and test" if cfg.pretrain_on_target else "test (unlabeled as labeled)"
+    return f"{sets}: contrast {contrast:g}, noise {noise:g} HU, bias {bias:g} HU"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -1203,6 +1214,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="what replaces the masked voxels of a CNN's masked-image model: zero (the value of air), mean (each image's visible mean) or learned")  # fmt: skip
     parser.add_argument("--target-scanner", type=float, nargs=3, default=None, metavar=("CONTRAST", "NOISE_HU", "BIAS_HU"),
                         help="realistic setting: draw the unlabeled pool and the test phantoms with these scanner knobs, the labeled pool with the defaults")  # fmt: skip
+    parser.add_argument("--pretrain-on-target", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --target-scanner: pretrain on unlabeled phantoms of the target scanner (default) or, with --no-pretrain-on-target, of the labeled pool's scanner (the control)")  # fmt: skip
     parser.add_argument("--residual-scale", type=_residual_scale, default=None,
                         help="rescale the transferred encoder's residual stream: 'auto' (to a fresh UNETR's size) or a factor (1 = off)")  # fmt: skip
     return parser.parse_args(argv)
@@ -1246,13 +1259,14 @@ def _runs_key(cfg: BenefitConfig, device: torch.device, amp: bool, arm: str = "p
 def report_name(cfg: BenefitConfig, quick: bool = False) -> str:
     """The reports' file name without suffix:
     ``pretrain_benefit[_quick]_<architecture>[_conv_skips][_<mask_fill>_fill][_mask<mask_patch>][_realistic]``
-    ``[_scanner<contrast>-<noise_hu>-<bias_hu>]``."""
+    ``[_scanner<contrast>-<noise_hu>-<bias_hu>[_pretrained_on_labeled_scanner]]``."""
     name = ("pretrain_benefit_quick" if quick else "pretrain_benefit") + f"_{cfg.architecture}"
     name += "_conv_skips" if cfg.conv_skips else ""
     name += f"_{cfg.mask_fill}_fill" if cfg.mask_fill != "zero" else ""
     name += f"_mask{cfg.mask_patch}" if cfg.mask_patch else ""
     name += "_realistic" if cfg.style == "realistic" else ""
-    return name + ("_scanner" + "-".join(f"{v:g}" for v in cfg.target_scanner) if cfg.target_scanner else "")
+    name += "_scanner" + "-".join(f"{v:g}" for v in cfg.target_scanner) if cfg.target_scanner else ""
+    return name + ("" if cfg.pretrain_on_target else "_pretrained_on_labeled_scanner")
 
 
 def _figures_dir(args: argparse.Namespace) -> Path:

@@ -57,7 +57,10 @@ def test_ci_runs_the_suite_then_the_wheel_smoke_test():
         'test-quick: install\n\tOMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(QUICK_WORKERS) -m "not slow" tests\n'
         in makefile
     )
-    assert "test: install\n\t$(BIN)/python -m pytest -q tests\n" in makefile  # CI: one process, everything
+    assert (  # CI: everything, the slow tests included, on xdist workers
+        "test: install\n\tOMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) "
+        "--dist worksteal tests\n" in makefile
+    )
 
 
 def _pyproject() -> dict:

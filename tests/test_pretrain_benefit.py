@@ -200,7 +200,7 @@ def test_visible_loss_weight_and_intensity_jitter_settings():
         if k not in ("visible_loss_weight", "intensity_shift", "intensity_scale")
     }
     names = ("phantom_shape", "phantom_spacing", "layout", "num_organs", "roi", "hidden_size", "mlp_dim", "num_heads", "patch", "num_layers",
-             *[n for n in pb._MAE_ONLY if n not in ("visible_loss_weight", "mask_fill", "mask_patch")])  # fmt: skip
+             *[n for n in pb._MAE_ONLY if n not in ("visible_loss_weight", "mask_fill", "mask_patch", "pretrain_on_target")])  # fmt: skip
     old_key = pb.hashlib.sha1(pb.json.dumps({n: without[n] for n in names}, sort_keys=True).encode()).hexdigest()[:10]
     assert plain.pretrain_key() == old_key != vitseg.pretrain_key()
     # the visible-patch weight is an MAE setting (scratch keeps its runs); the jitter is both arms'
@@ -397,7 +397,23 @@ def test_a_target_scanner_draws_the_unlabeled_and_test_phantoms_with_its_knobs(t
     assert np.array_equal(label.get_fdata(), plain_label.get_fdata())  # same anatomy and labels
     diff = image.get_fdata() - plain_image.get_fdata()
     assert np.abs(diff).mean() > 5.0  # another contrast, noise and bias: different intensities
+    # the control: pretrained on the labeled pool's scanner, i.e. the one-scanner benchmark's model and unlabeled pool
+    control = pb.build_config(pb.parse_args(["--quick", "--architecture", "unet", "--setting", "realistic",
+                                             "--target-scanner", "0.7", "35", "20", "--no-pretrain-on-target"]))  # fmt: skip
+    assert control.pretrain_on_target is False and control.pretrain_key() == cfg.pretrain_key()
+    assert pb._runs_key(control, cpu, False, "scratch") == pb._runs_key(shifted, cpu, False, "scratch")
+    assert pb._runs_key(control, cpu, False) not in (pb._runs_key(shifted, cpu, False), pb._runs_key(cfg, cpu, False))
+    assert pb.report_name(control) == "pretrain_benefit_unet_realistic_scanner0.7-35-20_pretrained_on_labeled_scanner"
+    own_unlabeled, _, control_test = pb.prepare_data(control, tmp_path)
+    assert [e["image"] for e in control_test] == [e["image"] for e in test]
+    assert "noise_hu35" not in own_unlabeled[0]["image"]
+    assert pb.scanner_words(control) == "test (unlabeled as labeled): contrast 0.7, noise 35 HU, bias 20 HU"
+    full = pb.preset_config("cpu", "unet", "realistic")  # the committed model's key, reused by the control
+    assert pb.dataclasses.replace(full, target_scanner=(0.7, 35.0, 20.0), pretrain_on_target=False).pretrain_key() == (
+        "3b058e5e3a"
+    )
     for bad, words in (({"style": "simple"}, "needs the realistic style"), ({"target_scanner": (1.0, 15.0)}, "3 values"),
-                       ({"target_scanner": (3.0, 15.0, 8.0)}, "contrast")):  # fmt: skip
+                       ({"target_scanner": (3.0, 15.0, 8.0)}, "contrast"),
+                       ({"target_scanner": (), "pretrain_on_target": False}, "needs a target_scanner")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             pb.dataclasses.replace(shifted, **bad).check()
