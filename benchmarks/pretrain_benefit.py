@@ -69,6 +69,7 @@ import platform
 import shlex
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Sequence
@@ -944,7 +945,7 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
     Args:
         results: ``{architecture label: rows of summarise()}``, at most two architectures.
         path: the PNG (folders are created).
-        title: the chart's title.
+        title: the chart's title (wrapped at 90 characters).
     """
     from monai_mae.engines.pictures import require_matplotlib
 
@@ -968,7 +969,7 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
     axes.set_xlim(-0.5, len(sizes) - 0.5)  # one labeled size: the arms side by side in the middle, not at the edges
     axes.set_xlabel("labeled training volumes")
     axes.set_ylabel("mean Dice on held-out phantoms")
-    axes.set_title(title)
+    axes.set_title(textwrap.fill(title, 90))  # long titles on two lines, inside the figure
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="best", fontsize=9)
     figure.tight_layout()

@@ -82,6 +82,17 @@ def test_chart_of_one_labeled_size_keeps_both_arms_near_the_middle(tmp_path):
         assert 0.4 * image.width < statistics.median(columns) < 0.6 * image.width, (arm, statistics.median(columns))
 
 
+def test_a_long_chart_title_is_wrapped_inside_the_figure(tmp_path):
+    rows = [row for row in pb.summarise(_runs(), pb.PRESETS["cpu"]) if row["n_labeled"] == 2]
+    title = (
+        "UNet (unlabeled and test: contrast 0.7, noise 35 HU, bias 20 HU) Dice on held-out realistic phantoms (5 seeds)"
+    )
+    image = Image.open(pb.draw_chart({"UNet": rows}, tmp_path / "long.png", title)).convert("L")
+    pixels = image.load()
+    edges = [pixels[x, y] for x in (0, 1, image.width - 2, image.width - 1) for y in range(image.height)]
+    assert min(edges) > 200  # no text runs off either side
+
+
 def test_chart_titles_name_the_phantoms_the_dice_was_measured_on():
     realistic = pb.preset_config("cpu", "unet", "realistic")
     assert pb.phantoms_label(realistic) == "realistic phantoms"
