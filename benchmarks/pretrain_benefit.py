@@ -54,6 +54,10 @@ Examples::
 ``--conv-skips`` builds the ViTSeg arms with ``conv_skips=True`` (a convolutional stem whose full- and
 half-resolution features join the last two decoder stages); its reports are written as
 ``pretrain_benefit_vitseg_conv_skips.*`` and its fine-tunes cached under their own key.
+
+``--setting realistic --target-scanner 0.7 35 20`` labels from one scanner and pretrains on, and tests on, another:
+the unlabeled pool and the held-out phantoms are drawn with contrast 0.7, 35 HU noise and 20 HU bias, the labeled
+pool with the defaults; ``--no-pretrain-on-target`` is the control, pretrained on the labeled pool's scanner.
 """
 
 from __future__ import annotations
