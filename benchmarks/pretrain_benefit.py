@@ -86,6 +86,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import monai  # noqa: E402
+import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Events
@@ -982,6 +983,45 @@ def draw_chart(results: dict[str, list[dict]], path: Path, title: str) -> Path:
     return path
 
 
+def draw_scanner_slices(images: dict[str, str | Path], path: Path, title: str) -> Path:
+    """The middle axial slice of each image side by side, in the CT window of the fine-tuning (-175..250 HU).
+
+    Args:
+        images: ``{panel title: NIfTI path}``, e.g. the same test phantom from the default and the target scanner.
+        path: the PNG (folders are created).
+        title: the figure's title (wrapped at 120 characters).
+    """
+    from monai_mae.engines.pictures import require_matplotlib
+
+    Figure, Canvas = require_matplotlib()
+    figure = Figure(figsize=(4 * len(images), 4.4), dpi=100)
+    Canvas(figure)
+    for k, (panel, image) in enumerate(images.items()):
+        volume = nib.load(image).get_fdata(dtype=np.float32)
+        axial = np.clip((volume[:, :, volume.shape[2] // 2] + 175.0) / 425.0, 0.0, 1.0)
+        axes = figure.add_subplot(1, len(images), k + 1)
+        axes.imshow(np.rot90(axial), cmap="gray", vmin=0.0, vmax=1.0)  # anterior up
+        axes.set_title(panel, fontsize=10)
+        axes.axis("off")
+    figure.suptitle(textwrap.fill(title, 120), fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def draw_both_scanners(cfg: BenefitConfig, work_dir: Path, path: Path) -> Path:
+    """:func:`draw_scanner_slices` of the first held-out phantom as the default and ``cfg``'s target scanner draw it."""
+    _, _, test = prepare_data(cfg, work_dir)
+    _, _, plain_test = prepare_data(dataclasses.replace(cfg, target_scanner=(), pretrain_on_target=True), work_dir)
+    panels = {
+        "default scanner (labeled pool)": plain_test[0]["image"],
+        scanner_words(cfg).split(": ")[1]: test[0]["image"],
+    }
+    title = f"{Path(test[0]['image']).name}, a held-out phantom, from both scanners (middle slice, -175..250 HU)"
+    return draw_scanner_slices(panels, path, title)
+
+
 def format_combined(reports: dict[str, dict]) -> str:
     """One markdown table of every architecture and arm from the JSON reports of several runs."""
     lines = [
@@ -1426,6 +1466,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     masking_words = f" ({', '.join(masking)})" if masking else ""
     draw_chart({network_label(cfg): rows}, _figures_dir(args) / f"{name}.png",
                f"{network_label(cfg)}{masking_words} Dice on held-out {phantoms_label(cfg)} ({len(cfg.seeds)} seed(s))")  # fmt: skip
+    if cfg.target_scanner:
+        draw_both_scanners(cfg, work_dir, _figures_dir(args) / f"{name}_slices.png")
     print(markdown, flush=True)
     logger.info(f"wrote {args.out_dir / name}.md and .json, {_figures_dir(args) / name}.png")
     return report

@@ -408,6 +408,11 @@ def test_a_target_scanner_draws_the_unlabeled_and_test_phantoms_with_its_knobs(t
     assert np.array_equal(label.get_fdata(), plain_label.get_fdata())  # same anatomy and labels
     diff = image.get_fdata() - plain_image.get_fdata()
     assert np.abs(diff).mean() > 5.0  # another contrast, noise and bias: different intensities
+    slices = pb.draw_both_scanners(shifted, tmp_path, tmp_path / "fig" / "slices.png")  # default | target scanner
+    picture = np.asarray(Image.open(slices).convert("L"), dtype=np.float32)
+    assert picture.shape == (440, 800)
+    left, right = picture[60:420, :400], picture[60:420, 400:]
+    assert left.std() > 20 and right.std() > 20 and np.abs(left - right).mean() > 2  # two images, not the same one
     # the control: pretrained on the labeled pool's scanner, i.e. the one-scanner benchmark's model and unlabeled pool
     control = pb.build_config(pb.parse_args(["--quick", "--architecture", "unet", "--setting", "realistic",
                                              "--target-scanner", "0.7", "35", "20", "--no-pretrain-on-target"]))  # fmt: skip
