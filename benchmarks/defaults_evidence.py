@@ -8,7 +8,7 @@ overrides, 64^3 crops, 2 CPU threads), on one of two data settings:
   that are a small share of the volume, CT texture and noise, partial-volume edges, 4.1 x 4.1 x 5.8 mm voxels of a
   life-sized patient), resampled by the bundles to 3.5 mm.
 
-Arms, each on both settings (one seed):
+Arms, each on both settings (seed 0; ``--seed`` repeats them with another seed of pretraining and fine-tuning):
 
 * pretraining, ``mae_vit`` (the bundle's ViT MAE: width 192, 4 blocks, 8^3 patches) or ``mim_unet``
   (``configs/mim_cnn.json``: the UNet fine-tuned later, 8^3 masks), each with ``visible_loss_weight`` 0 and 1:
@@ -21,7 +21,7 @@ Arms, each on both settings (one seed):
 
 Results: ``benchmarks/results/defaults_evidence.{json,md}`` (every run: setting, arm, Dice per validation, per
 organ, training loss per epoch, minutes). Runs already in the JSON are not repeated (``--fresh`` repeats them).
-About 90 minutes on 2 CPU cores. ``python benchmarks/defaults_evidence.py [--settings phantoms realistic]``
+About 90 minutes on 2 CPU cores. ``python benchmarks/defaults_evidence.py [--settings phantoms realistic] [--seed 1]``
 """
 
 from __future__ import annotations
@@ -133,12 +133,14 @@ def curves(text: str, steps_per_epoch: int) -> tuple[list[dict], list[dict]]:
     return validations, train
 
 
-def pretrain(setting: str, kind: str, weight: float, data: Path, out: Path, epochs: int) -> dict[str, Any]:
+def pretrain(
+    setting: str, kind: str, weight: float, data: Path, out: Path, epochs: int, seed: int = 0
+) -> dict[str, Any]:
     configs = ["train.json"] + (["mim_cnn.json"] if kind == "mim_unet" else [])
     overrides: dict[str, Any] = dict(
         roi_size=[64, 64, 64], patch_size=[8, 8, 8], max_epochs=epochs, batch_size=2, num_samples=2, num_workers=2,
         cache="cache", lr=1e-3, warmup_epochs=2, val_interval=epochs, progress_bar=False, resume=False,
-        visible_loss_weight=weight,
+        visible_loss_weight=weight, seed=seed,
     )  # fmt: skip
     if kind == "mae_vit":
         overrides.update({f"network_def#{k}": v for k, v in VIT.items()})
@@ -166,13 +168,15 @@ def pretrain_and_score(
     return minutes, json.loads((out / "reconstruction_error.json").read_text())
 
 
-def finetune(setting: str, architecture: str, pretrained: Path | None, data: Path, out: Path, steps: int) -> dict:
+def finetune(
+    setting: str, architecture: str, pretrained: Path | None, data: Path, out: Path, steps: int, seed: int = 0
+) -> dict:
     steps_per_epoch = 6  # 6 training volumes, one per step
     epochs = max(1, steps // steps_per_epoch)
     overrides: dict[str, Any] = dict(
         roi_size=[64, 64, 64], max_epochs=epochs, batch_size=1, num_samples=2, num_workers=2, cache="cache",
         lr=1e-3, warmup_epochs=2, val_interval=max(1, epochs // 4), sw_batch_size=2, progress_bar=False,
-        resume=False, architecture=architecture,
+        resume=False, architecture=architecture, seed=seed,
     )  # fmt: skip
     if pretrained is None and architecture == "vitseg":
         overrides["encoder"] = {k: v for k, v in VIT.items()}
@@ -193,32 +197,39 @@ def finetune(setting: str, architecture: str, pretrained: Path | None, data: Pat
             "train_loss": train}  # fmt: skip
 
 
-def arms(settings: list[str]) -> list[dict[str, Any]]:
+def arms(settings: list[str], seed: int = 0) -> list[dict[str, Any]]:
     runs = []
     for setting in settings:
         for kind, architecture in (("mim_unet", "unet"), ("mae_vit", "vitseg")):
-            runs.append(
-                {"setting": setting, "pretraining": "none", "visible_loss_weight": None, "architecture": architecture}
-            )
+            runs.append({"setting": setting, "seed": seed, "pretraining": "none", "visible_loss_weight": None,
+                         "architecture": architecture})  # fmt: skip
             for weight in VISIBLE_WEIGHTS:
-                runs.append({"setting": setting, "pretraining": kind, "visible_loss_weight": weight,
+                runs.append({"setting": setting, "seed": seed, "pretraining": kind, "visible_loss_weight": weight,
                              "architecture": architecture})  # fmt: skip
     return runs
 
 
 def key(run: dict[str, Any]) -> str:
-    return f"{run['setting']}/{run['pretraining']}/{run['visible_loss_weight']}/{run['architecture']}"
+    """A run's identity; seed 0 (and rows written before seeds were recorded) keeps the key it always had."""
+    base = f"{run['setting']}/{run['pretraining']}/{run['visible_loss_weight']}/{run['architecture']}"
+    return base + (f"/seed{run['seed']}" if run.get("seed") else "")
+
+
+def seed_suffix(seed: int) -> str:
+    """Folder-name suffix of a seed: none for 0 (the folders of the first runs), ``_s<seed>`` otherwise."""
+    return f"_s{seed}" if seed else ""
 
 
 def report(results: list[dict[str, Any]], command: str) -> str:
     lines = [
         "# Defaults on both phantom settings: the visible-patch term and the fine-tuning network",
         "",
-        f"`{command}` (one seed, 2 CPU threads; bundles with the demo overrides, 64^3 crops). Masked-patch MSE relative",
-        "to filling each masked patch with the mean of the visible voxels: lower is better, 1 = nothing learned.",
+        f"`{command}` (2 CPU threads; bundles with the demo overrides, 64^3 crops; the seed of pretraining and fine-tuning",
+        "per row). Masked-patch MSE relative to filling each masked patch with the mean of the visible voxels: lower is",
+        "better, 1 = nothing learned.",
         "",
-        "| setting | pretraining | visible_loss_weight | masked MSE / mean fill | fine-tuned | Dice per validation (steps) | best Dice | minutes (pretrain + fine-tune) |",
-        "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |",
+        "| setting | seed | pretraining | visible_loss_weight | masked MSE / mean fill | fine-tuned | Dice per validation (steps) | best Dice | minutes (pretrain + fine-tune) |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: |",
     ]  # fmt: skip
     for r in results:
         ratio = "-" if r.get("masked_mse_ratio") is None else f"{r['masked_mse_ratio']:.3f}"
@@ -226,7 +237,7 @@ def report(results: list[dict[str, Any]], command: str) -> str:
         curve = ", ".join(f"{v['val_mean_dice']:.3f} ({v['step']})" for v in r.get("validations", []))
         best = "-" if r.get("best_dice") is None else f"{r['best_dice']:.3f}"
         minutes = r.get("pretrain_minutes", 0) + r.get("finetune_minutes", 0)
-        lines.append(f"| {r['setting']} | {r['pretraining']} | {weight} | {ratio} | {r['architecture']} | {curve} | "
+        lines.append(f"| {r['setting']} | {r.get('seed', 0)} | {r['pretraining']} | {weight} | {ratio} | {r['architecture']} | {curve} | "
                      f"{best} | {minutes:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -245,25 +256,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "defaults_evidence")
     parser.add_argument("--out", type=Path, default=RESULTS / "defaults_evidence.json")
+    parser.add_argument("--seed", type=int, default=0, help="seed of pretraining and fine-tuning (default 0)")
     parser.add_argument("--fresh", action="store_true", help="repeat runs already in --out")
     args = parser.parse_args(argv)
     command = "python benchmarks/defaults_evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     done = {} if args.fresh or not args.out.is_file() else {key(r): r for r in json.loads(args.out.read_text())["runs"]}
     results = list(done.values())
-    for run in arms(args.settings):
+    for run in arms(args.settings, args.seed):
         if key(run) in done:
             continue
         folder = args.work_dir / run["setting"]
-        data = make_data(run["setting"], folder / "data")
-        name = f"{run['pretraining']}_w{run['visible_loss_weight']}_{run['architecture']}"
+        data = make_data(run["setting"], folder / "data")  # the same phantoms for every seed
+        name = f"{run['pretraining']}_w{run['visible_loss_weight']}_{run['architecture']}{seed_suffix(args.seed)}"
         row = dict(run)
         pretrained = None
         if run["pretraining"] != "none":
-            pre_out = folder / f"pre_{run['pretraining']}_w{run['visible_loss_weight']}"
+            pre_out = folder / f"pre_{run['pretraining']}_w{run['visible_loss_weight']}{seed_suffix(args.seed)}"
             row.update(pretrain(run["setting"], run["pretraining"], run["visible_loss_weight"], data, pre_out,
-                                args.pretrain_epochs))  # fmt: skip
+                                args.pretrain_epochs, args.seed))  # fmt: skip
             pretrained = pre_out / "models" / "model.pt"
-        row.update(finetune(run["setting"], run["architecture"], pretrained, data, folder / f"ft_{name}", args.steps))
+        row.update(finetune(run["setting"], run["architecture"], pretrained, data, folder / f"ft_{name}", args.steps,
+                            args.seed))  # fmt: skip
         results.append(row)
         print(f"{key(run)}: ratio {row.get('masked_mse_ratio')}, best Dice {row['best_dice']}", flush=True)
         write_results(args.out, command, results, report)

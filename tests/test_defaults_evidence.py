@@ -28,6 +28,39 @@ def test_arms_cover_both_pretrainings_weights_and_scratch_per_setting():
         ("none", None, "unet"), ("mim_unet", 0.0, "unet"), ("mim_unet", 1.0, "unet"),
         ("none", None, "vitseg"), ("mae_vit", 0.0, "vitseg"), ("mae_vit", 1.0, "vitseg"),
     }  # fmt: skip
+    # seed 0 keeps the keys of the rows written before seeds were recorded; another seed gets its own keys
+    old_row = {k: v for k, v in phantoms[1].items() if k != "seed"}
+    assert de.key(phantoms[1]) == de.key(old_row) == "phantoms/mim_unet/0.0/unet"
+    again = de.arms(["phantoms", "realistic"], seed=2)
+    assert {r["seed"] for r in again} == {2} and not {de.key(r) for r in again} & {de.key(r) for r in runs}
+    assert de.key(again[1]) == "phantoms/mim_unet/0.0/unet/seed2"
+    assert (de.seed_suffix(0), de.seed_suffix(2)) == ("", "_s2")
+
+
+def test_a_seed_reaches_both_bundles_and_its_own_folders(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_bundle(name, configs, overrides, args, log, minutes=None):
+        calls.append((name, configs[0], overrides.get("seed"), Path(args[args.index("--output_dir") + 1]).name))
+        out = Path(args[args.index("--output_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reconstruction_error.json").write_text('{"masked_mse": 1, "mean_fill_mse": 2, "masked_mse_ratio": 0.5}')
+        return LOG
+
+    monkeypatch.setattr(de, "bundle", fake_bundle)
+    monkeypatch.setattr(de, "make_data", lambda setting, folder: folder)
+    out = tmp_path / "evidence.json"
+    assert de.main(["--settings", "phantoms", "--seed", "3", "--work-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert {seed for _, config, seed, _ in calls if config != "inference.json"} == {3}
+    folders = {folder for *_, folder in calls}
+    assert folders == {"pre_mim_unet_w0.0_s3", "pre_mim_unet_w1.0_s3", "pre_mae_vit_w0.0_s3", "pre_mae_vit_w1.0_s3",
+                       "ft_none_wNone_unet_s3", "ft_mim_unet_w0.0_unet_s3", "ft_mim_unet_w1.0_unet_s3",
+                       "ft_none_wNone_vitseg_s3", "ft_mae_vit_w0.0_vitseg_s3", "ft_mae_vit_w1.0_vitseg_s3"}  # fmt: skip
+    rows = de.json.loads(out.read_text())["runs"]
+    assert len(rows) == 6 and {r["seed"] for r in rows} == {3} and rows[0]["best_dice"] == 0.5
+    assert (
+        "| phantoms | 3 | none | - | - | unet | 0.250 (6), 0.500 (12) | 0.500 |" in out.with_suffix(".md").read_text()
+    )
 
 
 def test_curves_read_validation_dice_and_last_training_loss_per_epoch():
@@ -49,8 +82,8 @@ def test_report_lists_every_run_with_its_curve():
          "validations": [], "best_dice": None, "finetune_minutes": 3.6},
     ]  # fmt: skip
     text = de.report(rows, "python benchmarks/defaults_evidence.py")
-    assert "| phantoms | mim_unet | 0 | 0.466 | unet | 0.267 (60) | 0.736 | 4.2 |" in text
-    assert "| phantoms | none | - | - | unet |  | - | 3.6 |" in text
+    assert "| phantoms | 0 | mim_unet | 0 | 0.466 | unet | 0.267 (60) | 0.736 | 4.2 |" in text  # no seed recorded: 0
+    assert "| phantoms | 0 | none | - | - | unet |  | - | 3.6 |" in text
 
 
 def test_bundle_keeps_the_log_of_a_run_stopped_by_its_cap(tmp_path, monkeypatch):
