@@ -171,7 +171,7 @@ def score_checkpoint(
 
 def run_folder(folder: Path, arm: str, seed: int) -> Path:
     """Where an arm's fine-tuning writes: ``curve_<arm>``, with ``_s<seed>`` for seeds other than 0."""
-    return folder / (f"curve_{arm}" + (f"_s{seed}" if seed else ""))
+    return folder / f"curve_{arm}{de.seed_suffix(seed)}"
 
 
 def run_key(row: dict[str, Any]) -> tuple[str, int, str]:

@@ -179,6 +179,8 @@ _ADDED_LATER = (
     "pretrain_on_target",
 )
 STYLES = ("simple", "realistic")
+#: ``make_realistic_phantom``'s knobs that ``BenefitConfig.target_scanner`` sets, in its order
+SCANNER_KNOBS = ("contrast", "noise_hu", "bias_hu")
 
 
 _OFF = {
@@ -541,17 +543,11 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
     Returns:
         ``(unlabeled, labeled_pool, test)`` datalist entries (absolute paths; ``unlabeled`` without labels).
     """
-    tag = "x".join(map(str, cfg.phantom_shape)) + "_" + "x".join(f"{s:g}" for s in cfg.phantom_spacing)
-    tag += f"_{cfg.layout}{cfg.num_organs}" + ("_realistic" if cfg.style == "realistic" else "")
     geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing, layout=cfg.layout, num_organs=cfg.num_organs,
                     **({"style": "realistic"} if cfg.style == "realistic" else {}))  # fmt: skip
-    scanner = dict(zip(("contrast", "noise_hu", "bias_hu"), cfg.target_scanner))
-    scanner_tag = "".join(f"_{k}{v:g}" for k, v in scanner.items())
-    unlabeled_knobs, unlabeled_tag = (scanner, scanner_tag) if cfg.pretrain_on_target else ({}, "")
-    unlabeled_dir = work_dir / f"data_{tag}" / f"unlabeled_{cfg.num_unlabeled}{unlabeled_tag}"
-    labeled_name = f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
-    labeled_dir = work_dir / f"data_{tag}" / labeled_name
-    test_dir = work_dir / f"data_{tag}" / f"{labeled_name}{scanner_tag}"
+    scanner = dict(zip(SCANNER_KNOBS, cfg.target_scanner))
+    unlabeled_knobs = scanner if cfg.pretrain_on_target else {}
+    unlabeled_dir, labeled_dir, test_dir = _data_dirs(cfg, work_dir)
     ensure_dataset(
         unlabeled_dir,
         num=cfg.num_unlabeled,
@@ -577,6 +573,22 @@ def prepare_data(cfg: BenefitConfig, work_dir: Path) -> tuple[list[dict], list[d
         unlabeled,
         load_datalist(labeled_dir, "training", require_label=True),
         load_datalist(test_dir, "validation", require_label=True),
+    )
+
+
+def _data_dirs(cfg: BenefitConfig, work_dir: Path) -> tuple[Path, Path, Path]:
+    """The folders of :func:`prepare_data`: unlabeled pool, labeled pool (its validation split is the one-scanner
+    test set) and test set (the labeled pool's folder itself without a target scanner)."""
+    tag = "x".join(map(str, cfg.phantom_shape)) + "_" + "x".join(f"{s:g}" for s in cfg.phantom_spacing)
+    tag += f"_{cfg.layout}{cfg.num_organs}" + ("_realistic" if cfg.style == "realistic" else "")
+    scanner_tag = "".join(f"_{k}{v:g}" for k, v in zip(SCANNER_KNOBS, cfg.target_scanner))
+    unlabeled_tag = scanner_tag if cfg.pretrain_on_target else ""
+    labeled_name = f"labeled_{cfg.num_labeled_pool}_{cfg.num_test}"
+    root = work_dir / f"data_{tag}"
+    return (
+        root / f"unlabeled_{cfg.num_unlabeled}{unlabeled_tag}",
+        root / labeled_name,
+        root / f"{labeled_name}{scanner_tag}",
     )
 
 
@@ -818,11 +830,16 @@ def phantoms_label(config: BenefitConfig | dict[str, Any]) -> str:
     return "realistic phantoms" if values.get("style") == "realistic" else "phantoms"
 
 
+def scanner_knobs(cfg: BenefitConfig) -> str:
+    """The target scanner in words: ``"contrast 0.7, noise 35 HU, bias 20 HU"``."""
+    contrast, noise, bias = cfg.target_scanner
+    return f"contrast {contrast:g}, noise {noise:g} HU, bias {bias:g} HU"
+
+
 def scanner_words(cfg: BenefitConfig) -> str:
     """How the unlabeled and test phantoms were drawn, for titles: ``"unlabeled and test: contrast 0.7, ..."``."""
-    contrast, noise, bias = cfg.target_scanner
     sets = "unlabeled and test" if cfg.pretrain_on_target else "test (unlabeled as labeled)"
-    return f"{sets}: contrast {contrast:g}, noise {noise:g} HU, bias {bias:g} HU"
+    return f"{sets}: {scanner_knobs(cfg)}"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -1011,13 +1028,11 @@ def draw_scanner_slices(images: dict[str, str | Path], path: Path, title: str) -
 
 
 def draw_both_scanners(cfg: BenefitConfig, work_dir: Path, path: Path) -> Path:
-    """:func:`draw_scanner_slices` of the first held-out phantom as the default and ``cfg``'s target scanner draw it."""
-    _, _, test = prepare_data(cfg, work_dir)
-    _, _, plain_test = prepare_data(dataclasses.replace(cfg, target_scanner=(), pretrain_on_target=True), work_dir)
-    panels = {
-        "default scanner (labeled pool)": plain_test[0]["image"],
-        scanner_words(cfg).split(": ")[1]: test[0]["image"],
-    }
+    """:func:`draw_scanner_slices` of the first held-out phantom as the default and ``cfg``'s target scanner draw it
+    (from the folders :func:`prepare_data` wrote; nothing is generated)."""
+    _, labeled_dir, test_dir = _data_dirs(cfg, work_dir)
+    plain_test, test = (load_datalist(folder, "validation", require_label=True) for folder in (labeled_dir, test_dir))
+    panels = {"default scanner (labeled pool)": plain_test[0]["image"], scanner_knobs(cfg): test[0]["image"]}
     title = f"{Path(test[0]['image']).name}, a held-out phantom, from both scanners (middle slice, -175..250 HU)"
     return draw_scanner_slices(panels, path, title)
 
